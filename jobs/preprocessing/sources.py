@@ -1,0 +1,151 @@
+"""Read dataset rows from JSONL, JSON, CSV, Parquet, `hf://datasets/...` or the built-in demo set.
+
+Each reader yields `Record`s; a record that cannot be parsed carries an error and its location
+(`file:line`) so the caller can fail or quarantine it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.common.errors import BadInputError
+from jobs.preprocessing.demo import DEMO_URI, demo_rows
+
+FORMATS = ("jsonl", "json", "csv", "parquet")
+
+
+@dataclass
+class Record:
+    location: str
+    data: dict[str, Any] | None
+    error: str | None = None
+    raw: str = ""
+
+
+def detect_format(uri: str, declared: str) -> str:
+    if declared != "auto":
+        if declared not in FORMATS:
+            raise BadInputError("--input-format", declared, f"auto or one of {', '.join(FORMATS)}")
+        return declared
+    name = uri.lower().removesuffix(".gz")
+    for fmt, suffixes in {"jsonl": (".jsonl", ".ndjson"), "json": (".json",), "csv": (".csv",), "parquet": (".parquet", ".pq")}.items():
+        if name.endswith(suffixes):
+            return fmt
+    raise BadInputError("--input", uri, "a file ending in .jsonl, .json, .csv or .parquet (or set --input-format)")
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise BadInputError(
+            "--input", where, "UTF-8 text", f"byte offset {err.start} (line {line}) holds {data[err.start:err.start + 1]!r}, which is not valid UTF-8"
+        ) from err
+
+
+def read_jsonl(path: Path, name: str) -> Iterator[Record]:
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{name}:{number}"
+            start, offset = offset, offset + len(raw)
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield Record(where, None, f"not valid UTF-8 at byte offset {start + err.start}", raw.decode("utf-8", "replace"))
+                continue
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield Record(where, None, f"malformed JSON: {err.msg} at column {err.colno}", text.rstrip("\n"))
+                continue
+            if not isinstance(value, dict):
+                yield Record(where, None, f"expected a JSON object, got {type(value).__name__}", text.rstrip("\n"))
+                continue
+            yield Record(where, value)
+
+
+def read_json(path: Path, name: str) -> Iterator[Record]:
+    text = _decode(path.read_bytes(), name)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadInputError("--input", f"{name}:{err.lineno}", "a JSON array of objects", f"malformed JSON: {err.msg} at column {err.colno}") from err
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if not isinstance(value, list):
+        raise BadInputError("--input", name, "a JSON array of objects (or an object with a 'data' array)")
+    for index, item in enumerate(value):
+        where = f"{name}[{index}]"
+        if isinstance(item, dict):
+            yield Record(where, item)
+        else:
+            yield Record(where, None, f"expected a JSON object, got {type(item).__name__}", json.dumps(item))
+
+
+def read_csv(path: Path, name: str) -> Iterator[Record]:
+    reader = csv.reader(io.StringIO(_decode(path.read_bytes(), name), newline=""))
+    header = next(reader, None)
+    if not header:
+        raise BadInputError("--input", name, "a CSV file with a header row")
+    for row in reader:
+        where = f"{name}:{reader.line_num}"
+        if not row:
+            continue
+        if len(row) != len(header):
+            yield Record(where, None, f"expected {len(header)} fields, got {len(row)}", ",".join(row))
+        else:
+            yield Record(where, dict(zip(header, row)))
+
+
+def read_parquet(path: Path, name: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise BadInputError("--input", name, "a readable Parquet file", str(err)) from err
+    for index, row in enumerate(table.to_pylist()):
+        yield Record(f"{name}[row {index}]", row)
+
+
+def read_hf(uri: str, split: str) -> Iterator[Record]:
+    dataset_id = uri.removeprefix("hf://datasets/").strip("/")
+    if not dataset_id or uri == dataset_id:
+        raise BadInputError("--input", uri, "hf://datasets/ORG/NAME")
+    try:
+        import datasets
+
+        data = datasets.load_dataset(dataset_id, split=split)
+    except (ConnectionError, OSError) as err:
+        raise RuntimeError(
+            f"could not download {uri} from the Hugging Face Hub ({err}); check network access and HF_TOKEN, "
+            "or copy the data to gs:// or a local file"
+        ) from err
+    except ValueError as err:  # unknown split or config
+        raise BadInputError("--hf-split", split, f"a split of {dataset_id}", str(err)) from err
+    for index, row in enumerate(data):
+        yield Record(f"{uri}[{split}][{index}]", dict(row))
+
+
+READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}
+
+
+def read_records(uri: str, local: Path | None, fmt: str, hf_split: str) -> Iterator[Record]:
+    if uri == DEMO_URI:
+        for index, row in enumerate(demo_rows()):
+            yield Record(f"{DEMO_URI}[{index}]", row)
+    elif uri.startswith("hf://"):
+        yield from read_hf(uri, hf_split)
+    else:
+        assert local is not None
+        yield from READERS[fmt](local, uri)

@@ -1,0 +1,105 @@
+"""Tiny random-weight Gemma and Gemma 3 causal LMs with a SentencePiece model trained on the spot.
+
+Everything here runs in seconds on a CPU and downloads nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Return the absolute value of a number.",
+    "What does os.path.join do?",
+    "Join one or more path segments intelligently.",
+    "Split a string into a list of words using a separator.",
+    "Create a new dictionary with keys from an iterable.",
+    "Convert a number or string to an integer.",
+    "Open a file and return a stream.",
+    "Sort the list in place in ascending order.",
+    "Return a copy of the string with leading and trailing whitespace removed.",
+    "Question: what is the capital of France? Answer: Paris.",
+    "Machine learning models learn patterns from data.",
+    "Fine-tuning adapts a pretrained model to a new task.",
+]
+# Special symbols keras-hub's Gemma 3 tokenizer insists on.
+_GEMMA3_SYMBOLS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<img>"]
+
+
+def train_sentencepiece(vocab_size: int = 384, gemma3: bool = True) -> bytes:
+    """A unigram SentencePiece proto with Gemma's special ids: pad 0, eos 1, bos 2, unk 3."""
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    symbols = _GEMMA3_SYMBOLS if gemma3 else ["<start_of_turn>", "<end_of_turn>"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 20),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=symbols,
+        byte_fallback=True,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return buffer.getvalue()
+
+
+def make_tiny_causal_lm(kind: str = "gemma3", seed: int = 0, vocab_size: int = 384):
+    """Build a 2-layer random-weight `GemmaCausalLM` ("gemma") or `Gemma3CausalLM` ("gemma3")."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    proto = train_sentencepiece(vocab_size, gemma3=kind == "gemma3")
+    if kind == "gemma3":
+        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
+        backbone = keras_hub.models.Gemma3Backbone(
+            vocabulary_size=tokenizer.vocabulary_size(),
+            image_size=None,
+            num_layers=2,
+            num_query_heads=2,
+            num_key_value_heads=1,
+            hidden_dim=32,
+            intermediate_dim=64,
+            head_dim=16,
+            use_post_ffw_norm=True,
+            use_post_attention_norm=True,
+            use_sliding_window_attention=True,
+            sliding_window_size=64,
+        )
+        preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer=tokenizer, sequence_length=64)
+        return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
+    if kind == "gemma":
+        tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+        backbone = keras_hub.models.GemmaBackbone(
+            vocabulary_size=tokenizer.vocabulary_size(),
+            num_layers=2,
+            num_query_heads=2,
+            num_key_value_heads=1,
+            hidden_dim=32,
+            intermediate_dim=64,
+            head_dim=16,
+        )
+        preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer=tokenizer, sequence_length=64)
+        return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def save_tiny_preset(path: Path, kind: str = "gemma3", seed: int = 0) -> Path:
+    model = make_tiny_causal_lm(kind, seed)
+    model.save_to_preset(str(path))
+    return path
