@@ -1,0 +1,218 @@
+"""Fine-tuning core: load base model, enable LoRA, train with checkpoints, write adapter + merged preset."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from jobs.common import models, storage  # noqa: E402
+from jobs.common.cli import local_output_dir  # noqa: E402
+from jobs.common.errors import BadInputError, PreemptedError  # noqa: E402
+from jobs.common.manifest import StageRun, digest_json, read_manifest, upstream_ref  # noqa: E402
+from jobs.common.progress import Progress  # noqa: E402
+from jobs.finetuning import checkpoint  # noqa: E402
+from jobs.finetuning import data as data_lib  # noqa: E402
+from jobs.finetuning.config import FinetuneConfig  # noqa: E402
+from jobs.finetuning.distribution import check_model_parallel, setup  # noqa: E402
+from jobs.finetuning.train import Trainer, make_optimizer  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "adapter.lora.h5"
+MERGED = "model"
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: saving a checkpoint after the current step")
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _load_splits(config: FinetuneConfig, workdir: Path, tokenizer):
+    data_dir = storage.stage_in(config.data, workdir / "data", name="data")
+    train_rows = data_lib.read_rows(data_dir / "train.jsonl", "--data")
+    eval_path = data_dir / "eval.jsonl"
+    eval_rows = data_lib.read_rows(eval_path, "--data") if eval_path.exists() else []
+    if not train_rows:
+        raise BadInputError("--data", config.data, "a preprocessing output with at least one training row")
+    train = data_lib.tokenize(train_rows, tokenizer, config.sequence_length)
+    evaluation = data_lib.tokenize(eval_rows, tokenizer, config.sequence_length) if eval_rows else None
+    if train.truncated:
+        log.warning("%d of %d training rows exceed --sequence-length %d and were truncated",
+                    train.truncated, len(train_rows), config.sequence_length)
+    if not train.loss_mask.any():
+        raise BadInputError("--sequence-length", config.sequence_length, "a length that leaves room for response tokens after the prompts")
+    return train, evaluation
+
+
+def _plot_loss(history: list[dict[str, float]], evals: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / response token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _write_tensorboard(history: list[dict[str, float]], evals: list[dict[str, float]], logdir: Path) -> None:
+    import tensorflow as tf  # present in every keras-hub install (tensorflow-text needs it)
+
+    writer = tf.summary.create_file_writer(str(logdir))
+    with writer.as_default():
+        for h in history:
+            tf.summary.scalar("train/loss", h["loss"], step=h["step"])
+            tf.summary.scalar("train/learning_rate", h["lr"], step=h["step"])
+            tf.summary.scalar("train/tokens_per_s", h["tokens_per_s"], step=h["step"])
+        for e in evals:
+            tf.summary.scalar("eval/loss", e["loss"], step=e["step"])
+    writer.flush()
+    writer.close()
+
+
+def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
+    import keras
+
+    data_ref = upstream_ref(config.data, "--data")
+    model_handle = models.resolve(config.base_model, workdir)
+    stage = StageRun("finetune", config.output, asdict(config), [data_ref, models.model_ref(config.base_model, model_handle)])
+    if stage.already_done():
+        return read_manifest(config.output) or {}
+    stage.invalidate()
+    out = local_output_dir(config.output, workdir)
+
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    distribution = setup(config.distribution, config.model_parallel, config.batch_size)
+    model = models.load_causal_lm(config.base_model, workdir)
+    check_model_parallel(model.backbone, config.model_parallel)
+    tokenizer = model.preprocessor.tokenizer
+    train, evaluation = _load_splits(config, workdir, tokenizer)
+
+    try:
+        model.backbone.enable_lora(config.lora_rank, target_layer_names=list(config.lora_targets))
+    except ValueError as err:
+        raise BadInputError("--lora-targets", ",".join(config.lora_targets), "layer names of this model", str(err)) from err
+    if not model.backbone.trainable_variables:
+        raise BadInputError("--lora-targets", ",".join(config.lora_targets), "names matching layers of this model (none matched)")
+
+    per_epoch = data_lib.steps_per_epoch(len(train.lengths), config.batch_size)
+    total_steps = config.max_steps or config.epochs * per_epoch
+    optimizer, schedule = make_optimizer(config, total_steps)
+    trainer = Trainer(model, optimizer, distribution)
+    trajectory_sha = digest_json(config.trajectory())
+
+    start_step, history, evals = 0, [], []
+    resumed = checkpoint.latest(config.output, workdir) if config.resume else None
+    if resumed and resumed[0].get("trajectory_sha256") == trajectory_sha:
+        meta, arrays = resumed
+        trainer.restore(arrays)
+        start_step, history, evals = meta["step"], meta["history"], meta["evals"]
+        log.info("RESUMED from checkpoint at step %d/%d (data position %d)", start_step, total_steps, meta["data_position"])
+    elif resumed:
+        log.warning("ignoring checkpoints under %s: they were made with a different config", config.output)
+
+    eval_before = None
+    if evaluation is not None and start_step == 0:
+        eval_before = trainer.evaluate(evaluation, config.batch_size, config.eval_batches)
+        evals.append({"step": 0, **eval_before})
+        log.info("eval before training: loss=%.4f perplexity=%.3f", eval_before["loss"], eval_before["perplexity"])
+    elif evals:
+        eval_before = {k: v for k, v in evals[0].items() if k != "step"}
+
+    def save_checkpoint(step: int) -> None:
+        meta = {"trajectory_sha256": trajectory_sha, "data_position": step * config.batch_size,
+                "history": history, "evals": evals}
+        checkpoint.save(out, config.output, step, trainer.trainable, trainer.opt_vars, meta, config.keep_checkpoints)
+
+    progress = Progress(config.output, "finetune", total_steps)
+    preemption = _Preemption()
+    started, tokens_done, last_saved = time.time(), 0, start_step
+    try:
+        for step in range(start_step, total_steps):
+            batch = data_lib.make_batch(train, data_lib.batch_indices(len(train.lengths), config.batch_size, step, config.seed))
+            loss = trainer.train_step(batch)
+            tokens_done += int(batch[0]["padding_mask"].sum())
+            elapsed = time.time() - started
+            record = {"step": step + 1, "loss": loss, "lr": float(schedule(step)), "tokens_per_s": tokens_done / elapsed}
+            history.append(record)
+            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+                progress.update(step + 1, step + 1 - start_step, loss=loss, lr=record["lr"], tokens_per_s=round(record["tokens_per_s"], 1))
+            if evaluation is not None and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps:
+                result = trainer.evaluate(evaluation, config.batch_size, config.eval_batches)
+                evals.append({"step": step + 1, **result})
+                log.info("eval at step %d: loss=%.4f", step + 1, result["loss"])
+            if preemption.requested:
+                save_checkpoint(step + 1)
+                raise PreemptedError(f"preempted at step {step + 1}/{total_steps}; checkpoint saved, the next attempt resumes")
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
+                save_checkpoint(step + 1)
+                last_saved = step + 1
+    finally:
+        preemption.restore()
+    if last_saved < total_steps:
+        save_checkpoint(total_steps)
+    train_time = time.time() - started
+
+    eval_after = None
+    if evaluation is not None:
+        eval_after = trainer.evaluate(evaluation, config.batch_size, config.eval_batches)
+        evals.append({"step": total_steps, **eval_after})
+        log.info("eval after training: loss=%.4f perplexity=%.3f", eval_after["loss"], eval_after["perplexity"])
+
+    trainer.sync_to_model()
+    model.backbone.save_lora_weights(str(out / ADAPTER))
+    # Saving a LoRA-enabled model stores merged kernels (kernel + A @ B); the preset reloads as a plain model.
+    model.save_to_preset(str(out / MERGED))
+    _plot_loss(history, evals, out / "loss_curve.png")
+    _write_tensorboard(history, evals, out / "tensorboard")
+    steps_run = total_steps - start_step
+    metrics = {
+        "steps": total_steps,
+        "steps_this_attempt": steps_run,
+        "resumed_from_step": start_step,
+        "train_examples": int(len(train.lengths)),
+        "eval_examples": int(len(evaluation.lengths)) if evaluation is not None else 0,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "eval_loss_before": eval_before["loss"] if eval_before else None,
+        "eval_loss_after": eval_after["loss"] if eval_after else None,
+        "tokens_per_s": tokens_done / train_time if train_time > 0 and steps_run else None,
+        "train_time_s": round(train_time, 2),
+        "trainable_parameters": int(sum(v.size for v in trainer.trainable)),
+        "model_class": type(model).__name__,
+    }
+    (out / "metrics.json").write_text(json.dumps({**metrics, "history": history, "evals": evals}, indent=2))
+    checkpoint_files = [p for p in (out / checkpoint.CHECKPOINTS).rglob("*")] if (out / checkpoint.CHECKPOINTS).exists() else []
+    if storage.is_gcs(config.output) and checkpoint_files:
+        import shutil
+
+        shutil.rmtree(out / checkpoint.CHECKPOINTS)  # already uploaded as they were made
+    progress.update(total_steps, steps_run, force=True, loss=metrics["final_train_loss"] or 0.0, done=True)
+    return stage.finish(out, metrics)

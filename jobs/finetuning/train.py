@@ -1,0 +1,113 @@
+"""A JAX training loop over a keras-hub causal LM: stateless keras calls inside `jax.jit`.
+
+Written by hand rather than `model.fit` because resume must restore the exact step, data position and
+optimizer state mid-epoch, and SIGTERM must checkpoint between two steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jobs.finetuning import data as data_lib
+from jobs.finetuning.distribution import shard_batch
+
+
+def make_optimizer(config, total_steps: int):
+    import keras
+
+    warmup = int(total_steps * config.warmup_fraction)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else config.learning_rate,
+        decay_steps=max(1, total_steps - warmup),
+        alpha=0.1,
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=config.weight_decay,
+        global_clipnorm=config.max_grad_norm or None,
+    )
+    optimizer.exclude_from_weight_decay(var_names=["bias", "scale", "norm"])
+    return optimizer, schedule
+
+
+class Trainer:
+    def __init__(self, model, optimizer, distribution) -> None:
+        import jax
+
+        self.model, self.optimizer, self.distribution = model, optimizer, distribution
+        optimizer.build(model.trainable_variables)
+        self.trainable = [v.value for v in model.trainable_variables]
+        self.non_trainable = [v.value for v in model.non_trainable_variables]
+        self.opt_vars = [v.value for v in optimizer.variables]
+        self._train_step = jax.jit(self._step, donate_argnums=(0, 2))
+        self._eval_step = jax.jit(self._loss_sums)
+
+    def _loss_sums(self, trainable, non_trainable, x, y, weights):
+        import jax
+        import jax.numpy as jnp
+
+        logits, non_trainable = self.model.stateless_call(trainable, non_trainable, x)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * weights), jnp.sum(weights), non_trainable
+
+    def _step(self, trainable, non_trainable, opt_vars, x, y, weights):
+        import jax
+        import jax.numpy as jnp
+
+        def loss_fn(params):
+            total, count, new_non_trainable = self._loss_sums(params, non_trainable, x, y, weights)
+            return total / jnp.maximum(count, 1.0), (new_non_trainable, count)
+
+        (loss, (non_trainable, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        trainable, opt_vars = self.optimizer.stateless_apply(opt_vars, grads, trainable)
+        return trainable, non_trainable, opt_vars, loss, count
+
+    def _device_batch(self, batch):
+        x, y, w = batch
+        return {k: shard_batch(self.distribution, v) for k, v in x.items()}, shard_batch(self.distribution, y), shard_batch(self.distribution, w)
+
+    def train_step(self, batch) -> float:
+        x, y, w = self._device_batch(batch)
+        self.trainable, self.non_trainable, self.opt_vars, loss, _ = self._train_step(
+            self.trainable, self.non_trainable, self.opt_vars, x, y, w
+        )
+        return float(loss)
+
+    def evaluate(self, split: data_lib.TokenizedSplit, batch_size: int, max_batches: int = 0) -> dict[str, float]:
+        """Token-weighted mean NLL over the response tokens of the split (each example counted once)."""
+        n = len(split.lengths)
+        total, count = 0.0, 0.0
+        starts = list(range(0, n, batch_size))
+        if max_batches:
+            starts = starts[:max_batches]
+        for start in starts:
+            indices = np.arange(start, start + batch_size) % n
+            x, y, w = data_lib.make_batch(split, indices)
+            w = w * (np.arange(start, start + batch_size) < n)[:, None]  # wrapped rows count zero
+            sums = self._eval_step(self.trainable, self.non_trainable, *self._device_batch((x, y, w)))
+            total, count = total + float(sums[0]), count + float(sums[1])
+        loss = total / max(count, 1.0)
+        return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": count}
+
+    def sync_to_model(self) -> None:
+        """Write the functional state back into the keras variables (before saving)."""
+        for variable, value in zip(self.model.trainable_variables, self.trainable):
+            variable.assign(value)
+        for variable, value in zip(self.model.non_trainable_variables, self.non_trainable):
+            variable.assign(value)
+        for variable, value in zip(self.optimizer.variables, self.opt_vars):
+            variable.assign(value)
+
+    def restore(self, arrays: dict[str, Any]) -> None:
+        import jax
+
+        def put(old, new):
+            return jax.device_put(np.asarray(new, dtype=old.dtype), old.sharding)
+
+        self.trainable = [put(old, arrays[f"t{i}"]) for i, old in enumerate(self.trainable)]
+        self.opt_vars = [put(old, arrays[f"o{i}"]) for i, old in enumerate(self.opt_vars)]
