@@ -154,14 +154,19 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
 
     progress = Progress(config.output, "finetune", total_steps)
     preemption = _Preemption()
-    started, tokens_done, last_saved = time.time(), 0, start_step
+    attempt_started = started = time.time()
+    tokens_done, last_saved = 0, start_step
     try:
         for step in range(start_step, total_steps):
             batch = data_lib.make_batch(train, data_lib.batch_indices(len(train.lengths), config.batch_size, step, config.seed))
             loss = trainer.train_step(batch)
-            tokens_done += int(batch[0]["padding_mask"].sum())
+            if step == start_step:  # throughput excludes the first step of an attempt: it compiles
+                started, tokens_done = time.time(), 0
+            else:
+                tokens_done += int(batch[0]["padding_mask"].sum())
             elapsed = time.time() - started
-            record = {"step": step + 1, "loss": loss, "lr": float(schedule(step)), "tokens_per_s": tokens_done / elapsed}
+            record = {"step": step + 1, "loss": loss, "lr": float(schedule(step)),
+                      "tokens_per_s": tokens_done / elapsed if tokens_done else 0.0}
             history.append(record)
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
                 progress.update(step + 1, step + 1 - start_step, loss=loss, lr=record["lr"], tokens_per_s=round(record["tokens_per_s"], 1))
@@ -179,7 +184,8 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         preemption.restore()
     if last_saved < total_steps:
         save_checkpoint(total_steps)
-    train_time = time.time() - started
+    steady_time = time.time() - started
+    train_time = time.time() - attempt_started
 
     eval_after = None
     if evaluation is not None:
@@ -203,7 +209,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         "final_train_loss": history[-1]["loss"] if history else None,
         "eval_loss_before": eval_before["loss"] if eval_before else None,
         "eval_loss_after": eval_after["loss"] if eval_after else None,
-        "tokens_per_s": tokens_done / train_time if train_time > 0 and steps_run else None,
+        "tokens_per_s": tokens_done / steady_time if tokens_done else None,
         "train_time_s": round(train_time, 2),
         "trainable_parameters": int(sum(v.size for v in trainer.trainable)),
         "model_class": type(model).__name__,

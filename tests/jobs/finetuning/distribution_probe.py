@@ -1,0 +1,52 @@
+"""Run two LoRA steps of tiny Gemma 3 under each distribution and print the losses as JSON.
+
+Started by the test in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8, which must be
+set before JAX is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+
+def two_step_losses(kind: str, model_parallel: int, preset: str) -> list[float]:
+    import keras
+    import keras_hub
+    import numpy as np
+
+    from jobs.finetuning.config import FinetuneConfig
+    from jobs.finetuning.distribution import check_model_parallel, setup
+    from jobs.finetuning.train import Trainer, make_optimizer
+
+    config = FinetuneConfig(data="-", output="-", distribution=kind, model_parallel=model_parallel, batch_size=8,
+                            learning_rate=1e-2, warmup_fraction=0.0)
+    keras.utils.set_random_seed(0)
+    distribution = setup(kind, model_parallel, config.batch_size)
+    model = keras_hub.models.CausalLM.from_preset(preset)
+    check_model_parallel(model.backbone, model_parallel)
+    model.backbone.enable_lora(4, target_layer_names=["query", "value"])
+    trainer = Trainer(model, make_optimizer(config, 10)[0], distribution)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 300, size=(8, 33)).astype(np.int32)
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((8, 32), dtype=np.int32)}
+    batch = (x, tokens[:, 1:], np.ones((8, 32), dtype=np.float32))
+    losses = [trainer.train_step(batch) for _ in range(3)]
+    shardings = {v.path: str(getattr(v.value.sharding, "spec", "single")) for v in model.backbone.weights if "ffw_gating/" in v.path}
+    print(json.dumps({"kind": kind, "shardings": shardings}), file=sys.stderr)
+    return losses
+
+
+if __name__ == "__main__":
+    import jax
+
+    preset = sys.argv[1]
+    print(json.dumps({
+        "devices": len(jax.devices()),
+        "none": two_step_losses("none", 1, preset),
+        "data": two_step_losses("data", 1, preset),
+        "model": two_step_losses("model", 2, preset),
+    }))
