@@ -96,6 +96,22 @@ def _write_tensorboard(history: list[dict[str, float]], evals: list[dict[str, fl
     writer.close()
 
 
+def _store_float32_policy(preset: Path) -> None:
+    """keras-hub 0.32 cannot reload a preset saved under a mixed policy; its variables are float32 anyway."""
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and str(node.get("config", {}).get("name", "")).startswith("mixed_"):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {k: fix(v) for k, v in node.items()}
+        return [fix(v) for v in node] if isinstance(node, list) else node
+
+    for name in ("config.json", "task.json"):
+        path = preset / name
+        if path.exists():
+            path.write_text(json.dumps(fix(json.loads(path.read_text())), indent=4))
+
+
 def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     import keras
 
@@ -108,10 +124,9 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     out = local_output_dir(config.output, workdir)
 
     keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision:
-        keras.config.set_dtype_policy("mixed_bfloat16")
     distribution = setup(config.distribution, config.model_parallel, config.batch_size)
-    model = models.load_causal_lm(config.base_model, workdir)
+    # A per-model dtype policy rather than keras' global one, so nothing leaks into later work in the process.
+    model = models.load_causal_lm(config.base_model, workdir, **({"dtype": "mixed_bfloat16"} if config.mixed_precision else {}))
     check_model_parallel(model.backbone, config.model_parallel)
     tokenizer = model.preprocessor.tokenizer
     train, evaluation = _load_splits(config, workdir, tokenizer)
@@ -197,6 +212,8 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     model.backbone.save_lora_weights(str(out / ADAPTER))
     # Saving a LoRA-enabled model stores merged kernels (kernel + A @ B); the preset reloads as a plain model.
     model.save_to_preset(str(out / MERGED))
+    if config.mixed_precision:
+        _store_float32_policy(out / MERGED)
     _plot_loss(history, evals, out / "loss_curve.png")
     _write_tensorboard(history, evals, out / "tensorboard")
     steps_run = total_steps - start_step

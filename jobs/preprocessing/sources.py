@@ -122,11 +122,14 @@ def read_hf(uri: str, split: str) -> Iterator[Record]:
     dataset_id = uri.removeprefix("hf://datasets/").strip("/")
     if not dataset_id or uri == dataset_id:
         raise BadInputError("--input", uri, "hf://datasets/ORG/NAME")
-    try:
-        import datasets
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
 
+    try:
         data = datasets.load_dataset(dataset_id, split=split)
-    except (ConnectionError, OSError) as err:
+    except DatasetNotFoundError as err:
+        raise BadInputError("--input", uri, "an existing Hugging Face dataset you can access", str(err)) from err
+    except (ConnectionError, OSError) as err:  # offline or network trouble: worth a retry
         raise RuntimeError(
             f"could not download {uri} from the Hugging Face Hub ({err}); check network access and HF_TOKEN, "
             "or copy the data to gs:// or a local file"

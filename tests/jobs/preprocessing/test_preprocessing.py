@@ -176,3 +176,11 @@ def test_demo_source_end_to_end(tmp_path, tiny_gemma3):
     run(PreprocessConfig(input=DEMO_URI, output=str(tmp_path / "out"), base_model=str(tiny_gemma3), max_tokens=160), tmp_path / "w")
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["rows_out"] > 100 and stats["eval_rows"] > 10
+
+
+def test_hf_dataset_offline_gives_clear_error(tmp_path, tiny_gemma3, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="could not download hf://datasets/someorg/somedata.*network access"):
+        run(_config(tmp_path, tiny_gemma3, "hf://datasets/someorg/somedata"), tmp_path / "w")
+    with pytest.raises(BadInputError, match="hf://datasets/ORG/NAME"):
+        run(_config(tmp_path, tiny_gemma3, "hf://datasets/"), tmp_path / "w")
