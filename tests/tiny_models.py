@@ -31,7 +31,7 @@ _GEMMA3_SYMBOLS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end
 
 
 def train_sentencepiece(vocab_size: int = 384, gemma3: bool = True) -> bytes:
-    """A unigram SentencePiece proto with Gemma's special ids: pad 0, eos 1, bos 2, unk 3."""
+    """A BPE SentencePiece proto with Gemma's special ids: pad 0, eos 1, bos 2, unk 3."""
     import sentencepiece as spm
 
     buffer = io.BytesIO()
@@ -40,7 +40,13 @@ def train_sentencepiece(vocab_size: int = 384, gemma3: bool = True) -> bytes:
         sentence_iterator=iter(_CORPUS * 20),
         model_writer=buffer,
         vocab_size=vocab_size,
-        model_type="unigram",
+        # Gemma's own settings: BPE, no dummy prefix, no normalisation, byte fallback, split digits.
+        model_type="bpe",
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
         pad_id=0,
         eos_id=1,
         bos_id=2,

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from jobs.common import storage
-from jobs.common.errors import EXIT_FAILURE, EXIT_OK, BadInputError, PreemptedError, QualityGateError
+from jobs.common.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    BadInputError,
+    ExportMismatchError,
+    PreemptedError,
+    QualityGateError,
+)
 
 C = TypeVar("C")
 
@@ -87,7 +94,7 @@ def main(
         with tempfile.TemporaryDirectory(prefix="stage-", dir=os.environ.get("STAGE_WORKDIR")) as tmp:
             run(config, Path(tmp))
         return EXIT_OK
-    except (BadInputError, QualityGateError, PreemptedError) as err:
+    except (BadInputError, QualityGateError, ExportMismatchError, PreemptedError) as err:
         log.error("%s (exit %d)", err, err.exit_code)
         return err.exit_code
     except Exception:

@@ -1,7 +1,7 @@
 """Exit codes and the exceptions that map to them.
 
-0 is success, 2 is bad input or bad config (never worth a retry), 3 is a failed quality gate (also never
-retried), 143 is a preemption (SIGTERM, checkpoint saved), and anything else is a retriable failure.
+0 is success, 2 is bad input or bad config (never worth a retry), 3 is a failed quality gate, 4 an export
+that does not reproduce the Keras model (neither is retried), 143 is a preemption (SIGTERM, checkpoint saved), and anything else is a retriable failure.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_QUALITY_GATE = 3
+EXIT_EXPORT_MISMATCH = 4
 EXIT_PREEMPTED = 143
-NON_RETRIABLE_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_QUALITY_GATE)
+NON_RETRIABLE_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_QUALITY_GATE, EXIT_EXPORT_MISMATCH)
 
 
 class BadInputError(Exception):
@@ -29,6 +30,10 @@ class BadInputError(Exception):
 
 class QualityGateError(Exception):
     exit_code = EXIT_QUALITY_GATE
+
+
+class ExportMismatchError(Exception):
+    exit_code = EXIT_EXPORT_MISMATCH
 
 
 class PreemptedError(Exception):

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.common.lm import token_nll
 from jobs.finetuning import data as data_lib
 from jobs.finetuning.distribution import shard_batch
 
@@ -47,12 +48,9 @@ class Trainer:
         self._eval_step = jax.jit(self._loss_sums)
 
     def _loss_sums(self, trainable, non_trainable, x, y, weights):
-        import jax
         import jax.numpy as jnp
 
-        logits, non_trainable = self.model.stateless_call(trainable, non_trainable, x)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
+        nll, non_trainable = token_nll(self.model, trainable, non_trainable, x, y)
         return jnp.sum(nll * weights), jnp.sum(weights), non_trainable
 
     def _step(self, trainable, non_trainable, opt_vars, x, y, weights):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 DEMO_URI = "demo:stdlib-docs"
@@ -29,6 +32,14 @@ def _summary(doc: str) -> str:
 
 
 def demo_rows() -> Iterator[dict[str, str]]:
+    """The rows, built in a fresh isolated interpreter: libraries imported into this process (and their
+    monkeypatches) must not change the dataset."""
+    result = subprocess.run([sys.executable, "-I", __file__], capture_output=True, text=True, check=True)
+    for line in result.stdout.splitlines():
+        yield json.loads(line)
+
+
+def _build_rows() -> Iterator[dict[str, str]]:
     for module_name in MODULES:
         module = importlib.import_module(module_name)
         for name in sorted(vars(module)):
@@ -48,3 +59,8 @@ def demo_rows() -> Iterator[dict[str, str]]:
                 "response": _summary(doc),
                 "source": f"{module_name}.{name}",
             }
+
+
+if __name__ == "__main__":
+    for row in _build_rows():
+        print(json.dumps(row))

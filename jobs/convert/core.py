@@ -1,0 +1,150 @@
+"""Convert core: merge LoRA, export with keras-hub's `export_to_transformers`, complete the directory for
+serving, verify it against the Keras model through transformers, then publish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import numpy as np  # noqa: E402
+
+from jobs.common import models, storage  # noqa: E402
+from jobs.common.errors import BadInputError, ExportMismatchError  # noqa: E402
+from jobs.common.manifest import StageRun, peak_rss_bytes, read_manifest, upstream_ref  # noqa: E402
+from jobs.convert.config import ConvertConfig  # noqa: E402
+from jobs.convert.safetensors_io import reshard  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_BACKBONES = ("GemmaBackbone", "Gemma3Backbone")
+
+
+def _finetune_settings(config: ConvertConfig) -> dict[str, Any]:
+    manifest = read_manifest(config.finetune) or {}
+    return manifest.get("config", {})
+
+
+def load_keras_models(config: ConvertConfig, workdir: Path):
+    """(reference, merged): the model whose outputs the export must reproduce, and a plain model to export."""
+    if not config.adapter:
+        merged = models.load_causal_lm(storage.join(config.finetune, "model"), workdir, field="--finetune")
+        return merged, merged
+    settings = _finetune_settings(config) if config.finetune else {}
+    base_uri = config.base_model or settings.get("base_model", "")
+    rank = config.lora_rank or settings.get("lora_rank", 0)
+    targets = list(config.lora_targets or settings.get("lora_targets", ()))
+    reference = models.load_causal_lm(base_uri, workdir)
+    reference.backbone.enable_lora(rank, target_layer_names=targets)
+    adapter = storage.stage_in(config.adapter, workdir / "adapter")
+    try:
+        reference.backbone.load_lora_weights(str(adapter))
+    except (ValueError, OSError, KeyError) as err:
+        raise BadInputError("--adapter", config.adapter, f"a LoRA adapter of rank {rank} on {targets} for {base_uri}", str(err)) from err
+    # Exporting a LoRA-enabled model would write the base kernels without the delta. Saving stores merged
+    # kernels, so a save/reload round trip yields a plain model with the delta folded in.
+    merged_dir = workdir / "merged"
+    reference.save_to_preset(str(merged_dir))
+    return reference, models.load_causal_lm(str(merged_dir), workdir)
+
+
+def export(model, directory: Path) -> None:
+    name = type(model.backbone).__name__
+    if name not in SUPPORTED_BACKBONES:
+        raise BadInputError("model architecture", name, f"one of {', '.join(SUPPORTED_BACKBONES)} (what the exporter supports)")
+    model.export_to_transformers(str(directory))
+    tokenizer = model.preprocessor.tokenizer
+    generation = directory / "generation_config.json"
+    settings = json.loads(generation.read_text()) if generation.exists() else {}
+    settings.update({"bos_token_id": tokenizer.start_token_id, "pad_token_id": tokenizer.pad_token_id,
+                     "eos_token_id": sorted({tokenizer.end_token_id, *_end_of_turn(tokenizer)})})
+    generation.write_text(json.dumps(settings, indent=2))
+
+
+def _end_of_turn(tokenizer) -> list[int]:
+    try:
+        return [int(tokenizer.token_to_id("<end_of_turn>"))]
+    except (KeyError, ValueError):
+        return []
+
+
+def verify(reference, directory: Path, config: ConvertConfig) -> dict[str, Any]:
+    """Token ids, logits and greedy next tokens of the export against the Keras model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    keras_tokenizer = reference.preprocessor.tokenizer
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    hf_model.eval()
+    texts = config.sample_texts()
+    token_checks, max_diff, greedy_equal, max_logit = [], 0.0, [], 0.0
+    for text in texts:
+        keras_ids = [int(t) for t in keras_tokenizer(text)]
+        hf_ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+        token_checks.append(keras_ids == hf_ids)
+        ids = [keras_tokenizer.start_token_id, *keras_ids]
+        keras_logits = np.asarray(reference({"token_ids": np.array([ids], np.int32), "padding_mask": np.ones((1, len(ids)), np.int32)}), np.float32)
+        with torch.no_grad():
+            hf_logits = hf_model(torch.tensor([ids])).logits.float().numpy()
+        max_diff = max(max_diff, float(np.abs(keras_logits - hf_logits).max()))
+        max_logit = max(max_logit, float(np.abs(keras_logits).max()))
+        greedy_equal.append(int(keras_logits[0, -1].argmax()) == int(hf_logits[0, -1].argmax()))
+    tolerance = config.tolerance or (1e-3 if config.dtype == "float32" else 0.02 * max_logit)
+    parity = {
+        "samples": len(texts),
+        "token_ids_equal": all(token_checks),
+        "logits_max_abs_diff": max_diff,
+        "tolerance": tolerance,
+        "greedy_next_token_equal": all(greedy_equal),
+        "dtype": config.dtype,
+    }
+    parity["passed"] = parity["token_ids_equal"] and max_diff <= tolerance and parity["greedy_next_token_equal"]
+    return parity
+
+
+def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
+    inputs = [upstream_ref(config.finetune, "--finetune")] if config.finetune else []
+    if config.adapter:
+        inputs.append({"uri": config.adapter})
+    stage = StageRun("convert", config.output, asdict(config), inputs)
+    if stage.already_done():
+        return read_manifest(config.output) or {}
+    stage.invalidate()
+    started = time.time()
+    reference, merged = load_keras_models(config, workdir)
+    out = workdir / "export"
+    shutil.rmtree(out, ignore_errors=True)
+    export(merged, out)
+    if merged is not reference:
+        del merged
+    exported_bytes = (out / "model.safetensors").stat().st_size
+    files = reshard(out, config.dtype, config.max_shard_mb * 1024 * 1024)
+    config_path = out / "config.json"
+    hf_config = json.loads(config_path.read_text())
+    hf_config["dtype"] = hf_config["torch_dtype"] = config.dtype
+    config_path.write_text(json.dumps(hf_config, indent=2))
+    export_time = time.time() - started
+
+    parity = verify(reference, out, config)
+    log.info("parity: %s", json.dumps(parity))
+    if not parity["passed"]:
+        raise ExportMismatchError(f"export does not reproduce the Keras model, nothing published: {json.dumps(parity)}")
+    (out / "parity.json").write_text(json.dumps(parity, indent=2))
+    metrics = {
+        "export_time_s": round(export_time, 2),
+        "total_time_s": round(time.time() - started, 2),
+        "checkpoint_bytes": exported_bytes,
+        "safetensors_files": files,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_over_checkpoint": round(peak_rss_bytes() / exported_bytes, 3),
+        "parity": parity,
+    }
+    return stage.finish(out, metrics)
