@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jobs.common.errors import BadInputError, ExportMismatchError
+from jobs.common.manifest import MANIFEST
+from jobs.convert import core
+from jobs.convert.config import ConvertConfig
+from jobs.convert.safetensors_io import reshard
+from tests.pipeline import tiny_pipeline
+
+
+def _tensors(directory):
+    from safetensors.numpy import load_file
+
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma"])
+def test_convert_merged_preset_and_parity(tmp_path, kind, request):
+    model = request.getfixturevalue("tiny_gemma3" if kind == "gemma3" else "tiny_gemma")
+    paths = tiny_pipeline(tmp_path, model, steps=3)
+    result = core.run(ConvertConfig(finetune=str(paths["finetune"]), output=str(tmp_path / "hf")), tmp_path / "w")
+    out = tmp_path / "hf"
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "generation_config.json", "parity.json", MANIFEST):
+        assert (out / name).exists(), name
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["token_ids_equal"] and parity["greedy_next_token_equal"]
+    assert parity["logits_max_abs_diff"] <= 1e-3
+    assert result["metrics"]["peak_rss_bytes"] > 0 and result["metrics"]["checkpoint_bytes"] > 0
+
+
+def test_adapter_export_carries_the_lora_delta(tmp_path, tiny_gemma3):
+    """Fails if the LoRA delta is lost: only the adapted projections change, and parity is checked against
+    the LoRA-enabled Keras model."""
+    import keras_hub
+
+    paths = tiny_pipeline(tmp_path, tiny_gemma3, steps=4)
+    core.run(ConvertConfig(finetune=str(paths["finetune"]), adapter=str(paths["finetune"] / "adapter.lora.h5"),
+                           output=str(tmp_path / "tuned")), tmp_path / "w")
+    base = keras_hub.models.CausalLM.from_preset(str(tiny_gemma3))
+    core.export(base, tmp_path / "base")
+    tuned, original = _tensors(tmp_path / "tuned"), _tensors(tmp_path / "base")
+    assert tuned.keys() == original.keys()
+    changed = sorted(k for k in tuned if not np.array_equal(tuned[k], original[k]))
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
+    assert json.loads((tmp_path / "tuned" / "parity.json").read_text())["passed"]
+
+
+def test_lost_delta_is_refused_and_nothing_published(tmp_path, tiny_gemma3, monkeypatch):
+    import keras_hub
+
+    paths = tiny_pipeline(tmp_path, tiny_gemma3, steps=4)
+    real_export = core.export
+    monkeypatch.setattr(core, "export", lambda model, d: real_export(keras_hub.models.CausalLM.from_preset(str(tiny_gemma3)), d))
+    with pytest.raises(ExportMismatchError, match="nothing published"):
+        core.run(ConvertConfig(finetune=str(paths["finetune"]), adapter=str(paths["finetune"] / "adapter.lora.h5"),
+                               output=str(tmp_path / "hf")), tmp_path / "w")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+def test_bfloat16_export(tmp_path, tiny_gemma3):
+    paths = tiny_pipeline(tmp_path, tiny_gemma3, steps=2)
+    core.run(ConvertConfig(finetune=str(paths["finetune"]), output=str(tmp_path / "hf"), dtype="bfloat16"), tmp_path / "w")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as reader:
+        assert {str(reader.get_tensor(k).dtype) for k in reader.keys()} == {"torch.bfloat16"}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_reshard_writes_index(tmp_path, tiny_gemma3):
+    import keras_hub
+    from transformers import AutoModelForCausalLM
+
+    model = keras_hub.models.CausalLM.from_preset(str(tiny_gemma3))
+    core.export(model, tmp_path / "hf")
+    before = _tensors(tmp_path / "hf")
+    files = reshard(tmp_path / "hf", "float32", max_shard_bytes=40_000)
+    assert len(files) > 1 and not (tmp_path / "hf" / "model.safetensors").exists()
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(before) and set(index["weight_map"].values()) == set(files)
+    after = _tensors(tmp_path / "hf")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))  # transformers follows the index
+
+
+def test_unsupported_architecture_names_supported(tmp_path):
+    class FakeBackbone:
+        pass
+
+    class FakeModel:
+        backbone = FakeBackbone()
+
+    with pytest.raises(BadInputError, match="GemmaBackbone, Gemma3Backbone"):
+        core.export(FakeModel(), tmp_path)
+
+
+def test_config_needs_a_source():
+    with pytest.raises(BadInputError, match="--finetune"):
+        ConvertConfig(output="o")
+    with pytest.raises(BadInputError, match="--adapter"):
+        ConvertConfig(output="o", base_model="b", adapter="x.h5")

@@ -1,0 +1,23 @@
+"""A tiny end-to-end pipeline (preprocess -> finetune -> convert) shared by the benchmark and convert tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROWS = [{"instruction": f"What does function number {i} do?", "response": f"It returns the value {i % 5}."} for i in range(40)]
+
+
+def tiny_pipeline(root: Path, model: Path, steps: int = 8) -> dict[str, Path]:
+    from jobs.finetuning.config import FinetuneConfig
+    from jobs.finetuning.core import run as finetune
+    from jobs.preprocessing.config import PreprocessConfig
+    from jobs.preprocessing.core import run as preprocess
+
+    source = root / "d.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    paths = {"preprocess": root / "pre", "finetune": root / "ft"}
+    preprocess(PreprocessConfig(input=str(source), output=str(paths["preprocess"]), base_model=str(model), eval_fraction=0.25), root / "w")
+    finetune(FinetuneConfig(data=str(paths["preprocess"]), output=str(paths["finetune"]), base_model=str(model), max_steps=steps,
+                            batch_size=4, sequence_length=48, learning_rate=2e-2, checkpoint_every=0), root / "w")
+    return paths
