@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "dags"))  # as Composer does: the DAG helpers import as top-level packages
 
 
 @pytest.fixture(scope="session")

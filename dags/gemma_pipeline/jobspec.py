@@ -1,0 +1,161 @@
+"""The Kubernetes Job of each stage, built from plain dicts so the DAG, `k8s/jobs/` and tests share it.
+
+A Job is created suspended with the Kueue queue label; Kueue admits it by unsuspending it. Exit codes 2, 3
+and 4 (bad input, quality gate, export mismatch) fail the Job at once; pod disruptions (preemption, node
+drain) do not count against `backoffLimit`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gemma_pipeline.profiles import Profile
+
+STAGES = ("preprocess", "finetune", "benchmark", "convert")
+MODULES = {"preprocess": "jobs.preprocessing", "finetune": "jobs.finetuning", "benchmark": "jobs.benchmark", "convert": "jobs.convert"}
+NON_RETRIABLE_EXIT_CODES = (2, 3, 4)
+CONTAINER = "stage"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The root filesystem is read-only: every cache and scratch path points into the /tmp emptyDir.
+SCRATCH_ENV = {
+    "HOME": "/tmp",
+    "XDG_CACHE_HOME": "/tmp/.cache",
+    "KERAS_HOME": "/tmp/.keras",
+    "MPLCONFIGDIR": "/tmp/.matplotlib",
+    "GEMMA_PIPELINE_CACHE": "/tmp/gemma-lora-pipeline",
+    "STAGE_WORKDIR": "/tmp",
+}
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    namespace: str
+    queue: str
+    service_account: str
+    image: str
+    profile: Profile
+    ttl_seconds_after_finished: int = 7 * 24 * 3600
+    backoff_limit: int = 3
+    priority_class: str = ""
+    active_deadline_seconds: int = 0
+
+
+def safe_run_id(run_id: str) -> str:
+    """A run id usable in object names and Kubernetes labels: [a-z0-9-], at most 63 characters."""
+    cleaned = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
+    return cleaned[:63].rstrip("-") or "run"
+
+
+def stage_prefix(bucket: str, run_id: str, stage: str) -> str:
+    return f"gs://{bucket}/runs/{safe_run_id(run_id)}/{stage}"
+
+
+def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    if stage not in STAGES:
+        raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGES)}")
+    profile = settings.profile
+    labels = {QUEUE_LABEL: settings.queue, "app.kubernetes.io/part-of": "gemma-lora-pipeline", "gemma-lora-pipeline/stage": stage}
+    if settings.priority_class:
+        labels[PRIORITY_LABEL] = settings.priority_class
+    container = {
+        "name": CONTAINER,
+        "image": settings.image,
+        "args": list(args),
+        "env": [{"name": k, "value": v} for k, v in sorted({**SCRATCH_ENV, **(env or {})}.items())],
+        "resources": {"requests": dict(profile.requests), **({"limits": dict(profile.limits)} if profile.limits else {})},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+    }
+    spec: dict[str, Any] = {
+        "suspend": True,
+        "parallelism": 1,
+        "completions": 1,
+        "backoffLimit": settings.backoff_limit,
+        "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(NON_RETRIABLE_EXIT_CODES)}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "template": {
+            "metadata": {"labels": {"gemma-lora-pipeline/stage": stage}},
+            "spec": {
+                "restartPolicy": "Never",
+                "serviceAccountName": settings.service_account,
+                "nodeSelector": dict(profile.node_selector),
+                "tolerations": [dict(t) for t in profile.tolerations],
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [container],
+                "volumes": [{"name": "scratch", "emptyDir": {}}],
+            },
+        },
+    }
+    if settings.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
+    if not spec["template"]["spec"]["tolerations"]:
+        del spec["template"]["spec"]["tolerations"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels},
+        "spec": spec,
+    }
+
+
+# The trigger form's defaults; the DAG's Params and the checked-in k8s/jobs manifests both start here.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "dataset": "demo:stdlib-docs",
+    "instruction_field": "instruction",
+    "response_field": "response",
+    "context_field": "",
+    "template": "",
+    "chat_format": "gemma",
+    "base_model": "demo:gemma3-270m",
+    "max_tokens": 256,
+    "eval_fraction": 0.1,
+    "lora_rank": 4,
+    "learning_rate": 2e-4,
+    "max_steps": 20,
+    "epochs": 1,
+    "batch_size": 4,
+    "sequence_length": 256,
+    "seed": 0,
+    "require_improvement": 0.0,
+    "export_dtype": "float32",
+}
+
+
+def stage_args(stage: str, params: dict[str, Any], bucket: str, run_id: str, profile: Profile) -> list[str]:
+    """The stage CLI's arguments; every stage writes under gs://BUCKET/runs/<safe run id>/<stage>."""
+    p = {**DEFAULT_PARAMS, **params}
+    prefix = {s: stage_prefix(bucket, run_id, s) for s in STAGES}
+    if stage == "preprocess":
+        args = ["--input", p["dataset"], "--output", prefix["preprocess"], "--base-model", p["base_model"],
+                "--instruction-field", p["instruction_field"], "--response-field", p["response_field"],
+                "--chat-format", p["chat_format"], "--max-tokens", str(p["max_tokens"]),
+                "--eval-fraction", str(p["eval_fraction"]), "--seed", str(p["seed"])]
+        if p["context_field"]:
+            args += ["--context-field", p["context_field"]]
+        if p["template"]:
+            args += ["--template", p["template"]]
+        return args
+    if stage == "finetune":
+        return ["--data", prefix["preprocess"], "--output", prefix["finetune"], "--base-model", p["base_model"],
+                "--lora-rank", str(p["lora_rank"]), "--learning-rate", str(p["learning_rate"]),
+                "--max-steps", str(p["max_steps"]), "--epochs", str(p["epochs"]), "--batch-size", str(p["batch_size"]),
+                "--sequence-length", str(p["sequence_length"]), "--seed", str(p["seed"]), *profile.distribution_args]
+    if stage == "benchmark":
+        return ["--data", prefix["preprocess"], "--finetune", prefix["finetune"], "--output", prefix["benchmark"],
+                "--base-model", p["base_model"], "--max-length", str(p["sequence_length"]),
+                "--require-improvement", str(p["require_improvement"])]
+    if stage == "convert":
+        return ["--finetune", prefix["finetune"], "--output", prefix["convert"], "--dtype", p["export_dtype"]]
+    raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGES)}")

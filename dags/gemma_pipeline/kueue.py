@@ -1,0 +1,152 @@
+"""Kueue objects for the pipeline: ResourceFlavors matching the accelerator profiles, per-team ClusterQueues
+sharing a cohort, LocalQueues and WorkloadPriorityClasses. `python -m gemma_pipeline.kueue write k8s/kueue`
+renders the kustomize base and overlays that are checked in (a test fails when they are stale)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gemma_pipeline import profiles
+
+API = "kueue.x-k8s.io/v1beta2"
+COHORT = "ml-platform"
+TEAMS = ("team-a", "team-b")
+RESOURCES = ("cpu", "memory", "google.com/tpu", "nvidia.com/gpu")
+PRIORITIES = {"production": 1000, "development": 100}
+
+
+def flavor_name(profile: profiles.Profile) -> str:
+    """One flavor per node shape: GPU profiles that differ only in GPU count share a flavor; TPU profiles
+    differ in topology (a node label), so each has its own."""
+    spot = profile.name.endswith("-spot")
+    base = profile.name.removesuffix("-spot")
+    if base.startswith("gpu-"):
+        base = "-".join(base.split("-")[:2])
+    return base + ("-spot" if spot else "")
+
+
+def flavors() -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for profile in profiles.PROFILES.values():
+        out[flavor_name(profile)] = dict(profile.node_selector)
+    return out
+
+
+def flavor_taints(labels: dict[str, str]) -> list[dict[str, str]]:
+    """Taints Kueue checks against a workload's tolerations, so CPU jobs never take accelerator quota and
+    on-demand jobs never take spot quota (GKE taints these node pools the same way)."""
+    taints = []
+    if profiles.TPU_ACCELERATOR in labels:
+        taints.append({"key": "google.com/tpu", "value": "present", "effect": "NoSchedule"})
+    if profiles.GPU_ACCELERATOR in labels:
+        taints.append({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"})
+    if profiles.SPOT in labels:
+        taints.append({"key": profiles.SPOT, "value": "true", "effect": "NoSchedule"})
+    return taints
+
+
+def resource_flavor(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"nodeLabels": labels}
+    if taints := flavor_taints(labels):
+        spec["nodeTaints"] = taints
+    return {"apiVersion": API, "kind": "ResourceFlavor", "metadata": {"name": name}, "spec": spec}
+
+
+def _quota(flavor: str, scale: float) -> dict[str, Any]:
+    """Nominal quota per flavor: chips for accelerators plus the CPU and memory their hosts offer."""
+    members = [p for p in profiles.PROFILES.values() if flavor_name(p) == flavor]
+    largest = max(members, key=lambda p: int(p.requests.get(p.accelerator_resource or "cpu", "0")))
+    copies = 1 if largest.accelerator_resource else 4
+    nominal = {}
+    for resource in RESOURCES:
+        value = largest.requests.get(resource)
+        if value is None:
+            nominal[resource] = "0"
+        elif resource == "memory":
+            nominal[resource] = f"{int(int(value.removesuffix('Gi')) * copies * scale)}Gi"
+        else:
+            nominal[resource] = str(max(1, int(int(value) * copies * scale)))
+    return {"name": flavor, "resources": [{"name": r, "nominalQuota": q} for r, q in nominal.items()]}
+
+
+def cluster_queue(team: str, scale: float) -> dict[str, Any]:
+    return {
+        "apiVersion": API,
+        "kind": "ClusterQueue",
+        "metadata": {"name": f"{team}-cq"},
+        "spec": {
+            "cohortName": COHORT,
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": team}},
+            "queueingStrategy": "BestEffortFIFO",
+            "preemption": {
+                "reclaimWithinCohort": "Any",
+                "borrowWithinCohort": {"policy": "LowerPriority", "maxPriorityThreshold": PRIORITIES["development"]},
+                "withinClusterQueue": "LowerPriority",
+            },
+            "resourceGroups": [{
+                "coveredResources": list(RESOURCES),
+                "flavors": [_quota(name, scale) for name in flavors()],
+            }],
+        },
+    }
+
+
+def local_queue(team: str) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "LocalQueue", "metadata": {"name": f"{team}-queue", "namespace": team},
+            "spec": {"clusterQueue": f"{team}-cq"}}
+
+
+def priority_class(name: str, value: int) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "WorkloadPriorityClass", "metadata": {"name": name}, "value": value,
+            "description": f"{name} fine-tuning runs"}
+
+
+def base_objects(scale: float = 1.0) -> list[dict[str, Any]]:
+    objects = [resource_flavor(n, labels) for n, labels in flavors().items()]
+    objects += [cluster_queue(team, scale) for team in TEAMS]
+    objects += [local_queue(team) for team in TEAMS]
+    objects += [priority_class(n, v) for n, v in PRIORITIES.items()]
+    return objects
+
+
+def render() -> dict[str, str]:
+    import yaml
+
+    def dump(objects: list[dict[str, Any]]) -> str:
+        header = "# Generated by `python -m gemma_pipeline.kueue write k8s/kueue`; do not edit.\n"
+        return header + yaml.safe_dump_all(objects, sort_keys=False, width=120)
+
+    files = {"base/kueue.yaml": dump(base_objects()),
+             "base/kustomization.yaml": dump([{"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                                               "resources": ["kueue.yaml"]}])}
+    # Overlays replace the ClusterQueues' quotas: a small dev cluster, and production at four times the base.
+    for overlay, scale in (("dev", 0.25), ("production", 4.0)):
+        files[f"overlays/{overlay}/cluster-queues.yaml"] = dump([cluster_queue(team, scale) for team in TEAMS])
+        files[f"overlays/{overlay}/kustomization.yaml"] = dump([{
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["../../base"],
+            "patches": [{"path": "cluster-queues.yaml"}]}])
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    parser.add_argument("command", choices=("write", "check"))
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    expected = render()
+    if args.command == "write":
+        for name, text in expected.items():
+            (args.directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (args.directory / name).write_text(text)
+        return 0
+    stale = [n for n, t in expected.items() if not (args.directory / n).exists() or (args.directory / n).read_text() != t]
+    if stale:
+        print(f"stale Kueue manifests: {', '.join(stale)}; run: python -m gemma_pipeline.kueue write {args.directory}")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Preflight: would Kueue ever admit this stage's Job? The usual reason a Job sits suspended forever is a
+queue whose ClusterQueue has no ResourceFlavor matching the Job's node selectors, or a request larger than
+that flavor's nominal quota (plus what the cohort could lend).
+
+`python -m gemma_pipeline.preflight --profile tpu-v5e-8 --namespace team-a --queue team-a-queue --kueue k8s/kueue/overlays/dev`
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gemma_pipeline import profiles
+
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "m": 1e-3, "": 1}
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes resource quantity ("16Gi", "500m", "8") as a number."""
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value).strip())
+    if not match or match.group(2) not in _SUFFIX:
+        raise ValueError(f"resource quantity: got {value!r}; expected a number with an optional unit such as Gi or m")
+    return float(match.group(1)) * _SUFFIX[match.group(2)]
+
+
+@dataclass
+class Result:
+    ok: bool
+    message: str
+    flavor: str | None = None
+
+
+def load_objects(source: Path) -> list[dict[str, Any]]:
+    """Kueue objects from a YAML file, or from a kustomize directory (built with `kubectl kustomize`)."""
+    import yaml
+
+    text = subprocess.run(["kubectl", "kustomize", str(source)], check=True, capture_output=True, text=True).stdout if source.is_dir() else source.read_text()
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def check(profile_name: str, namespace: str, queue: str, objects: list[dict[str, Any]]) -> Result:
+    try:
+        profile = profiles.get(profile_name)
+    except ValueError as err:
+        return Result(False, str(err))
+    by_kind: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    for obj in objects:
+        meta = obj.get("metadata", {})
+        by_kind.setdefault(obj.get("kind", ""), {})[(meta.get("namespace", ""), meta.get("name", ""))] = obj
+    local = by_kind.get("LocalQueue", {}).get((namespace, queue))
+    if local is None:
+        known = sorted(f"{ns}/{n}" for ns, n in by_kind.get("LocalQueue", {}))
+        return Result(False, f"queue: no LocalQueue {namespace}/{queue}; known: {', '.join(known) or 'none'}")
+    cq_name = local["spec"]["clusterQueue"]
+    cq = by_kind.get("ClusterQueue", {}).get(("", cq_name))
+    if cq is None:
+        return Result(False, f"LocalQueue {namespace}/{queue} points at ClusterQueue {cq_name}, which does not exist")
+    flavors = {name: obj.get("spec", {}) for (_, name), obj in by_kind.get("ResourceFlavor", {}).items()}
+    request = {k: quantity(v) for k, v in profile.requests.items()}
+    reasons = []
+    for group in cq["spec"].get("resourceGroups", []):
+        missing = [r for r in request if r not in group.get("coveredResources", [])]
+        for entry in group.get("flavors", []):
+            name = entry["name"]
+            flavor = flavors.get(name)
+            if flavor is None:
+                reasons.append(f"{name}: no such ResourceFlavor")
+                continue
+            labels = flavor.get("nodeLabels", {})
+            conflicts = {k: v for k, v in labels.items() if k in profile.node_selector and profile.node_selector[k] != v}
+            if conflicts or not all(tolerates(profile.tolerations, taint) for taint in flavor.get("nodeTaints", [])):
+                continue  # a different node shape, or taints the Job does not tolerate: Kueue skips it
+            if missing:
+                reasons.append(f"{name}: resources {', '.join(missing)} are not covered by the ClusterQueue")
+                continue
+            quota = {r["name"]: quantity(r["nominalQuota"]) for r in entry["resources"]}
+            if profile.accelerator_resource and not quota.get(profile.accelerator_resource):
+                continue  # offers none of the accelerator this profile needs
+            short = [f"{r} needs {profile.requests[r]} but nominal quota is {quota_repr(entry, r)}" for r in request if request[r] > quota.get(r, 0)]
+            if short:
+                reasons.append(f"{name}: " + "; ".join(short))
+                continue
+            return Result(True, f"profile {profile.name} fits flavor {name} of ClusterQueue {cq_name}", name)
+    detail = "; ".join(reasons) if reasons else "no ResourceFlavor has node labels compatible with " + str(profile.node_selector)
+    return Result(False, f"profile {profile.name} can never be admitted by ClusterQueue {cq_name} (queue {namespace}/{queue}): {detail}")
+
+
+def tolerates(tolerations: tuple[dict[str, str], ...], taint: dict[str, str]) -> bool:
+    for toleration in tolerations:
+        key_ok = toleration.get("key") in (None, "", taint["key"])
+        value_ok = toleration.get("operator") == "Exists" or toleration.get("value") == taint.get("value")
+        effect_ok = toleration.get("effect") in (None, "", taint["effect"])
+        if key_ok and value_ok and effect_ok:
+            return True
+    return False
+
+
+def quota_repr(entry: dict[str, Any], resource: str) -> str:
+    return next((str(r["nominalQuota"]) for r in entry["resources"] if r["name"] == resource), "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--profile", required=True, help=f"one of {', '.join(sorted(profiles.PROFILES))}")
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--queue", required=True, help="the LocalQueue name (the kueue.x-k8s.io/queue-name label)")
+    parser.add_argument("--kueue", type=Path, default=Path("k8s/kueue/base"), help="a kustomize directory or a YAML file of Kueue objects")
+    args = parser.parse_args(argv)
+    result = check(args.profile, args.namespace, args.queue, load_objects(args.kueue))
+    print(("OK: " if result.ok else "NOT ADMISSIBLE: ") + result.message)
+    return 0 if result.ok else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

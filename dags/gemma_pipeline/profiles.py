@@ -1,0 +1,106 @@
+"""Accelerator profiles: what a stage asks Kueue for, and how the fine-tune spreads over the devices.
+
+Each profile maps to node selectors, tolerations, container resources, the fine-tune's JAX distribution
+flags and an hourly price in USD used only for cost estimates: rough placeholders, not quoted prices; set
+your own per deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TPU_ACCELERATOR = "cloud.google.com/gke-tpu-accelerator"
+TPU_TOPOLOGY = "cloud.google.com/gke-tpu-topology"
+GPU_ACCELERATOR = "cloud.google.com/gke-accelerator"
+SPOT = "cloud.google.com/gke-spot"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    node_selector: dict[str, str]
+    requests: dict[str, str]
+    limits: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict[str, str], ...] = ()
+    distribution_args: tuple[str, ...] = ("--distribution", "auto")
+    hourly_usd: float = 0.0
+
+    @property
+    def accelerator_resource(self) -> str | None:
+        for key in ("google.com/tpu", "nvidia.com/gpu"):
+            if key in self.requests:
+                return key
+        return None
+
+
+def _toleration(key: str, value: str | None = None) -> dict[str, str]:
+    if value is None:
+        return {"key": key, "operator": "Exists", "effect": "NoSchedule"}
+    return {"key": key, "operator": "Equal", "value": value, "effect": "NoSchedule"}
+
+
+def _tpu(name: str, accelerator: str, topology: str, chips: int, cpu: str, memory: str, price: float) -> Profile:
+    return Profile(
+        name=name,
+        node_selector={TPU_ACCELERATOR: accelerator, TPU_TOPOLOGY: topology},
+        requests={"cpu": cpu, "memory": memory, "google.com/tpu": str(chips)},
+        limits={"google.com/tpu": str(chips)},
+        tolerations=(_toleration("google.com/tpu"),),
+        hourly_usd=price,
+    )
+
+
+def _gpu(name: str, accelerator: str, count: int, cpu: str, memory: str, price: float) -> Profile:
+    return Profile(
+        name=name,
+        node_selector={GPU_ACCELERATOR: accelerator},
+        requests={"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(count)},
+        limits={"nvidia.com/gpu": str(count)},
+        tolerations=(_toleration("nvidia.com/gpu"),),
+        hourly_usd=price,
+    )
+
+
+def _spot(profile: Profile, discount: float) -> Profile:
+    return Profile(
+        name=profile.name + "-spot",
+        node_selector={**profile.node_selector, SPOT: "true"},
+        requests=profile.requests,
+        limits=profile.limits,
+        tolerations=(*profile.tolerations, _toleration(SPOT, "true")),
+        distribution_args=profile.distribution_args,
+        hourly_usd=round(profile.hourly_usd * discount, 4),
+    )
+
+
+_ON_DEMAND = [
+    Profile(name="cpu", node_selector={"cloud.google.com/machine-family": "n2"},
+            requests={"cpu": "4", "memory": "16Gi"}, limits={"memory": "16Gi"},
+            distribution_args=("--distribution", "none"), hourly_usd=0.19),
+    _tpu("tpu-v5e-1", "tpu-v5-lite-podslice", "1x1", 1, "20", "44Gi", 1.20),
+    _tpu("tpu-v5e-4", "tpu-v5-lite-podslice", "2x2", 4, "100", "180Gi", 4.80),
+    _tpu("tpu-v5e-8", "tpu-v5-lite-podslice", "2x4", 8, "200", "360Gi", 9.60),
+    _tpu("tpu-v6e-1", "tpu-v6e-slice", "1x1", 1, "40", "170Gi", 2.70),
+    _tpu("tpu-v6e-4", "tpu-v6e-slice", "2x2", 4, "160", "680Gi", 10.80),
+    _tpu("tpu-v6e-8", "tpu-v6e-slice", "2x4", 8, "170", "1360Gi", 21.60),
+    _gpu("gpu-l4-1", "nvidia-l4", 1, "6", "24Gi", 0.85),
+    _gpu("gpu-a100-1", "nvidia-tesla-a100", 1, "10", "80Gi", 3.67),
+    _gpu("gpu-h100-1", "nvidia-h100-80gb", 1, "24", "200Gi", 11.06),
+    _gpu("gpu-h100-8", "nvidia-h100-80gb", 8, "200", "1800Gi", 88.49),
+]
+
+PROFILES: dict[str, Profile] = {p.name: p for p in _ON_DEMAND}
+PROFILES.update({s.name: s for s in (_spot(p, 0.35) for p in _ON_DEMAND)})
+
+
+def get(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"accelerator profile: got {name!r}; expected one of {', '.join(sorted(PROFILES))}") from None
+
+
+def as_dict(profile: Profile) -> dict[str, Any]:
+    return {"node_selector": profile.node_selector, "requests": profile.requests, "limits": profile.limits,
+            "tolerations": list(profile.tolerations), "hourly_usd": profile.hourly_usd}
