@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW_HOME", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "airflow"))
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dags"))  # as Composer does: the DAG helpers import as top-level packages
 

@@ -53,59 +53,70 @@ def stage_prefix(bucket: str, run_id: str, stage: str) -> str:
     return f"gs://{bucket}/runs/{safe_run_id(run_id)}/{stage}"
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(NON_RETRIABLE_EXIT_CODES)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+VOLUMES = [{"name": "scratch", "emptyDir": {}}]
+VOLUME_MOUNTS = [{"name": "scratch", "mountPath": "/tmp"}]
+
+
+def job_labels(stage: str, queue: str, priority_class: str = "") -> dict[str, str]:
+    labels = {QUEUE_LABEL: queue, "app.kubernetes.io/part-of": "gemma-lora-pipeline", "gemma-lora-pipeline/stage": stage}
+    if priority_class:
+        labels[PRIORITY_LABEL] = priority_class
+    return labels
+
+
+def resources(profile: Profile) -> dict[str, dict[str, str]]:
+    return {"requests": dict(profile.requests), **({"limits": dict(profile.limits)} if profile.limits else {})}
+
+
 def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     if stage not in STAGES:
         raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGES)}")
     profile = settings.profile
-    labels = {QUEUE_LABEL: settings.queue, "app.kubernetes.io/part-of": "gemma-lora-pipeline", "gemma-lora-pipeline/stage": stage}
-    if settings.priority_class:
-        labels[PRIORITY_LABEL] = settings.priority_class
     container = {
         "name": CONTAINER,
         "image": settings.image,
         "args": list(args),
         "env": [{"name": k, "value": v} for k, v in sorted({**SCRATCH_ENV, **(env or {})}.items())],
-        "resources": {"requests": dict(profile.requests), **({"limits": dict(profile.limits)} if profile.limits else {})},
-        "securityContext": {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+        "resources": resources(profile),
+        "securityContext": dict(CONTAINER_SECURITY),
+        "volumeMounts": [dict(v) for v in VOLUME_MOUNTS],
     }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.service_account,
+        "nodeSelector": dict(profile.node_selector),
+        "securityContext": dict(POD_SECURITY),
+        "containers": [container],
+        "volumes": [dict(v) for v in VOLUMES],
+    }
+    if profile.tolerations:
+        pod["tolerations"] = [dict(t) for t in profile.tolerations]
     spec: dict[str, Any] = {
         "suspend": True,
         "parallelism": 1,
         "completions": 1,
         "backoffLimit": settings.backoff_limit,
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-        "podFailurePolicy": {"rules": [
-            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(NON_RETRIABLE_EXIT_CODES)}},
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]},
-        "template": {
-            "metadata": {"labels": {"gemma-lora-pipeline/stage": stage}},
-            "spec": {
-                "restartPolicy": "Never",
-                "serviceAccountName": settings.service_account,
-                "nodeSelector": dict(profile.node_selector),
-                "tolerations": [dict(t) for t in profile.tolerations],
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                                    "seccompProfile": {"type": "RuntimeDefault"}},
-                "containers": [container],
-                "volumes": [{"name": "scratch", "emptyDir": {}}],
-            },
-        },
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": {"gemma-lora-pipeline/stage": stage}}, "spec": pod},
     }
     if settings.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
-    if not spec["template"]["spec"]["tolerations"]:
-        del spec["template"]["spec"]["tolerations"]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": job_labels(stage, settings.queue, settings.priority_class)},
         "spec": spec,
     }
 
@@ -133,10 +144,13 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 
 
-def stage_args(stage: str, params: dict[str, Any], bucket: str, run_id: str, profile: Profile) -> list[str]:
-    """The stage CLI's arguments; every stage writes under gs://BUCKET/runs/<safe run id>/<stage>."""
+def prefixes(bucket: str, run_id: str) -> dict[str, str]:
+    return {s: stage_prefix(bucket, run_id, s) for s in STAGES}
+
+
+def stage_args(stage: str, params: dict[str, Any], prefix: dict[str, str]) -> list[str]:
+    """The stage CLI's arguments (the fine-tune's distribution flags come from its profile, at run time)."""
     p = {**DEFAULT_PARAMS, **params}
-    prefix = {s: stage_prefix(bucket, run_id, s) for s in STAGES}
     if stage == "preprocess":
         args = ["--input", p["dataset"], "--output", prefix["preprocess"], "--base-model", p["base_model"],
                 "--instruction-field", p["instruction_field"], "--response-field", p["response_field"],
@@ -151,7 +165,7 @@ def stage_args(stage: str, params: dict[str, Any], bucket: str, run_id: str, pro
         return ["--data", prefix["preprocess"], "--output", prefix["finetune"], "--base-model", p["base_model"],
                 "--lora-rank", str(p["lora_rank"]), "--learning-rate", str(p["learning_rate"]),
                 "--max-steps", str(p["max_steps"]), "--epochs", str(p["epochs"]), "--batch-size", str(p["batch_size"]),
-                "--sequence-length", str(p["sequence_length"]), "--seed", str(p["seed"]), *profile.distribution_args]
+                "--sequence-length", str(p["sequence_length"]), "--seed", str(p["seed"])]
     if stage == "benchmark":
         return ["--data", prefix["preprocess"], "--finetune", prefix["finetune"], "--output", prefix["benchmark"],
                 "--base-model", p["base_model"], "--max-length", str(p["sequence_length"]),

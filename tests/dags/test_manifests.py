@@ -86,7 +86,7 @@ def test_unknown_job_field_is_rejected():
 def test_every_profile_builds_a_valid_job(profile):
     p = profiles.get(profile)
     settings = jobspec.JobSettings(namespace="team-a", queue="team-a-queue", service_account="sa", image="img:1.0", profile=p)
-    job = jobspec.job_manifest("finetune", settings, jobspec.stage_args("finetune", {}, "b", "run", p), name="x")
+    job = jobspec.job_manifest("finetune", settings, jobspec.stage_args("finetune", {}, jobspec.prefixes("b", "run")), name="x")
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     if p.accelerator_resource:
         assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][p.accelerator_resource] == p.requests[p.accelerator_resource]

@@ -1,0 +1,117 @@
+"""Gemma LoRA fine-tuning on GKE: preprocess -> finetune -> benchmark -> convert, each a Kueue-queued Job."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, Param, chain
+from gemma_pipeline import jobspec, profiles
+from gemma_pipeline.operators import StageJobOperator
+
+# Deployment settings: set these as Composer environment variables.
+PROJECT_ID = os.environ.get("GEMMA_PIPELINE_PROJECT", "my-project")
+LOCATION = os.environ.get("GEMMA_PIPELINE_LOCATION", "us-central1")
+CLUSTER = os.environ.get("GEMMA_PIPELINE_CLUSTER", "ml-batch")
+NAMESPACE = os.environ.get("GEMMA_PIPELINE_NAMESPACE", "team-a")
+SERVICE_ACCOUNT = os.environ.get("GEMMA_PIPELINE_KSA", "gemma-pipeline")  # bound to a GCP SA via Workload Identity
+REGISTRY = os.environ.get("GEMMA_PIPELINE_REGISTRY", "us-central1-docker.pkg.dev/my-project/gemma-lora")
+IMAGE_TAG = os.environ.get("GEMMA_PIPELINE_IMAGE_TAG", "0.1.0")  # a release tag or a commit SHA, never latest
+IMAGES = {stage: f"{REGISTRY}/{stage}:{IMAGE_TAG}" for stage in jobspec.STAGES}
+
+PREFIX = "gs://{{ params.bucket }}/runs/{{ safe_run_id(run_id) }}"
+PREFIXES = {stage: f"{PREFIX}/{stage}" for stage in jobspec.STAGES}
+PARAM_TEMPLATES = {name: "{{ params.%s }}" % name for name in jobspec.DEFAULT_PARAMS}
+PROFILE_NAMES = sorted(profiles.PROFILES)
+D = jobspec.DEFAULT_PARAMS
+
+params = {
+    "bucket": Param("my-gemma-bucket", type="string", pattern=r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$",
+                    description="Cloud Storage bucket for every stage's artifacts"),
+    "dataset": Param(D["dataset"], type="string", minLength=1,
+                     description="gs://, hf://datasets/ID or demo:stdlib-docs (.jsonl, .json, .csv, .parquet)"),
+    "instruction_field": Param(D["instruction_field"], type="string"),
+    "response_field": Param(D["response_field"], type="string", minLength=1),
+    "context_field": Param(D["context_field"], type="string"),
+    "template": Param(D["template"], type="string", description="prompt template with {column} placeholders"),
+    "chat_format": Param(D["chat_format"], enum=["gemma", "none"]),
+    "base_model": Param(D["base_model"], type="string", minLength=1,
+                        description="keras-hub preset, hf://ORG/NAME, gs:// model directory, or demo:gemma3-270m"),
+    "max_tokens": Param(D["max_tokens"], type="integer", minimum=8, maximum=131072),
+    "eval_fraction": Param(D["eval_fraction"], type="number", minimum=0, maximum=0.5),
+    "lora_rank": Param(D["lora_rank"], type="integer", minimum=1, maximum=512),
+    "learning_rate": Param(D["learning_rate"], type="number", exclusiveMinimum=0, maximum=0.1),
+    "max_steps": Param(D["max_steps"], type="integer", minimum=0, description="0: use epochs"),
+    "epochs": Param(D["epochs"], type="integer", minimum=0),
+    "batch_size": Param(D["batch_size"], type="integer", minimum=1, maximum=4096),
+    "sequence_length": Param(D["sequence_length"], type="integer", minimum=16, maximum=131072),
+    "seed": Param(D["seed"], type="integer", minimum=0),
+    "require_improvement": Param(D["require_improvement"], type="number", minimum=0, maximum=0.99,
+                                 description="quality gate: minimum relative perplexity drop (0: off)"),
+    "export_dtype": Param(D["export_dtype"], enum=["float32", "bfloat16"]),
+    "preprocess_profile": Param("cpu", enum=PROFILE_NAMES),
+    "finetune_profile": Param("tpu-v5e-1", enum=PROFILE_NAMES),
+    "benchmark_profile": Param("tpu-v5e-1", enum=PROFILE_NAMES),
+    "convert_profile": Param("cpu", enum=PROFILE_NAMES),
+    "queue": Param(f"{NAMESPACE}-queue", type="string", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                   description="Kueue LocalQueue in the namespace"),
+    "queue_timeout_minutes": Param(240, type="integer", minimum=1, maximum=10080,
+                                   description="fail a stage whose Job Kueue has not admitted within this time"),
+}
+
+default_args = {
+    "owner": "ml-platform",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=2),
+    "retry_exponential_backoff": True,
+    "project_id": PROJECT_ID,
+    "location": LOCATION,
+    "cluster_name": CLUSTER,
+    "namespace": NAMESPACE,
+    "service_account_name": SERVICE_ACCOUNT,
+    "wait_until_job_complete": True,
+    "deferrable": True,
+    "parallelism": 1,
+    "completions": 1,
+    "suspend": True,
+    "backoff_limit": 3,
+    "ttl_seconds_after_finished": 7 * 24 * 3600,
+    "get_logs": True,
+    "queue_timeout_s": "{{ params.queue_timeout_minutes * 60 }}",
+}
+
+
+def stage_task(stage: str) -> StageJobOperator:
+    return StageJobOperator(
+        task_id=stage,
+        stage=stage,
+        name=f"gemma-{stage}",
+        image=IMAGES[stage],
+        arguments=jobspec.stage_args(stage, PARAM_TEMPLATES, PREFIXES),
+        labels={**jobspec.job_labels(stage, "{{ params.queue }}"), "gemma-lora-pipeline/run": "{{ safe_run_id(run_id) }}"},
+        profile_name="{{ params.%s_profile }}" % stage,
+        progress_uri=f"{PREFIXES[stage]}/_progress.json",
+    )
+
+
+with DAG(
+    dag_id="gemma_lora_finetune",
+    description=__doc__,
+    doc_md=__doc__ + "\n\nEach stage writes under `gs://BUCKET/runs/<run id>/<stage>/`; a retry lands in the same "
+    "place and a finished stage is skipped. A Job waits in Kueue up to `queue_timeout_minutes`; if it never "
+    "starts, run `python -m gemma_pipeline.preflight` for the stage's profile and queue.",
+    start_date=datetime(2026, 1, 1),
+    schedule=None,
+    catchup=False,
+    max_active_runs=4,
+    tags=["gemma", "lora", "gke", "kueue"],
+    params=params,
+    default_args=default_args,
+    user_defined_macros={"safe_run_id": jobspec.safe_run_id},
+    render_template_as_native_obj=False,
+) as dag:
+    preprocess = stage_task("preprocess")
+    finetune = stage_task("finetune")
+    benchmark = stage_task("benchmark")
+    convert = stage_task("convert")
+    chain(preprocess, finetune, benchmark, convert)

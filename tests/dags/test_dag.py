@@ -1,0 +1,111 @@
+"""The DAG: imports cleanly, exact task order, the V1Job each task would submit, params and policy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime
+from types import SimpleNamespace
+
+import pytest
+from gemma_pipeline import jobspec
+
+from tests.conftest import ROOT
+
+RUN_ID = "manual__2026-11-22T10:00:00+00:00"
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["gemma_lora_finetune"]
+
+
+def _render(task, dag, overrides=None):
+    params = {k: v.value if hasattr(v, "value") else v for k, v in dag.params.items()}
+    params.update(overrides or {})
+    ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, run_id=RUN_ID, try_number=1, map_index=-1)
+    context = {"params": params, "run_id": RUN_ID, "ti": ti, "task_instance": ti, "dag": dag, "task": task,
+               "logical_date": datetime(2026, 11, 22), "safe_run_id": jobspec.safe_run_id}
+    task.render_template_fields(context, jinja_env=dag.get_template_env())
+    # No cluster: the only thing the provider asks the Kubernetes hook while building is where it runs.
+    task.__dict__["hook"] = SimpleNamespace(is_in_cluster=False)
+    return task.build_job_request_obj(context)
+
+
+def test_exact_task_order(dag):
+    assert [t.task_id for t in dag.topological_sort()] == list(jobspec.STAGES)
+    for upstream, downstream in zip(jobspec.STAGES, jobspec.STAGES[1:]):
+        assert dag.get_task(upstream).downstream_task_ids == {downstream}
+
+
+def test_policy(dag):
+    assert dag.start_date == datetime(2026, 1, 1, tzinfo=dag.start_date.tzinfo)
+    assert dag.catchup is False and dag.schedule is None
+    assert {"gemma", "lora", "gke", "kueue"} <= set(dag.tags)
+    assert dag.doc_md
+    for task in dag.tasks:
+        assert task.retries >= 1
+        assert task.deferrable is True and task.wait_until_job_complete is True
+        assert not task.image.endswith(":latest") and task.image.rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize("stage", jobspec.STAGES)
+def test_job_each_task_would_submit(dag, stage):
+    task = dag.get_task(stage)
+    job = _render(task, dag, {"finetune_profile": "tpu-v5e-8", "queue": "team-a-queue", "bucket": "bkt"})
+    assert job.metadata.labels[jobspec.QUEUE_LABEL] == "team-a-queue"
+    assert job.spec.suspend is True and job.spec.parallelism == 1
+    assert job.spec.backoff_limit == 3 and job.spec.ttl_seconds_after_finished == 7 * 24 * 3600
+    rules = job.spec.pod_failure_policy.rules
+    assert rules[0].action == "FailJob" and rules[0].on_exit_codes.values == [2, 3, 4]
+    assert rules[1].action == "Ignore" and rules[1].on_pod_conditions[0].type == "DisruptionTarget"
+    pod = job.spec.template.spec
+    assert pod.service_account_name == "gemma-pipeline" and pod.restart_policy == "Never"
+    assert pod.security_context.run_as_non_root is True
+    container = pod.containers[0]
+    assert container.security_context.allow_privilege_escalation is False
+    assert container.security_context.capabilities.drop == ["ALL"]
+    assert container.security_context.read_only_root_filesystem is True
+    assert [m.mount_path for m in container.volume_mounts] == ["/tmp"] and pod.volumes[0].empty_dir is not None
+    assert {e.name: e.value for e in container.env}["HOME"] == "/tmp"
+    prefix = "gs://bkt/runs/manual-2026-11-22t10-00-00-00-00"
+    assert f"{prefix}/{stage}" in container.args
+    if stage == "finetune":
+        assert pod.node_selector == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x4"}
+        assert container.resources.limits["google.com/tpu"] == "8"
+        assert pod.tolerations[0].key == "google.com/tpu"
+        assert container.args[-2:] == ["--distribution", "auto"]
+        assert f"{prefix}/preprocess" in container.args
+    if stage == "preprocess":
+        assert pod.node_selector == {"cloud.google.com/machine-family": "n2"} and not pod.tolerations
+
+
+def test_job_matches_the_validated_schema(dag):
+    import kubernetes_validate
+    from kubernetes.client import ApiClient
+
+    job = ApiClient().sanitize_for_serialization(_render(dag.get_task("finetune"), dag))
+    kubernetes_validate.validate(job, "1.31", strict=True)
+
+
+@pytest.mark.parametrize("name,value", [("lora_rank", 0), ("lora_rank", -3), ("finetune_profile", "tpu-v9-64"),
+                                        ("require_improvement", 1.5), ("queue", "Not_A_Queue"), ("bucket", "x"),
+                                        ("learning_rate", 0), ("chat_format", "llama")])
+def test_params_reject_bad_values(dag, name, value):
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    param = dag.params.get_param(name)
+    with pytest.raises(ParamValidationError):
+        Param(value, **param.schema).resolve()
+
+
+def test_dag_module_imports_no_ml_frameworks():
+    code = ("import sys; sys.path.insert(0, 'dags'); import gemma_lora_finetune; "
+            "print(sorted(m for m in ('keras', 'jax', 'torch', 'tensorflow', 'keras_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
