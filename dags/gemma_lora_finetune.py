@@ -21,7 +21,7 @@ IMAGES = {stage: f"{REGISTRY}/{stage}:{IMAGE_TAG}" for stage in jobspec.STAGES}
 
 PREFIX = "gs://{{ params.bucket }}/runs/{{ safe_run_id(run_id) }}"
 PREFIXES = {stage: f"{PREFIX}/{stage}" for stage in jobspec.STAGES}
-PARAM_TEMPLATES = {name: "{{ params.%s }}" % name for name in jobspec.DEFAULT_PARAMS}
+PARAM_TEMPLATES = {name: "{{ params." + name + " }}" for name in jobspec.DEFAULT_PARAMS}
 PROFILE_NAMES = sorted(profiles.PROFILES)
 D = jobspec.DEFAULT_PARAMS
 
@@ -89,7 +89,7 @@ def stage_task(stage: str) -> StageJobOperator:
         image=IMAGES[stage],
         arguments=jobspec.stage_args(stage, PARAM_TEMPLATES, PREFIXES),
         labels={**jobspec.job_labels(stage, "{{ params.queue }}"), "gemma-lora-pipeline/run": "{{ safe_run_id(run_id) }}"},
-        profile_name="{{ params.%s_profile }}" % stage,
+        profile_name="{{ params." + stage + "_profile }}",
         progress_uri=f"{PREFIXES[stage]}/_progress.json",
     )
 

@@ -40,11 +40,12 @@ def wait_for_admission(
     timeout_s: float,
     poll_s: float = 10.0,
     log: Callable[[str], None] = print,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
 ) -> float:
     """Block until the Job is unsuspended; return the seconds waited. Raises QueueTimeout with the
     Workload's conditions when `timeout_s` passes first."""
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
     started = clock()
     last_report = ""
     while True:
@@ -67,8 +68,9 @@ def wait_for_admission(
 
 
 def wait_for_pods(core_api: Any, namespace: str, label_selector: str, timeout_s: float, poll_s: float = 5.0,
-                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> list[Any]:
+                  clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> list[Any]:
     """After admission the Job controller needs a moment to create the pod; wait for it."""
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
     started = clock()
     while True:
         pods = core_api.list_namespaced_pod(namespace=namespace, label_selector=label_selector).items

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -24,14 +25,20 @@ NON_RETRIABLE_REASON = "PodFailurePolicy"
 POD_START_TIMEOUT_S = 600
 
 
+@functools.cache
+def _api_client() -> Any:
+    from kubernetes.client import ApiClient
+
+    return ApiClient()
+
+
 def _k8s(kind: str, value: Any) -> Any:
     """A plain dict as the kubernetes client's model object (the provider merges model objects)."""
-    from kubernetes.client import ApiClient
 
     class _Response:
         data = json.dumps(value)
 
-    return ApiClient().deserialize(_Response(), kind)
+    return _api_client().deserialize(_Response(), kind)
 
 
 class StageJobOperator(GKEStartJobOperator):

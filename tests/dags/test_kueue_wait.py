@@ -1,0 +1,119 @@
+"""The Kueue wait against a fake Kubernetes API: a Job Kueue keeps suspended for a while and then admits,
+and one it never admits (timeout naming the Workload's reason)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from gemma_pipeline.kueue_wait import QueueTimeout, wait_for_admission
+
+PENDING = [{"type": "QuotaReserved", "status": "False", "reason": "Pending",
+            "message": "couldn't assign flavors to pod set main: insufficient quota for google.com/tpu in flavor tpu-v5e-8"}]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeKubernetes:
+    """Just enough of BatchV1Api, CoreV1Api and CustomObjectsApi: the Job stays suspended until `admit_at`."""
+
+    def __init__(self, clock: FakeClock, admit_at: float | None) -> None:
+        self.clock, self.admit_at = clock, admit_at
+        self.deleted: list[str] = []
+        self.job_reads = 0
+
+    def read_namespaced_job(self, name: str, namespace: str):
+        self.job_reads += 1
+        admitted = self.admit_at is not None and self.clock() >= self.admit_at
+        return SimpleNamespace(spec=SimpleNamespace(suspend=not admitted), metadata=SimpleNamespace(uid="uid-1", name=name))
+
+    def list_namespaced_custom_object(self, group, version, namespace, plural, label_selector):
+        assert (group, version, plural) == ("kueue.x-k8s.io", "v1beta2", "workloads")
+        assert label_selector == "kueue.x-k8s.io/job-uid=uid-1"
+        return {"items": [{"status": {"conditions": PENDING}}]}
+
+    def list_namespaced_pod(self, namespace: str, label_selector: str):
+        admitted = self.admit_at is not None and self.clock() >= self.admit_at
+        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name="pod-1", namespace=namespace))] if admitted else [])
+
+    def delete_namespaced_job(self, name: str, namespace: str, propagation_policy: str):
+        self.deleted.append(name)
+
+
+def test_waits_while_suspended_then_returns():
+    clock = FakeClock()
+    api = FakeKubernetes(clock, admit_at=95)
+    lines: list[str] = []
+    waited = wait_for_admission(api, api, "job", "team-a", timeout_s=600, poll_s=10, log=lines.append, clock=clock, sleep=clock.sleep)
+    assert waited == 100 and api.job_reads == 11
+    assert "insufficient quota for google.com/tpu" in lines[0]
+    assert lines[-1].startswith("Job team-a/job admitted by Kueue after 100 s")
+    assert len(lines) == 2  # the same queued status is logged once, not every poll
+
+
+def test_never_admitted_times_out_with_the_workload_reason():
+    clock = FakeClock()
+    api = FakeKubernetes(clock, admit_at=None)
+    with pytest.raises(QueueTimeout, match="not admitted by Kueue within 300 s.*insufficient quota for google.com/tpu.*preflight"):
+        wait_for_admission(api, api, "job", "team-a", timeout_s=300, poll_s=30, log=lambda _: None, clock=clock, sleep=clock.sleep)
+
+
+def _operator(api: FakeKubernetes, timeout: int):
+    from gemma_pipeline.operators import StageJobOperator
+
+    op = StageJobOperator(task_id="finetune", stage="finetune", profile_name="tpu-v5e-8", image="img:1", queue_timeout_s=str(timeout),
+                          project_id="p", location="l", cluster_name="c", namespace="team-a", wait_until_job_complete=True,
+                          parallelism=1)
+    op.__dict__["hook"] = SimpleNamespace(batch_v1_client=api, custom_object_client=api, core_v1_client=api)
+    op.__dict__["client"] = api
+    op.job = SimpleNamespace(metadata=SimpleNamespace(name="gemma-finetune-x", namespace="team-a"))
+    op._build_find_pod_label_selector = lambda context, exclude_checked=True: "job-name=gemma-finetune-x"
+    op.log_matching_pod = lambda pod, context: None
+    return op
+
+
+def test_operator_waits_for_admission_instead_of_failing(monkeypatch):
+    from gemma_pipeline import kueue_wait
+
+    clock = FakeClock()
+    api = FakeKubernetes(clock, admit_at=120)
+    monkeypatch.setattr(kueue_wait.time, "monotonic", clock)
+    monkeypatch.setattr(kueue_wait.time, "sleep", clock.sleep)
+    pods = _operator(api, timeout=3600).get_pods(pod_request_obj=None, context={})
+    assert [p.metadata.name for p in pods] == ["pod-1"] and not api.deleted
+
+
+def test_operator_queue_timeout_fails_without_retry_and_deletes_the_job(monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from gemma_pipeline import kueue_wait
+
+    clock = FakeClock()
+    api = FakeKubernetes(clock, admit_at=None)
+    monkeypatch.setattr(kueue_wait.time, "monotonic", clock)
+    monkeypatch.setattr(kueue_wait.time, "sleep", clock.sleep)
+    with pytest.raises(AirflowFailException, match="insufficient quota"):
+        _operator(api, timeout=60).get_pods(pod_request_obj=None, context={})
+    assert api.deleted == ["gemma-finetune-x"]
+
+
+@pytest.mark.parametrize("reason,retriable", [("PodFailurePolicy", False), ("BackoffLimitExceeded", True), ("DeadlineExceeded", True)])
+def test_failure_classes(reason, retriable):
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    from gemma_pipeline.operators import non_retriable_failures
+
+    with pytest.raises(AirflowException) as caught:
+        with non_retriable_failures():
+            raise AirflowException(f"Job failed with error: {reason}")
+    assert isinstance(caught.value, AirflowFailException) is (not retriable)
