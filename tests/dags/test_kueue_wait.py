@@ -6,7 +6,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
 from gemma_pipeline.kueue_wait import QueueTimeout, wait_for_admission
 
 PENDING = [{"type": "QuotaReserved", "status": "False", "reason": "Pending",
@@ -95,7 +94,6 @@ def test_operator_waits_for_admission_instead_of_failing(monkeypatch):
 
 def test_operator_queue_timeout_fails_without_retry_and_deletes_the_job(monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException
-
     from gemma_pipeline import kueue_wait
 
     clock = FakeClock()
@@ -110,7 +108,6 @@ def test_operator_queue_timeout_fails_without_retry_and_deletes_the_job(monkeypa
 @pytest.mark.parametrize("reason,retriable", [("PodFailurePolicy", False), ("BackoffLimitExceeded", True), ("DeadlineExceeded", True)])
 def test_failure_classes(reason, retriable):
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
-
     from gemma_pipeline.operators import non_retriable_failures
 
     with pytest.raises(AirflowException) as caught:
