@@ -87,7 +87,7 @@ def main(
 ) -> int:
     """Parse `argv` into `config_cls`, call `run(config, workdir)` and map the outcome to an exit code."""
     configure_logging()
-    log = logging.getLogger(config_cls.__module__)
+    log = logging.getLogger(config_cls.__module__.rsplit(".", 1)[0])  # e.g. jobs.preprocessing
     args = parser_for(config_cls, description, help_text).parse_args(argv)
     try:
         config = config_from_args(config_cls, args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -232,10 +233,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         "model_class": type(model).__name__,
     }
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": history, "evals": evals}, indent=2))
-    checkpoint_files = [p for p in (out / checkpoint.CHECKPOINTS).rglob("*")] if (out / checkpoint.CHECKPOINTS).exists() else []
-    if storage.is_gcs(config.output) and checkpoint_files:
-        import shutil
-
-        shutil.rmtree(out / checkpoint.CHECKPOINTS)  # already uploaded as they were made
+    if storage.is_gcs(config.output):
+        shutil.rmtree(out / checkpoint.CHECKPOINTS, ignore_errors=True)  # uploaded as they were made
     progress.update(total_steps, steps_run, force=True, loss=metrics["final_train_loss"] or 0.0, done=True)
     return stage.finish(out, metrics)

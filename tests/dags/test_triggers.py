@@ -1,0 +1,39 @@
+"""Live progress: the deferred trigger logs the stage's `_progress.json` while the Job runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gemma_pipeline import triggers
+
+
+def _trigger(**extra):
+    return triggers.ProgressGKEJobTrigger(
+        cluster_url="https://1.2.3.4", ssl_ca_cert="cert", job_name="job", job_namespace="team-a", pod_names=["pod"],
+        pod_namespace="team-a", base_container_name="stage", progress_uri="gs://b/runs/r/finetune/_progress.json",
+        progress_interval=0.01, **extra)
+
+
+def test_serializes_with_its_own_classpath_and_progress_uri():
+    classpath, kwargs = _trigger().serialize()
+    assert classpath == "gemma_pipeline.triggers.ProgressGKEJobTrigger"
+    assert kwargs["progress_uri"] == "gs://b/runs/r/finetune/_progress.json" and kwargs["job_name"] == "job"
+    rebuilt = triggers.ProgressGKEJobTrigger(**kwargs)
+    assert rebuilt.serialize() == (classpath, kwargs)
+
+
+def test_logs_each_new_progress_line(monkeypatch, capsys):
+    records = iter([None, {"stage": "finetune", "line": "step 1/20 loss=5.9 eta=0:05:00"},
+                    {"stage": "finetune", "line": "step 1/20 loss=5.9 eta=0:05:00"},
+                    {"stage": "finetune", "line": "step 2/20 loss=5.1 eta=0:04:40"}])
+    monkeypatch.setattr(triggers, "read_progress", lambda uri: next(records, None))
+
+    async def run_briefly():
+        task = asyncio.create_task(_trigger()._report_progress())
+        await asyncio.sleep(0.2)
+        task.cancel()
+
+    asyncio.run(run_briefly())
+    out = capsys.readouterr().out  # Airflow's structlog writes task and trigger logs to stdout
+    assert out.count("finetune progress: step 1/20 loss=5.9 eta=0:05:00") == 1
+    assert out.count("finetune progress: step 2/20 loss=5.1 eta=0:04:40") == 1
