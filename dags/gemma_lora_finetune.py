@@ -55,6 +55,8 @@ params = {
     "convert_profile": Param("cpu", enum=PROFILE_NAMES),
     "queue": Param(f"{NAMESPACE}-queue", type="string", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                    description="Kueue LocalQueue in the namespace"),
+    "priority_class": Param("development", enum=["production", "development"],
+                            description="Kueue WorkloadPriorityClass: production work may preempt development work"),
     "queue_timeout_minutes": Param(240, type="integer", minimum=1, maximum=10080,
                                    description="fail a stage whose Job Kueue has not admitted within this time"),
 }
@@ -88,7 +90,8 @@ def stage_task(stage: str) -> StageJobOperator:
         name=f"gemma-{stage}",
         image=IMAGES[stage],
         arguments=jobspec.stage_args(stage, PARAM_TEMPLATES, PREFIXES),
-        labels={**jobspec.job_labels(stage, "{{ params.queue }}"), "gemma-lora-pipeline/run": "{{ safe_run_id(run_id) }}"},
+        labels={**jobspec.job_labels(stage, "{{ params.queue }}", "{{ params.priority_class }}"),
+                "gemma-lora-pipeline/run": "{{ safe_run_id(run_id) }}"},
         profile_name="{{ params." + stage + "_profile }}",
         progress_uri=f"{PREFIXES[stage]}/_progress.json",
     )

@@ -58,6 +58,7 @@ def test_job_each_task_would_submit(dag, stage):
     task = dag.get_task(stage)
     job = _render(task, dag, {"finetune_profile": "tpu-v5e-8", "queue": "team-a-queue", "bucket": "bkt"})
     assert job.metadata.labels[jobspec.QUEUE_LABEL] == "team-a-queue"
+    assert job.metadata.labels[jobspec.PRIORITY_LABEL] == "development"
     assert job.spec.suspend is True and job.spec.parallelism == 1
     assert job.spec.backoff_limit == 3 and job.spec.ttl_seconds_after_finished == 7 * 24 * 3600
     rules = job.spec.pod_failure_policy.rules
@@ -94,7 +95,7 @@ def test_job_matches_the_validated_schema(dag):
 
 @pytest.mark.parametrize("name,value", [("lora_rank", 0), ("lora_rank", -3), ("finetune_profile", "tpu-v9-64"),
                                         ("require_improvement", 1.5), ("queue", "Not_A_Queue"), ("bucket", "x"),
-                                        ("learning_rate", 0), ("chat_format", "llama")])
+                                        ("learning_rate", 0), ("chat_format", "llama"), ("priority_class", "urgent")])
 def test_params_reject_bad_values(dag, name, value):
     from airflow.sdk import Param
     from airflow.sdk.exceptions import ParamValidationError
