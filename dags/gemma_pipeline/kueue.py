@@ -4,12 +4,10 @@ renders the kustomize base and overlays that are checked in (a test fails when t
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from gemma_pipeline import profiles
+from gemma_pipeline import generated, profiles
 
 API = "kueue.x-k8s.io/v1beta2"
 COHORT = "ml-platform"
@@ -132,20 +130,7 @@ def render() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    parser.add_argument("command", choices=("write", "check"))
-    parser.add_argument("directory", type=Path)
-    args = parser.parse_args(argv)
-    expected = render()
-    if args.command == "write":
-        for name, text in expected.items():
-            (args.directory / name).parent.mkdir(parents=True, exist_ok=True)
-            (args.directory / name).write_text(text)
-        return 0
-    stale = [n for n, t in expected.items() if not (args.directory / n).exists() or (args.directory / n).read_text() != t]
-    if stale:
-        print(f"stale Kueue manifests: {', '.join(stale)}; run: python -m gemma_pipeline.kueue write {args.directory}")
-    return 1 if stale else 0
+    return generated.main(render, "gemma_pipeline.kueue", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from gemma_pipeline import jobspec, profiles
+from gemma_pipeline import generated, jobspec, profiles
 
 # Values a kubectl user edits before applying (the DAG fills them from its config and params instead).
 MANUAL = {
@@ -43,21 +41,7 @@ def render_all() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    parser.add_argument("command", choices=("write", "check"))
-    parser.add_argument("directory", type=Path)
-    args = parser.parse_args(argv)
-    expected = render_all()
-    if args.command == "write":
-        args.directory.mkdir(parents=True, exist_ok=True)
-        for name, text in expected.items():
-            (args.directory / name).write_text(text)
-        return 0
-    stale = [name for name, text in expected.items() if not (args.directory / name).exists() or (args.directory / name).read_text() != text]
-    if stale:
-        print(f"stale manifests in {args.directory}: {', '.join(stale)}; run: python -m gemma_pipeline.manifests write {args.directory}")
-        return 1
-    return 0
+    return generated.main(render_all, "gemma_pipeline.manifests", __doc__, argv)
 
 
 if __name__ == "__main__":
