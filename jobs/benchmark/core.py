@@ -19,7 +19,7 @@ from jobs.benchmark.config import BenchmarkConfig  # noqa: E402
 from jobs.common import lm, models, storage  # noqa: E402
 from jobs.common.cli import local_output_dir  # noqa: E402
 from jobs.common.errors import BadInputError, QualityGateError  # noqa: E402
-from jobs.common.manifest import StageRun, read_manifest, upstream_ref  # noqa: E402
+from jobs.common.manifest import StageRun, upstream_ref  # noqa: E402
 from jobs.finetuning import data as data_lib  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     base_handle = models.resolve(config.base_model, workdir)
     inputs.append(models.model_ref(config.base_model, base_handle))
     stage = StageRun("benchmark", config.output, asdict(config), inputs)
-    if stage.already_done():
-        return read_manifest(config.output) or {}
+    if (done := stage.already_done()) is not None:
+        return done
     stage.invalidate()
     out = local_output_dir(config.output, workdir)
 

@@ -28,6 +28,7 @@ class NllScorer:
         self.state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
         self._fn = jax.jit(lambda t, n, x, y: token_nll(model, t, n, x, y)[0])
         self.tokens, self.seconds = 0, 0.0
+        self._compiled = False  # the first call compiles; throughput counts the calls after it
 
     def __call__(self, x: np.ndarray, lengths: np.ndarray, y: np.ndarray) -> np.ndarray:
         mask = (np.arange(x.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
@@ -39,8 +40,6 @@ class NllScorer:
             self.seconds += elapsed
         self._compiled = True
         return nll
-
-    _compiled = False
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -96,24 +96,18 @@ class StageRun:
     inputs: list[dict[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
-    def already_done(self) -> bool:
+    def already_done(self) -> dict[str, Any] | None:
+        """The existing manifest when it was made by this stage with the same config and inputs, else None."""
         try:
             existing = read_manifest(self.output)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return False
-        if not existing:
-            return False
-        same = (
-            existing.get("stage") == self.stage
-            and existing.get("config_sha256") == digest_json(self.config)
-            and existing.get("inputs") == self.inputs
-        )
-        if same:
-            log.info(
-                "SKIPPED: %s already has a manifest for the same config and inputs (%s); nothing to do",
-                self.output, storage.join(self.output, MANIFEST),
-            )
-        return same
+            return None
+        if not existing or existing.get("stage") != self.stage or existing.get("config_sha256") != digest_json(self.config) \
+                or existing.get("inputs") != self.inputs:
+            return None
+        log.info("SKIPPED: %s already has a manifest for the same config and inputs (%s); nothing to do",
+                 self.output, storage.join(self.output, MANIFEST))
+        return existing
 
     def invalidate(self) -> None:
         """Drop an old manifest first, so a half-rewritten prefix never looks complete."""

@@ -115,8 +115,8 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     if config.adapter:
         inputs.append({"uri": config.adapter})
     stage = StageRun("convert", config.output, asdict(config), inputs)
-    if stage.already_done():
-        return read_manifest(config.output) or {}
+    if (done := stage.already_done()) is not None:
+        return done
     stage.invalidate()
     started = time.time()
     reference, merged = load_keras_models(config, workdir)

@@ -17,7 +17,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 from jobs.common import models, storage  # noqa: E402
 from jobs.common.cli import local_output_dir  # noqa: E402
 from jobs.common.errors import BadInputError, PreemptedError  # noqa: E402
-from jobs.common.manifest import StageRun, digest_json, read_manifest, upstream_ref  # noqa: E402
+from jobs.common.manifest import StageRun, digest_json, upstream_ref  # noqa: E402
 from jobs.common.progress import Progress  # noqa: E402
 from jobs.finetuning import checkpoint  # noqa: E402
 from jobs.finetuning import data as data_lib  # noqa: E402
@@ -119,8 +119,8 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     data_ref = upstream_ref(config.data, "--data")
     model_handle = models.resolve(config.base_model, workdir)
     stage = StageRun("finetune", config.output, asdict(config), [data_ref, models.model_ref(config.base_model, model_handle)])
-    if stage.already_done():
-        return read_manifest(config.output) or {}
+    if (done := stage.already_done()) is not None:
+        return done
     stage.invalidate()
     out = local_output_dir(config.output, workdir)
 

@@ -16,7 +16,7 @@ from typing import Any
 from jobs.common import models, storage
 from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError
-from jobs.common.manifest import StageRun, read_manifest, source_ref
+from jobs.common.manifest import StageRun, source_ref
 from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.demo import DEMO_URI
 from jobs.preprocessing.sources import Record, detect_format, read_records
@@ -78,8 +78,8 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         input_ref = source_ref(config.input, local_input)
     model_handle = models.resolve(config.base_model, workdir)
     stage = StageRun("preprocess", config.output, asdict(config), [input_ref, models.model_ref(config.base_model, model_handle)])
-    if stage.already_done():
-        return read_manifest(config.output) or {}
+    if (done := stage.already_done()) is not None:
+        return done
     stage.invalidate()
     out = local_output_dir(config.output, workdir)
 

@@ -128,7 +128,7 @@ def test_non_utf8_csv_reports_offset(tmp_path, tiny_gemma3):
 
 def test_no_rows_left_reports_reasons(tmp_path, tiny_gemma3):
     source = _jsonl(tmp_path / "d.jsonl", [{"instruction": "long " * 300, "response": "x"}, {"instruction": "", "response": "y"}])
-    with pytest.raises(BadInputError, match="'too_long': 1.*|'empty': 1"):
+    with pytest.raises(BadInputError, match="dropped per reason: .*'empty': 1.*'too_long': 1"):
         run(_config(tmp_path, tiny_gemma3, source, max_tokens=64), tmp_path / "w")
 
 
