@@ -1,4 +1,5 @@
-"""Gemma LoRA fine-tuning on GKE: preprocess -> finetune -> benchmark -> convert, each a Kueue-queued Job."""
+"""Gemma LoRA fine-tuning on GKE: preprocess -> finetune -> benchmark -> convert, each a Kueue-queued Job,
+then a run report. With GEMMA_PIPELINE_BACKEND=local the same Jobs run as local processes (no cloud)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param, chain
 from gemma_pipeline import jobspec, profiles
 from gemma_pipeline.operators import StageJobOperator
+from gemma_pipeline.report import RunReportOperator
 
 # Deployment settings: set these as Composer environment variables.
 PROJECT_ID = os.environ.get("GEMMA_PIPELINE_PROJECT", "my-project")
@@ -17,9 +19,10 @@ NAMESPACE = os.environ.get("GEMMA_PIPELINE_NAMESPACE", "team-a")
 SERVICE_ACCOUNT = os.environ.get("GEMMA_PIPELINE_KSA", "gemma-pipeline")  # bound to a GCP SA via Workload Identity
 REGISTRY = os.environ.get("GEMMA_PIPELINE_REGISTRY", "us-central1-docker.pkg.dev/my-project/gemma-lora")
 IMAGE_TAG = os.environ.get("GEMMA_PIPELINE_IMAGE_TAG", "0.1.0")  # a release tag or a commit SHA, never latest
-IMAGES = {stage: f"{REGISTRY}/{stage}:{IMAGE_TAG}" for stage in jobspec.STAGES}
+IMAGES = jobspec.images(REGISTRY, IMAGE_TAG)  # what docker/cloudbuild.yaml pushes
 
-PREFIX = "gs://{{ params.bucket }}/runs/{{ safe_run_id(run_id) }}"
+RUN_KEY = "{{ run_key(params.run_name, run_id) }}"
+PREFIX = "gs://{{ params.bucket }}/runs/" + RUN_KEY
 PREFIXES = {stage: f"{PREFIX}/{stage}" for stage in jobspec.STAGES}
 PARAM_TEMPLATES = {name: "{{ params." + name + " }}" for name in jobspec.DEFAULT_PARAMS}
 PROFILE_NAMES = sorted(profiles.PROFILES)
@@ -28,6 +31,9 @@ D = jobspec.DEFAULT_PARAMS
 params = {
     "bucket": Param("my-gemma-bucket", type="string", pattern=r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$",
                     description="Cloud Storage bucket for every stage's artifacts"),
+    "run_name": Param("", type="string", pattern=r"^([a-z0-9][a-z0-9-]{0,61}[a-z0-9])?$",
+                      description="artifacts go to gs://BUCKET/runs/RUN_NAME/ (empty: the Airflow run id); "
+                                  "reusing a name resumes that run, skipping the stages already finished"),
     "dataset": Param(D["dataset"], type="string", minLength=1,
                      description="gs://, hf://datasets/ID or demo:stdlib-docs (.jsonl, .json, .csv, .parquet)"),
     "instruction_field": Param(D["instruction_field"], type="string"),
@@ -89,9 +95,11 @@ def stage_task(stage: str) -> StageJobOperator:
         stage=stage,
         name=f"gemma-{stage}",
         image=IMAGES[stage],
+        gpu_image=IMAGES.get(f"{stage}-gpu", ""),
+        cmds=jobspec.COMMANDS[stage],
         arguments=jobspec.stage_args(stage, PARAM_TEMPLATES, PREFIXES),
         labels={**jobspec.job_labels(stage, "{{ params.queue }}", "{{ params.priority_class }}"),
-                "gemma-lora-pipeline/run": "{{ safe_run_id(run_id) }}"},
+                "gemma-lora-pipeline/run": RUN_KEY},
         profile_name="{{ params." + stage + "_profile }}",
         progress_uri=f"{PREFIXES[stage]}/_progress.json",
     )
@@ -100,8 +108,8 @@ def stage_task(stage: str) -> StageJobOperator:
 with DAG(
     dag_id="gemma_lora_finetune",
     description=__doc__,
-    doc_md=__doc__ + "\n\nEach stage writes under `gs://BUCKET/runs/<run id>/<stage>/`; a retry lands in the same "
-    "place and a finished stage is skipped. A Job waits in Kueue up to `queue_timeout_minutes`; if it never "
+    doc_md=__doc__ + "\n\nEach stage writes under `gs://BUCKET/runs/<run name or run id>/<stage>/`; a retry, or a new "
+    "run with the same `run_name`, lands in the same place and a finished stage is skipped. A Job waits in Kueue up to `queue_timeout_minutes`; if it never "
     "starts, run `python -m gemma_pipeline.preflight` for the stage's profile and queue.",
     start_date=datetime(2026, 1, 1),
     schedule=None,
@@ -110,11 +118,12 @@ with DAG(
     tags=["gemma", "lora", "gke", "kueue"],
     params=params,
     default_args=default_args,
-    user_defined_macros={"safe_run_id": jobspec.safe_run_id},
+    user_defined_macros={"run_key": jobspec.run_key},
     render_template_as_native_obj=False,
 ) as dag:
     preprocess = stage_task("preprocess")
     finetune = stage_task("finetune")
     benchmark = stage_task("benchmark")
     convert = stage_task("convert")
-    chain(preprocess, finetune, benchmark, convert)
+    report = RunReportOperator(task_id="report", run_prefix=PREFIX, trigger_rule="all_done")
+    chain(preprocess, finetune, benchmark, convert, report)

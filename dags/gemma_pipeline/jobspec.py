@@ -15,11 +15,18 @@ from gemma_pipeline.profiles import Profile
 
 STAGES = ("preprocess", "finetune", "benchmark", "convert")
 MODULES = {"preprocess": "jobs.preprocessing", "finetune": "jobs.finetuning", "benchmark": "jobs.benchmark", "convert": "jobs.convert"}
+# Stages that also have a GPU image (docker/<stage>.Dockerfile built with ACCELERATOR=gpu), used on GPU profiles.
+GPU_IMAGE_STAGES = ("finetune", "benchmark")
+IMAGE_NAMES = (*STAGES, *(f"{stage}-gpu" for stage in GPU_IMAGE_STAGES))
+# The Job names its command, so the spec alone says what runs (the local backend runs exactly this).
+COMMANDS = {stage: ["python", "-m", module] for stage, module in MODULES.items()}
 NON_RETRIABLE_EXIT_CODES = (2, 3, 4)
 CONTAINER = "stage"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# The root filesystem is read-only: every cache and scratch path points into the /tmp emptyDir.
-SCRATCH_ENV = {
+# The root filesystem is read-only: every cache and scratch path points into the /tmp emptyDir. Unbuffered
+# output so the pod log (and the local backend's task log) shows progress as it happens.
+STAGE_ENV = {
+    "PYTHONUNBUFFERED": "1",
     "HOME": "/tmp",
     "XDG_CACHE_HOME": "/tmp/.cache",
     "KERAS_HOME": "/tmp/.keras",
@@ -28,6 +35,17 @@ SCRATCH_ENV = {
     "STAGE_WORKDIR": "/tmp",
 }
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# Tokens for gated models (hf://, Kaggle presets) come only from this Kubernetes Secret, never from params or
+# literals; optional, so a missing Secret or key leaves the variable unset instead of blocking the pod.
+TOKEN_SECRET_NAME = "gemma-pipeline-tokens"
+SECRET_ENV = {"HF_TOKEN": "hf-token", "KAGGLE_USERNAME": "kaggle-username", "KAGGLE_KEY": "kaggle-key"}
+
+
+def env_list(extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    literal = [{"name": k, "value": v} for k, v in sorted({**STAGE_ENV, **(extra or {})}.items())]
+    secret = [{"name": name, "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET_NAME, "key": key, "optional": True}}}
+              for name, key in SECRET_ENV.items()]
+    return literal + secret
 
 
 @dataclass(frozen=True)
@@ -43,10 +61,23 @@ class JobSettings:
     active_deadline_seconds: int = 0
 
 
+def images(registry: str, tag: str) -> dict[str, str]:
+    """Every image docker/cloudbuild.yaml pushes, by name."""
+    if not tag or tag == "latest":
+        raise ValueError(f"image tag: got {tag!r}; expected a release tag or a commit SHA (never latest)")
+    return {name: f"{registry}/{name}:{tag}" for name in IMAGE_NAMES}
+
+
 def safe_run_id(run_id: str) -> str:
     """A run id usable in object names and Kubernetes labels: [a-z0-9-], at most 63 characters."""
     cleaned = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
     return cleaned[:63].rstrip("-") or "run"
+
+
+def run_key(run_name: str, run_id: str) -> str:
+    """The run's folder: the `run_name` param when given (a new DAG run with the same name resumes that run,
+    skipping finished stages), else the Airflow run id."""
+    return safe_run_id(run_name or run_id)
 
 
 def stage_prefix(bucket: str, run_id: str, stage: str) -> str:
@@ -86,8 +117,9 @@ def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, 
     container = {
         "name": CONTAINER,
         "image": settings.image,
+        "command": list(COMMANDS[stage]),
         "args": list(args),
-        "env": [{"name": k, "value": v} for k, v in sorted({**SCRATCH_ENV, **(env or {})}.items())],
+        "env": env_list(env),
         "resources": resources(profile),
         "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": [dict(v) for v in VOLUME_MOUNTS],
@@ -130,14 +162,14 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "template": "",
     "chat_format": "gemma",
     "base_model": "demo:gemma3-270m",
-    "max_tokens": 256,
+    "max_tokens": 128,
     "eval_fraction": 0.1,
     "lora_rank": 4,
     "learning_rate": 2e-4,
     "max_steps": 20,
     "epochs": 1,
     "batch_size": 4,
-    "sequence_length": 256,
+    "sequence_length": 128,
     "seed": 0,
     "require_improvement": 0.0,
     "export_dtype": "float32",

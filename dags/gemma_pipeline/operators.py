@@ -5,20 +5,28 @@
 - it waits for Kueue to admit the suspended Job before looking for pods (with a queue timeout that reports
   the Workload's conditions), instead of failing with "No pods running with labels";
 - a Job failed by its podFailurePolicy (exit code 2, 3 or 4: bad input, quality gate, broken export) fails
-  the task without retries; other failures keep Airflow's retries.
+  the task without retries; other failures keep Airflow's retries;
+- with the `local` backend (`gemma_pipeline.local`) the same Job runs as a local subprocess.
+
+Either way the task pushes `usage` to XCom (backend, profile, seconds the stage held its hardware) for the run
+report's cost table.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
+import time
+from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartJobOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
-from gemma_pipeline import jobspec, profiles
+from gemma_pipeline import jobspec, local, profiles
 from gemma_pipeline.kueue_wait import QueueTimeout, wait_for_admission, wait_for_pods
 
 NON_RETRIABLE_REASON = "PodFailurePolicy"
@@ -45,25 +53,28 @@ class StageJobOperator(GKEStartJobOperator):
     template_fields = (*GKEStartJobOperator.template_fields, "queue_timeout_s", "progress_uri", "profile_name")
 
     def __init__(self, *, stage: str, profile_name: str, queue_timeout_s: str | int = 3600, progress_uri: str = "",
-                 **kwargs: Any) -> None:
+                 gpu_image: str = "", **kwargs: Any) -> None:
         # The pipeline's pod policy, shared with k8s/jobs: non-root, read-only root filesystem, /tmp scratch.
         kwargs.setdefault("base_container_name", jobspec.CONTAINER)
         kwargs.setdefault("security_context", _k8s("V1PodSecurityContext", jobspec.POD_SECURITY))
         kwargs.setdefault("container_security_context", _k8s("V1SecurityContext", jobspec.CONTAINER_SECURITY))
         kwargs.setdefault("volumes", [_k8s("V1Volume", v) for v in jobspec.VOLUMES])
         kwargs.setdefault("volume_mounts", [_k8s("V1VolumeMount", v) for v in jobspec.VOLUME_MOUNTS])
-        kwargs.setdefault("env_vars", dict(jobspec.SCRATCH_ENV))
+        kwargs.setdefault("env_vars", [_k8s("V1EnvVar", e) for e in jobspec.env_list()])
         super().__init__(**kwargs)
         self.stage = stage
         self.profile_name = profile_name
         self.queue_timeout_s = queue_timeout_s
         self.progress_uri = progress_uri
+        self.gpu_image = gpu_image
 
     def build_job_request_obj(self, context: Any = None) -> k8s.V1Job:
         profile = profiles.get(str(self.profile_name))
         self.node_selector = dict(profile.node_selector)
         self.tolerations = [k8s.V1Toleration(**t) for t in profile.tolerations]
         self.container_resources = k8s.V1ResourceRequirements(**jobspec.resources(profile))
+        if profile.accelerator_resource == "nvidia.com/gpu" and self.gpu_image:
+            self.image = self.gpu_image  # JAX's CUDA build; the default image carries jax[tpu]
         if self.stage == "finetune" and "--distribution" not in self.arguments:
             self.arguments = [*self.arguments, *profile.distribution_args]
         job = super().build_job_request_obj(context)
@@ -104,14 +115,58 @@ class StageJobOperator(GKEStartJobOperator):
         )
 
     def execute(self, context: Any) -> Any:
+        if local.backend() == "local":
+            return self.execute_local(context)
         with non_retriable_failures():
-            return super().execute(context)
+            result = super().execute(context)
+        self._push_usage(context, job_seconds(self.job.to_dict()))  # not deferred: the Job has finished
+        return result
 
     def execute_complete(self, context: Any, event: dict, **kwargs: Any) -> Any:
         if event.get("status") == "error" and self.get_logs:
             self._show_failed_pod_logs(event)  # the provider raises before fetching logs; the reason is in them
         with non_retriable_failures():
-            return super().execute_complete(context, event, **kwargs)
+            result = super().execute_complete(context, event, **kwargs)
+        self._push_usage(context, job_seconds(event.get("job") or {}))
+        return result
+
+    def _push_usage(self, context: Any, seconds: float | None, backend: str = "gke") -> None:
+        context["ti"].xcom_push(key="usage", value={"backend": backend, "profile": str(self.profile_name),
+                                                    "seconds": seconds})
+
+    def execute_local(self, context: Any) -> None:
+        """Run the Job this task would submit as a local subprocess (see `gemma_pipeline.local`)."""
+        # Building the Job asks the Kubernetes hook only whether Airflow runs inside a cluster; it does not.
+        self.__dict__["hook"] = SimpleNamespace(is_in_cluster=False)
+        job = self.build_job_request_obj(context)
+        container = local.container_of(job)
+        root = local.local_root()
+        ti = context["ti"]
+        with local.Emulator(root) as emulator:
+            for bucket in sorted(set(re.findall(r"gs://([^/\s]+)", " ".join(container.get("args", []))))):
+                emulator.ensure_bucket(bucket)
+            with local.scratch_dir(root, job.metadata.name, f"try-{ti.try_number}") as scratch:
+                command, env = local.process_spec(container, scratch)
+                self.log.info("local backend: running Job %s as %s (emulator %s, scratch %s)",
+                              job.metadata.name, " ".join(command[:3]), emulator.url, scratch)
+                started = time.monotonic()
+                code = local.run_process(command, env, scratch, lambda line: self.log.info("%s", line),
+                                         started=lambda process: setattr(self, "_local_process", process))
+                seconds = round(time.monotonic() - started, 1)
+        if code != 0:
+            message = f"stage {self.stage} exited with code {code} after {seconds} s (local backend)"
+            if code in jobspec.NON_RETRIABLE_EXIT_CODES:
+                raise AirflowFailException(f"{message}: non-retriable (2 bad input, 3 quality gate, 4 export mismatch)")
+            raise AirflowException(f"{message}: retriable")
+        self._push_usage(context, seconds, backend="local")
+        self.log.info("stage %s finished in %s s", self.stage, seconds)
+
+    def on_kill(self) -> None:
+        process = getattr(self, "_local_process", None)
+        if process is not None:
+            local.terminate(process)  # SIGTERM first: the fine-tune checkpoints, as on preemption
+            return
+        super().on_kill()
 
     def _show_failed_pod_logs(self, event: dict) -> None:
         namespace = event.get("pod_namespace") or event.get("namespace")
@@ -120,6 +175,22 @@ class StageJobOperator(GKEStartJobOperator):
                 self._write_logs(self.hook.get_pod(name, namespace))
             except Exception as err:  # logs are a courtesy; the failure below is what matters
                 self.log.warning("could not fetch logs of pod %s: %s", name, err)
+
+
+def job_seconds(job: dict[str, Any]) -> float | None:
+    """How long a finished Job held its hardware: from admission (startTime is set when Kueue unsuspends
+    it) to completion, over all of its pod attempts."""
+    status = job.get("status") or {}
+    start = status.get("start_time") or status.get("startTime")
+    end = status.get("completion_time") or status.get("completionTime")
+    if not end:
+        for condition in status.get("conditions") or []:
+            if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
+                end = condition.get("last_transition_time") or condition.get("lastTransitionTime")
+    if not start or not end:
+        return None
+    start, end = (t if isinstance(t, datetime) else datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in (start, end))
+    return round((end.astimezone(UTC) - start.astimezone(UTC)).total_seconds(), 1)
 
 
 class non_retriable_failures:

@@ -42,10 +42,14 @@ def text_windows(config: BenchmarkConfig, docs: list[str], tokenizer) -> ppl.Win
 
 
 def score(scorer: lm.NllScorer, windows: ppl.Windows, batch_size: int) -> np.ndarray:
+    """NLL of every target; windows are batched by length and padded only to their length bucket (padding is
+    masked, so a token's NLL does not depend on it)."""
     nll = np.zeros(windows.weights.shape, np.float32)
-    for rows, valid in lm.batches(len(windows.x), batch_size):
-        out = scorer(windows.x[rows], windows.lengths[rows], windows.y[rows])
-        nll[rows[valid]] = out[valid]
+    limit = windows.x.shape[1]
+    for rows, valid in lm.batches(len(windows.x), batch_size, windows.lengths):
+        width = lm.bucket_width(int(windows.lengths[rows].max()), limit)
+        out = scorer(windows.x[rows, :width], windows.lengths[rows], windows.y[rows, :width])
+        nll[rows[valid], :width] = out[valid]
     return nll
 
 

@@ -46,8 +46,22 @@ class NllScorer:
         return self.tokens / self.seconds if self.seconds else None
 
 
-def batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Row indices in fixed-size batches; the last is padded by repeating row 0 (callers zero its weight)."""
+MIN_BUCKET = 32
+
+
+def bucket_width(longest: int, limit: int) -> int:
+    """Padded width for a batch whose longest row is `longest`: the next power of two (at least MIN_BUCKET,
+    at most `limit`), so rows pay only for their own bucket and the compiled function sees few shapes."""
+    width = MIN_BUCKET
+    while width < longest:
+        width *= 2
+    return min(width, limit)
+
+
+def batches(n: int, batch_size: int, lengths: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Row indices in fixed-size batches (in length order when `lengths` is given, so similar lengths share a
+    batch) and which of them are real: a short last batch repeats rows, which callers must ignore."""
+    order = np.arange(n) if lengths is None else np.argsort(lengths, kind="stable")
     for start in range(0, n, batch_size):
-        rows = np.arange(start, start + batch_size)
-        yield np.where(rows < n, rows, 0), rows < n
+        chunk = order[start : start + batch_size]
+        yield np.resize(chunk, batch_size), np.arange(batch_size) < len(chunk)

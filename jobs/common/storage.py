@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 from pathlib import Path, PurePosixPath
 
@@ -26,12 +27,15 @@ def is_gcs(uri: str) -> bool:
     return uri.startswith("gs://")
 
 
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+
+
 def split_gcs(uri: str) -> tuple[str, str]:
     """`gs://bucket/a/b` -> (`bucket`, `a/b`); rejects empty buckets and `..` segments."""
     rest = uri[len("gs://") :]
     bucket, _, path = rest.partition("/")
-    if not bucket or any(part == ".." for part in path.split("/")):
-        raise BadInputError("uri", uri, "gs://BUCKET/PATH with no '..' segments")
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket or any(part == ".." for part in path.split("/")):
+        raise BadInputError("uri", uri, "gs://BUCKET/PATH with a valid bucket name and no '..' segments")
     return bucket, path
 
 

@@ -10,12 +10,14 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jobs.common import storage
+from jobs.common.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,16 @@ def latest(output: str, workdir: Path) -> tuple[dict[str, Any], dict[str, np.nda
         return None
     uri = storage.join(output, CHECKPOINTS, f"step-{steps[-1]:08d}")
     local = storage.stage_in(uri, workdir / "resume")
-    meta = json.loads((local / "meta.json").read_text())
-    with np.load(local / "state.npz") as data:
-        arrays = {k: data[k] for k in data.files}
+    try:
+        meta = json.loads((local / "meta.json").read_text())
+        with np.load(local / "state.npz") as data:
+            arrays = {k: data[k] for k in data.files}
+        if not isinstance(meta.get("step"), int):
+            raise ValueError("meta.json has no integer step")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        # Marked complete yet unreadable: a retry would hit it again, so this is not worth retrying.
+        raise BadInputError("--output", uri, "a readable checkpoint (or rerun with --no-resume, or delete that "
+                            "checkpoint folder)", f"{type(err).__name__}: {err}") from err
     return meta, arrays
 
 

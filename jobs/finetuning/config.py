@@ -34,6 +34,7 @@ HELP = {
     "eval_batches": "cap on eval batches per evaluation (0: the whole split)",
     "log_every": "log a progress line every N steps",
     "resume": "continue from the latest complete checkpoint under the output prefix",
+    "bucket_by_length": "batch rows of similar length and pad each batch to its length bucket (false: pad all to --sequence-length)",
 }
 
 
@@ -62,6 +63,7 @@ class FinetuneConfig:
     eval_batches: int = 0
     log_every: int = 1
     resume: bool = True
+    bucket_by_length: bool = True
 
     def __post_init__(self) -> None:
         positive = {"--lora-rank": self.lora_rank, "--batch-size": self.batch_size, "--log-every": self.log_every,

@@ -58,8 +58,13 @@ def _load_splits(config: FinetuneConfig, workdir: Path, tokenizer):
     if train.truncated:
         log.warning("%d of %d training rows exceed --sequence-length %d and were truncated",
                     train.truncated, len(train_rows), config.sequence_length)
-    if not train.loss_mask.any():
-        raise BadInputError("--sequence-length", config.sequence_length, "a length that leaves room for response tokens after the prompts")
+    starved = int((train.loss_mask.sum(axis=1) == 0).sum())
+    if starved:
+        # Such rows would train on nothing; on real data this means the window is shorter than the prompts.
+        raise BadInputError("--sequence-length", config.sequence_length,
+                            "a length that leaves room for response tokens after every prompt (at least the "
+                            "preprocessing --max-tokens)", f"{starved} of {len(train_rows)} training rows have no "
+                            "response token inside the window")
     return train, evaluation
 
 
@@ -157,7 +162,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
 
     eval_before = None
     if evaluation is not None and start_step == 0:
-        eval_before = trainer.evaluate(evaluation, config.batch_size, config.eval_batches)
+        eval_before = trainer.evaluate(evaluation, config.batch_size, config.eval_batches, config.bucket_by_length)
         evals.append({"step": 0, **eval_before})
         log.info("eval before training: loss=%.4f perplexity=%.3f", eval_before["loss"], eval_before["perplexity"])
     elif evals:
@@ -168,13 +173,14 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
                 "history": history, "evals": evals}
         checkpoint.save(out, config.output, step, trainer.trainable, trainer.opt_vars, meta, config.keep_checkpoints)
 
+    plan = data_lib.BatchPlan(train.lengths, config.batch_size, config.seed, config.bucket_by_length)
     progress = Progress(config.output, "finetune", total_steps)
     preemption = _Preemption()
     attempt_started = started = time.time()
     tokens_done, last_saved = 0, start_step
     try:
         for step in range(start_step, total_steps):
-            batch = data_lib.make_batch(train, data_lib.batch_indices(len(train.lengths), config.batch_size, step, config.seed))
+            batch = data_lib.make_batch(train, plan.indices(step), config.bucket_by_length)
             loss = trainer.train_step(batch)
             if step == start_step:  # throughput excludes the first step of an attempt: it compiles
                 started, tokens_done = time.time(), 0
@@ -187,7 +193,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
                 progress.update(step + 1, step + 1 - start_step, loss=loss, lr=record["lr"], tokens_per_s=round(record["tokens_per_s"], 1))
             if evaluation is not None and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps:
-                result = trainer.evaluate(evaluation, config.batch_size, config.eval_batches)
+                result = trainer.evaluate(evaluation, config.batch_size, config.eval_batches, config.bucket_by_length)
                 evals.append({"step": step + 1, **result})
                 log.info("eval at step %d: loss=%.4f", step + 1, result["loss"])
             if preemption.requested:
@@ -205,7 +211,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
 
     eval_after = None
     if evaluation is not None:
-        eval_after = trainer.evaluate(evaluation, config.batch_size, config.eval_batches)
+        eval_after = trainer.evaluate(evaluation, config.batch_size, config.eval_batches, config.bucket_by_length)
         evals.append({"step": total_steps, **eval_after})
         log.info("eval after training: loss=%.4f perplexity=%.3f", eval_after["loss"], eval_after["perplexity"])
 

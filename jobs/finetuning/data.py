@@ -1,4 +1,10 @@
-"""Turn prompt/response rows into fixed-shape token batches with a response-only loss mask."""
+"""Turn prompt/response rows into token batches with a response-only loss mask.
+
+Batches are length-bucketed: rows of similar length are batched together and each batch is padded only to
+the next power of two (at least 32, at most the sequence length) that holds its longest row, so short rows do
+not pay for the longest one and the compiled step sees a handful of shapes. A hand-written sampler because the
+loop is hand-written JAX (transformers' `group_by_length` lives inside its Trainer).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.common.errors import BadInputError
+from jobs.common.lm import bucket_width
 
 
 @dataclass
@@ -54,6 +61,9 @@ def tokenize(rows: list[dict[str, str]], tokenizer, sequence_length: int) -> Tok
     return TokenizedSplit(tokens, lengths, mask, truncated)
 
 
+GROUP_BATCHES = 32  # batches per sorted group: wide enough to find similar lengths, small enough to stay shuffled
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
@@ -70,10 +80,43 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return order[positions]
 
 
-def make_batch(split: TokenizedSplit, indices: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    tokens = split.tokens[indices]
+class BatchPlan:
+    """Example indices of every global step; a pure function of (step, seed), so resuming at any step
+    reproduces the same data order. With `by_length`, each epoch's seeded permutation is cut into groups of
+    GROUP_BATCHES batches, each group is sorted by length and cut into batches, and the batches are shuffled."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, by_length: bool = True) -> None:
+        self.lengths, self.batch_size, self.seed, self.by_length = lengths, batch_size, seed, by_length
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
+
+    def indices(self, step: int) -> np.ndarray:
+        n = len(self.lengths)
+        if not self.by_length:
+            return batch_indices(n, self.batch_size, step, self.seed)
+        epoch, within = divmod(step, steps_per_epoch(n, self.batch_size))
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self._grouped(epoch))
+        return self._epoch[1][within]
+
+    def _grouped(self, epoch: int) -> list[np.ndarray]:
+        n, size = len(self.lengths), self.batch_size
+        order = np.resize(np.random.default_rng([self.seed, epoch]).permutation(n), steps_per_epoch(n, size) * size)
+        batches = []
+        for start in range(0, len(order), size * GROUP_BATCHES):
+            group = order[start : start + size * GROUP_BATCHES]
+            group = group[np.argsort(-self.lengths[group], kind="stable")]
+            batches += [group[i : i + size] for i in range(0, len(group), size)]
+        shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+        return [batches[i] for i in shuffle]
+
+
+def make_batch(split: TokenizedSplit, indices: np.ndarray, bucket: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Inputs, targets and loss weights; padded to the batch's length bucket (or the full sequence length)."""
+    sequence_length = split.tokens.shape[1] - 1
+    width = bucket_width(int(split.lengths[indices].max()), sequence_length) if bucket else sequence_length
+    tokens = split.tokens[indices, : width + 1]
     x = tokens[:, :-1]
     y = tokens[:, 1:]
-    positions = np.arange(x.shape[1])[None, :]
+    positions = np.arange(width)[None, :]
     padding_mask = (positions < split.lengths[indices, None]).astype(np.int32)
-    return {"token_ids": x, "padding_mask": padding_mask}, y, split.loss_mask[indices]
+    return {"token_ids": x, "padding_mask": padding_mask}, y, split.loss_mask[indices, :width]

@@ -76,17 +76,20 @@ class Trainer:
         )
         return float(loss)
 
-    def evaluate(self, split: data_lib.TokenizedSplit, batch_size: int, max_batches: int = 0) -> dict[str, float]:
-        """Token-weighted mean NLL over the response tokens of the split (each example counted once)."""
+    def evaluate(self, split: data_lib.TokenizedSplit, batch_size: int, max_batches: int = 0, bucket: bool = True) -> dict[str, float]:
+        """Token-weighted mean NLL over the response tokens of the split (each example counted once). Rows are
+        scored in length order so each batch pads only to its own bucket; the sum does not depend on order."""
         n = len(split.lengths)
+        rows = np.arange(min(n, max_batches * batch_size) if max_batches else n)
+        if bucket:
+            rows = rows[np.argsort(split.lengths[rows], kind="stable")]
         total, count = 0.0, 0.0
-        starts = list(range(0, n, batch_size))
-        if max_batches:
-            starts = starts[:max_batches]
-        for start in starts:
-            indices = np.arange(start, start + batch_size) % n
-            x, y, w = data_lib.make_batch(split, indices)
-            w = w * (np.arange(start, start + batch_size) < n)[:, None]  # wrapped rows count zero
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            real = len(chunk)
+            indices = np.resize(chunk, batch_size)  # a short last batch repeats rows, weighted zero
+            x, y, w = data_lib.make_batch(split, indices, bucket)
+            w = w * (np.arange(batch_size) < real)[:, None]
             sums = self._eval_step(self.trainable, self.non_trainable, *self._device_batch((x, y, w)))
             total, count = total + float(sums[0]), count + float(sums[1])
         loss = total / max(count, 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from datetime import datetime
@@ -24,22 +25,33 @@ def dag():
     return bag.dags["gemma_lora_finetune"]
 
 
-def _render(task, dag, overrides=None):
+def _render_fields(task, dag, overrides=None):
+    """Render a copy: rendering replaces the templates on the task, and the DAG is shared by the tests."""
+    task = copy.deepcopy(task)
     params = {k: v.value if hasattr(v, "value") else v for k, v in dag.params.items()}
     params.update(overrides or {})
     ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, run_id=RUN_ID, try_number=1, map_index=-1)
     context = {"params": params, "run_id": RUN_ID, "ti": ti, "task_instance": ti, "dag": dag, "task": task,
-               "logical_date": datetime(2026, 11, 22), "safe_run_id": jobspec.safe_run_id}
+               "logical_date": datetime(2026, 11, 22), "run_key": jobspec.run_key}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
+    return task, context
+
+
+def _render(task, dag, overrides=None):
+    task, context = _render_fields(task, dag, overrides)
     # No cluster: the only thing the provider asks the Kubernetes hook while building is where it runs.
     task.__dict__["hook"] = SimpleNamespace(is_in_cluster=False)
     return task.build_job_request_obj(context)
 
 
 def test_exact_task_order(dag):
-    assert [t.task_id for t in dag.topological_sort()] == list(jobspec.STAGES)
-    for upstream, downstream in zip(jobspec.STAGES, jobspec.STAGES[1:]):
+    order = [*jobspec.STAGES, "report"]
+    assert [t.task_id for t in dag.topological_sort()] == order
+    for upstream, downstream in zip(order, order[1:]):
         assert dag.get_task(upstream).downstream_task_ids == {downstream}
+    # The report runs after a failed stage too (and then fails itself, so the run still shows failed).
+    assert dag.get_task("report").trigger_rule == "all_done"
+    assert all(dag.get_task(s).trigger_rule == "all_success" for s in jobspec.STAGES)
 
 
 def test_policy(dag):
@@ -49,6 +61,7 @@ def test_policy(dag):
     assert dag.doc_md
     for task in dag.tasks:
         assert task.retries >= 1
+    for task in (dag.get_task(s) for s in jobspec.STAGES):
         assert task.deferrable is True and task.wait_until_job_complete is True
         assert not task.image.endswith(":latest") and task.image.rsplit(":", 1)[1]
 
@@ -73,6 +86,7 @@ def test_job_each_task_would_submit(dag, stage):
     assert container.security_context.read_only_root_filesystem is True
     assert [m.mount_path for m in container.volume_mounts] == ["/tmp"] and pod.volumes[0].empty_dir is not None
     assert {e.name: e.value for e in container.env}["HOME"] == "/tmp"
+    assert container.command == ["python", "-m", jobspec.MODULES[stage]]
     prefix = "gs://bkt/runs/manual-2026-11-22t10-00-00-00-00"
     assert f"{prefix}/{stage}" in container.args
     if stage == "finetune":
@@ -85,6 +99,17 @@ def test_job_each_task_would_submit(dag, stage):
         assert pod.node_selector == {"cloud.google.com/machine-family": "n2"} and not pod.tolerations
 
 
+def test_run_name_param_names_the_artifact_folder(dag):
+    job = _render(dag.get_task("benchmark"), dag, {"bucket": "bkt", "run_name": "nightly-7"})
+    args = job.spec.template.spec.containers[0].args
+    assert "gs://bkt/runs/nightly-7/benchmark" in args and "gs://bkt/runs/nightly-7/finetune" in args
+    assert job.metadata.labels["gemma-lora-pipeline/run"] == "nightly-7"
+    for overrides, prefix in (({"run_name": "nightly-7"}, "gs://bkt/runs/nightly-7"),
+                              ({}, "gs://bkt/runs/manual-2026-11-22t10-00-00-00-00")):
+        report, _ = _render_fields(dag.get_task("report"), dag, {"bucket": "bkt", **overrides})
+        assert report.run_prefix == prefix
+
+
 def test_job_matches_the_validated_schema(dag):
     import kubernetes_validate
     from kubernetes.client import ApiClient
@@ -95,7 +120,8 @@ def test_job_matches_the_validated_schema(dag):
 
 @pytest.mark.parametrize("name,value", [("lora_rank", 0), ("lora_rank", -3), ("finetune_profile", "tpu-v9-64"),
                                         ("require_improvement", 1.5), ("queue", "Not_A_Queue"), ("bucket", "x"),
-                                        ("learning_rate", 0), ("chat_format", "llama"), ("priority_class", "urgent")])
+                                        ("learning_rate", 0), ("chat_format", "llama"), ("priority_class", "urgent"),
+                                        ("run_name", "Has Spaces"), ("run_name", "-leading-dash")])
 def test_params_reject_bad_values(dag, name, value):
     from airflow.sdk import Param
     from airflow.sdk.exceptions import ParamValidationError

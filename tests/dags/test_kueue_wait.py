@@ -92,19 +92,6 @@ def test_operator_waits_for_admission_instead_of_failing(monkeypatch):
     assert [p.metadata.name for p in pods] == ["pod-1"] and not api.deleted
 
 
-def test_operator_queue_timeout_fails_without_retry_and_deletes_the_job(monkeypatch):
-    from airflow.sdk.exceptions import AirflowFailException
-    from gemma_pipeline import kueue_wait
-
-    clock = FakeClock()
-    api = FakeKubernetes(clock, admit_at=None)
-    monkeypatch.setattr(kueue_wait.time, "monotonic", clock)
-    monkeypatch.setattr(kueue_wait.time, "sleep", clock.sleep)
-    with pytest.raises(AirflowFailException, match="insufficient quota"):
-        _operator(api, timeout=60).get_pods(pod_request_obj=None, context={})
-    assert api.deleted == ["gemma-finetune-x"]
-
-
 @pytest.mark.parametrize("reason,retriable", [("PodFailurePolicy", False), ("BackoffLimitExceeded", True), ("DeadlineExceeded", True)])
 def test_failure_classes(reason, retriable):
     from airflow.sdk.exceptions import AirflowException, AirflowFailException

@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -17,7 +14,7 @@ from jobs.finetuning.config import FinetuneConfig
 from jobs.finetuning.core import ADAPTER, MERGED, run
 from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.core import run as preprocess
-from tests.conftest import ROOT, run_module
+from tests.conftest import run_module
 
 ROWS = [{"instruction": f"What does function number {i} do?", "response": f"It returns the value {i % 5}."} for i in range(40)]
 
@@ -71,34 +68,6 @@ def test_adapter_and_merged_preset_reload_to_identical_logits(tmp_path, prepared
     merged_logits, adapter_logits = np.asarray(merged(x)), np.asarray(with_adapter(x))
     np.testing.assert_allclose(merged_logits, adapter_logits, atol=1e-5)
     assert np.abs(merged_logits - base_logits).max() > 1e-3  # the LoRA delta is really in the merged kernels
-
-
-def test_sigterm_then_restart_matches_uninterrupted_run(tmp_path, prepared, tiny_gemma3):
-    common = ["--data", str(prepared), "--base-model", str(tiny_gemma3), "--max-steps", "16", "--batch-size", "4",
-              "--sequence-length", "48", "--learning-rate", "0.005", "--checkpoint-every", "100"]
-    run(_config(prepared, tmp_path / "ref", tiny_gemma3, max_steps=16, learning_rate=0.005, checkpoint_every=100,
-                sequence_length=48, warmup_fraction=0.1), tmp_path / "w")
-
-    out = tmp_path / "interrupted"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.finetuning", *common, "--output", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "progress: step 5/16" in line:
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 143, "".join(lines)[-3000:]
-    assert not (out / MANIFEST).exists()
-    assert "preempted at step" in "".join(lines)
-
-    resumed = run_module("jobs.finetuning", *common, "--output", str(out))
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "RESUMED from checkpoint at step" in resumed.stdout
-    expected, actual = _adapter_arrays(tmp_path / "ref" / ADAPTER), _adapter_arrays(out / ADAPTER)
-    assert expected.keys() == actual.keys() and expected
-    for key in expected:
-        np.testing.assert_allclose(actual[key], expected[key], atol=1e-6, rtol=0)
 
 
 def test_gcs_in_and_out_and_rerun_skipped(gcs, tmp_path, prepared, tiny_gemma3):

