@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -115,7 +117,7 @@ def main() -> None:
     preprocess(PreprocessConfig(output=str(work / "pre"), max_tokens=args.sequence_length), work / "w1")
     model = models.load_causal_lm("demo:gemma3-270m", work / "w2")
     model.backbone.enable_lora(4, target_layer_names=["query", "value"])
-    initial = [v.value for v in model.trainable_variables]
+    initial = [np.array(v.value) for v in model.trainable_variables]  # host copies: training donates device buffers
     tokenizer = model.preprocessor.tokenizer
     train = data_lib.tokenize(data_lib.read_rows(work / "pre" / "train.jsonl", "--data"), tokenizer, args.sequence_length)
     evaluation = data_lib.tokenize(data_lib.read_rows(work / "pre" / "eval.jsonl", "--data"), tokenizer, args.sequence_length)

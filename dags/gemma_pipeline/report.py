@@ -28,7 +28,7 @@ KEY_ARTIFACTS = {
     "preprocess": ["train.jsonl", "eval.jsonl", "stats.json"],
     "finetune": ["adapter.lora.h5", "model/", "metrics.json", "loss_curve.png", "tensorboard/"],
     "benchmark": ["report.json", "perplexity.png"],
-    "convert": ["config.json", "parity.json"],
+    "convert": ["", "parity.json"],  # the directory is the model: load it with from_pretrained
 }
 CHARTS = {"loss curve": "finetune/loss_curve.png", "perplexity": "benchmark/perplexity.png"}
 

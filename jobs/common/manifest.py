@@ -74,14 +74,15 @@ def upstream_ref(prefix: str, field_name: str) -> dict[str, str]:
     return {"uri": prefix, "manifest_sha256": digest_json(manifest)}
 
 
-def source_ref(uri: str, local_path: Path | None = None) -> dict[str, str]:
+def source_ref(uri: str, local_path: Path | None = None, exclude_suffixes: tuple[str, ...] = ()) -> dict[str, str]:
     """Reference to raw input data (not produced by a stage): a content digest of the file or directory."""
     if local_path is None:
         return {"uri": uri}
     if local_path.is_file():
         return {"uri": uri, "sha256": sha256_file(local_path)}
     listing = {
-        str(p.relative_to(local_path)): sha256_file(p) for p in sorted(local_path.rglob("*")) if p.is_file()
+        str(p.relative_to(local_path)): sha256_file(p) for p in sorted(local_path.rglob("*"))
+        if p.is_file() and not p.name.endswith(exclude_suffixes)
     }
     return {"uri": uri, "sha256": digest_json(listing)}
 

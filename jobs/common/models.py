@@ -7,6 +7,7 @@ demo model imported from the PyPI GGUF package). Gemma, Gemma 2 and Gemma 3 text
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -64,19 +65,38 @@ def load_causal_lm(uri: str, workdir: Path, field: str = "--base-model", **kwarg
     return model
 
 
+def _untracked() -> contextlib.AbstractContextManager:
+    """Keras wraps every list set on a layer to track variables in it; a tokenizer's vocabulary (262k entries
+    for Gemma 3) holds none, and tracking it costs most of the tokenizer's load time. Private API, so optional."""
+    try:
+        from keras.src.utils.tracking import DotNotTrackScope
+    except ImportError:
+        return contextlib.nullcontext()
+    return DotNotTrackScope()
+
+
 def load_tokenizer(uri: str, workdir: Path, field: str = "--base-model"):
     import keras_hub
 
     handle = resolve(uri, workdir, field)
     try:
-        return keras_hub.models.Tokenizer.from_preset(handle)
+        with _untracked():
+            return keras_hub.models.Tokenizer.from_preset(handle)
     except (ValueError, FileNotFoundError, OSError, KeyError) as err:
         raise BadInputError(field, uri, EXPECTED, f"loading the tokenizer failed: {err}") from err
 
 
-def model_ref(uri: str, local: str) -> dict[str, str]:
-    """Manifest reference for a model: content digest for local copies, the handle for hub presets."""
+WEIGHT_SUFFIXES = (".safetensors", ".h5", ".bin", ".gguf", ".pt", ".npz")
+
+
+def model_ref(uri: str, local: str, tokenizer_only: bool = False) -> dict[str, str]:
+    """Manifest reference for a model: content digest for local copies, the handle for hub presets. With
+    `tokenizer_only`, weight files are left out: what only tokenizes must not hash a gigabyte of weights."""
     from jobs.common.manifest import source_ref
 
     path = Path(local)
-    return source_ref(uri, path) if path.exists() else {"uri": uri}
+    if not path.exists():
+        return {"uri": uri}
+    if tokenizer_only and path.is_dir():
+        return source_ref(uri, path, exclude_suffixes=WEIGHT_SUFFIXES)
+    return source_ref(uri, path)

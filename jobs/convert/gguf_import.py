@@ -16,6 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_URI = "demo:gemma3-270m"
+SENTENCEPIECE = "tokenizer.model"
 
 
 def cache_root() -> Path:
@@ -28,6 +29,8 @@ def demo_model_dir() -> Path:
 
     target = cache_root() / f"gemma3-270m-{package.EXPECTED_SHA256[:12]}"
     if (target / "_COMPLETE").exists():
+        if not (target / SENTENCEPIECE).exists():  # caches made before tokenizer.model was written
+            write_sentencepiece(target)
         return target
     gguf_path = package.assemble(cache_root() / package.MODEL_NAME)
     import_gguf(gguf_path, target)
@@ -57,8 +60,21 @@ def import_gguf(gguf_path: Path, target: Path) -> Path:
     config.pop("_name_or_path", None)
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(staging))
+    write_sentencepiece(staging)
     (staging / "_COMPLETE").write_text("")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     log.info("imported demo model to %s in %.0f s", target, time.time() - started)
     return target
+
+
+def write_sentencepiece(directory: Path) -> None:
+    """Store the SentencePiece model beside tokenizer.json, as Google's own Gemma checkpoints do: keras-hub then
+    loads it directly instead of rebuilding it from tokenizer.json in every stage (about 1.5 s each time)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras_hub
+
+    proto = keras_hub.models.Tokenizer.from_preset(str(directory)).proto
+    partial = directory / (SENTENCEPIECE + ".partial")
+    partial.write_bytes(proto)
+    partial.rename(directory / SENTENCEPIECE)

@@ -77,7 +77,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
     else:
         input_ref = source_ref(config.input, local_input)
     model_handle = models.resolve(config.base_model, workdir)
-    stage = StageRun("preprocess", config.output, asdict(config), [input_ref, models.model_ref(config.base_model, model_handle)])
+    stage = StageRun("preprocess", config.output, asdict(config), [input_ref, models.model_ref(config.base_model, model_handle, tokenizer_only=True)])
     if (done := stage.already_done()) is not None:
         return done
     stage.invalidate()

@@ -49,3 +49,15 @@ def test_upstream_digest_changes_with_manifest(tmp_path):
     first = manifest.upstream_ref(str(tmp_path), "--data")
     (tmp_path / manifest.MANIFEST).write_text(json.dumps({"stage": "b"}))
     assert manifest.upstream_ref(str(tmp_path), "--data") != first
+
+
+def test_a_tokenizer_only_model_ref_ignores_weights_but_not_the_tokenizer(tmp_path):
+    from jobs.common.models import model_ref
+
+    (tmp_path / "tokenizer.json").write_text('{"v": 1}')
+    (tmp_path / "model.safetensors").write_bytes(b"w1")
+    tok, full = model_ref("m", str(tmp_path), tokenizer_only=True), model_ref("m", str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"w2")
+    assert model_ref("m", str(tmp_path), tokenizer_only=True) == tok and model_ref("m", str(tmp_path)) != full
+    (tmp_path / "tokenizer.json").write_text('{"v": 2}')
+    assert model_ref("m", str(tmp_path), tokenizer_only=True) != tok

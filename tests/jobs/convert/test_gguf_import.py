@@ -23,7 +23,7 @@ def test_checkpoint_directory_is_complete(demo_dir):
     config = json.loads((demo_dir / "config.json").read_text())
     assert config["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" not in config
     assert (demo_dir / "model.safetensors").stat().st_size > 500e6
-    assert (demo_dir / "tokenizer.json").exists()
+    assert (demo_dir / "tokenizer.json").exists() and (demo_dir / "tokenizer.model").exists()
 
 
 def test_keras_and_transformers_agree(demo_dir):
