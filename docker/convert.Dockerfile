@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Convert stage (CPU): keras-hub export plus transformers and a CPU build of torch for the parity check.
+# Convert stage (CPU): keras-hub export on the torch backend, plus transformers and a CPU build of torch for the parity check.
 #   docker build -f docker/convert.Dockerfile -t REGISTRY/convert:TAG .
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -16,7 +16,7 @@ COPY dags/gemma_pipeline ./dags/gemma_pipeline
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu --constraint docker/constraints.txt ".[convert]"
 
 FROM ${PYTHON_IMAGE}
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp KERAS_BACKEND=jax
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp KERAS_BACKEND=torch
 COPY --from=build /opt/venv /opt/venv
 RUN useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin stage
 USER 1000:1000

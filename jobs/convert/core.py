@@ -3,6 +3,7 @@ serving, verify it against the Keras model through transformers, then publish.""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -12,7 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+# torch, not JAX: keras-hub's exporter writes safetensors one tensor at a time on torch but serializes the
+# whole state dict in memory on JAX, and the parity check runs transformers on torch anyway.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
 
@@ -32,11 +35,10 @@ def _finetune_settings(config: ConvertConfig) -> dict[str, Any]:
     return manifest.get("config", {})
 
 
-def load_keras_models(config: ConvertConfig, workdir: Path):
-    """(reference, merged): the model whose outputs the export must reproduce, and a plain model to export."""
+def load_reference(config: ConvertConfig, workdir: Path):
+    """The Keras model the export must reproduce: the merged preset, or the base model with the adapter."""
     if not config.adapter:
-        merged = models.load_causal_lm(storage.join(config.finetune, "model"), workdir, field="--finetune")
-        return merged, merged
+        return models.load_causal_lm(storage.join(config.finetune, "model"), workdir, field="--finetune")
     settings = _finetune_settings(config) if config.finetune else {}
     base_uri = config.base_model or settings.get("base_model", "")
     rank = config.lora_rank or settings.get("lora_rank", 0)
@@ -48,11 +50,7 @@ def load_keras_models(config: ConvertConfig, workdir: Path):
         reference.backbone.load_lora_weights(str(adapter))
     except (ValueError, OSError, KeyError) as err:
         raise BadInputError("--adapter", config.adapter, f"a LoRA adapter of rank {rank} on {targets} for {base_uri}", str(err)) from err
-    # Exporting a LoRA-enabled model would write the base kernels without the delta. Saving stores merged
-    # kernels, so a save/reload round trip yields a plain model with the delta folded in.
-    merged_dir = workdir / "merged"
-    reference.save_to_preset(str(merged_dir))
-    return reference, models.load_causal_lm(str(merged_dir), workdir)
+    return reference
 
 
 def export(model, directory: Path) -> None:
@@ -75,31 +73,42 @@ def _end_of_turn(tokenizer) -> list[int]:
         return []
 
 
-def verify(reference, directory: Path, config: ConvertConfig) -> dict[str, Any]:
-    """Token ids, logits and greedy next tokens of the export against the Keras model."""
+def reference_outputs(model, texts: list[str]) -> list[dict[str, Any]]:
+    """Token ids and logits of the Keras model on the sample texts, kept so the model can be freed before
+    transformers loads the export (two models in memory at once set the stage's peak)."""
+    import keras
+
+    tokenizer = model.preprocessor.tokenizer
+    outputs = []
+    for text in texts:
+        ids = [int(t) for t in tokenizer(text)]
+        full = [tokenizer.start_token_id, *ids]
+        logits = model({"token_ids": np.array([full], np.int32), "padding_mask": np.ones((1, len(full)), np.int32)})
+        logits = keras.ops.convert_to_numpy(logits).astype(np.float32)
+        outputs.append({"text": text, "ids": ids, "input": full, "logits": logits})
+    return outputs
+
+
+def verify(expected: list[dict[str, Any]], directory: Path, config: ConvertConfig) -> dict[str, Any]:
+    """Token ids, logits and greedy next tokens of the export against the Keras model's."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    keras_tokenizer = reference.preprocessor.tokenizer
     hf_tokenizer = AutoTokenizer.from_pretrained(str(directory))
     hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     hf_model.eval()
-    texts = config.sample_texts()
     token_checks, max_diff, greedy_equal, max_logit = [], 0.0, [], 0.0
-    for text in texts:
-        keras_ids = [int(t) for t in keras_tokenizer(text)]
-        hf_ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
-        token_checks.append(keras_ids == hf_ids)
-        ids = [keras_tokenizer.start_token_id, *keras_ids]
-        keras_logits = np.asarray(reference({"token_ids": np.array([ids], np.int32), "padding_mask": np.ones((1, len(ids)), np.int32)}), np.float32)
+    for sample in expected:
+        keras_logits = sample["logits"]
+        token_checks.append(sample["ids"] == hf_tokenizer(sample["text"], add_special_tokens=False)["input_ids"])
         with torch.no_grad():
-            hf_logits = hf_model(torch.tensor([ids])).logits.float().numpy()
+            hf_logits = hf_model(torch.tensor([sample["input"]])).logits.float().numpy()
         max_diff = max(max_diff, float(np.abs(keras_logits - hf_logits).max()))
         max_logit = max(max_logit, float(np.abs(keras_logits).max()))
         greedy_equal.append(int(keras_logits[0, -1].argmax()) == int(hf_logits[0, -1].argmax()))
     tolerance = config.tolerance or (1e-3 if config.dtype == "float32" else 0.02 * max_logit)
     parity = {
-        "samples": len(texts),
+        "samples": len(expected),
         "token_ids_equal": all(token_checks),
         "logits_max_abs_diff": max_diff,
         "tolerance": tolerance,
@@ -119,12 +128,21 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
         return done
     stage.invalidate()
     started = time.time()
-    reference, merged = load_keras_models(config, workdir)
+    model = load_reference(config, workdir)
+    expected = reference_outputs(model, config.sample_texts())
+    if config.adapter:
+        # Exporting a LoRA-enabled model would write the base kernels without the delta. Saving stores merged
+        # kernels, so a save/reload round trip yields a plain model with the delta folded in.
+        merged_dir = workdir / "merged"
+        model.save_to_preset(str(merged_dir))
+        del model
+        gc.collect()
+        model = models.load_causal_lm(str(merged_dir), workdir)
     out = workdir / "export"
     shutil.rmtree(out, ignore_errors=True)
-    export(merged, out)
-    if merged is not reference:
-        del merged
+    export(model, out)
+    del model
+    gc.collect()
     exported_bytes = (out / "model.safetensors").stat().st_size
     files = reshard(out, config.dtype, config.max_shard_mb * 1024 * 1024)
     config_path = out / "config.json"
@@ -133,7 +151,7 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     config_path.write_text(json.dumps(hf_config, indent=2))
     export_time = time.time() - started
 
-    parity = verify(reference, out, config)
+    parity = verify(expected, out, config)
     log.info("parity: %s", json.dumps(parity))
     if not parity["passed"]:
         raise ExportMismatchError(f"export does not reproduce the Keras model, nothing published: {json.dumps(parity)}")
