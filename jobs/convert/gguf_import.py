@@ -75,6 +75,6 @@ def write_sentencepiece(directory: Path) -> None:
     import keras_hub
 
     proto = keras_hub.models.Tokenizer.from_preset(str(directory)).proto
-    partial = directory / (SENTENCEPIECE + ".partial")
+    partial = directory / f"{SENTENCEPIECE}.{os.getpid()}.partial"  # two stages may fill an old cache at once
     partial.write_bytes(proto)
     partial.rename(directory / SENTENCEPIECE)
