@@ -177,11 +177,12 @@ def process_spec(container: dict[str, Any], scratch: Path) -> tuple[list[str], d
 
 
 def run_process(command: list[str], env: dict[str, str], cwd: Path, log: Callable[[str], None],
-                started: Callable[[subprocess.Popen], None] | None = None) -> int:
+                started: Callable[[subprocess.Popen], None] | None = None, new_session: bool = True) -> int:
     """Run to completion, streaming output to `log`. An interrupt or task kill is passed on as SIGTERM, the
-    way Kubernetes stops a pod, and the process gets a grace period to checkpoint."""
+    way Kubernetes stops a pod, and the process gets a grace period to checkpoint. In its own session (the
+    default) a terminal's Ctrl-C reaches the process only as that SIGTERM."""
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, errors="replace", bufsize=1, start_new_session=True)
+                               text=True, errors="replace", bufsize=1, start_new_session=new_session)
     if started:
         started(process)
     try:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from gemma_pipeline import jobspec, local, report
+from jobs.convert.gguf_import import DEMO_MODEL_URI
 
 DAG_ID = "gemma_lora_finetune"
 DAGS_FOLDER = Path(__file__).resolve().parent.parent
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if isinstance(dataset, str) and ":" not in dataset and Path(dataset).exists():
         conf["dataset"] = str(Path(dataset).resolve())
     args.conf = {"bucket": DEFAULT_BUCKET, "run_name": DEFAULT_RUN_NAME, **conf}
+    if not args.conf["run_name"]:
+        parser.error("--conf: run_name is empty; expected a name (the run's folder, where its report is found)")
     return args
 
 
@@ -65,20 +68,19 @@ def step(message: str) -> float:
     return time.monotonic()
 
 
-def run(command: list[str], env: dict[str, str], log_path: Path | None = None) -> int:
-    """Run, echoing output (and keeping a copy in `log_path`)."""
-    with open(log_path or os.devnull, "a") as log:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   errors="replace", bufsize=1)
-        assert process.stdout is not None
-        for line in process.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-        return process.wait()
+def run(command: list[str], env: dict[str, str], log_path: Path) -> int:
+    """Run, echoing output and keeping a copy in `log_path`. In the terminal's session, so Ctrl-C reaches
+    Airflow directly and Airflow stops the running stage."""
+    with open(log_path, "a") as log:
+        def echo(line: str) -> None:
+            print(line, flush=True)
+            log.write(line + "\n")
+
+        return local.run_process(command, env, Path.cwd(), echo, new_session=False)
 
 
 def prepare_model(base_model: str, env: dict[str, str]) -> None:
-    if base_model != "demo:gemma3-270m":
+    if base_model != DEMO_MODEL_URI:
         return
     started = step("preparing Gemma 3 270M from the PyPI GGUF package (cached after the first run)")
     code = "from jobs.convert.gguf_import import demo_model_dir; print(demo_model_dir())"

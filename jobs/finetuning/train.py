@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common.lm import token_nll
+from jobs.common.lm import batches, token_nll
 from jobs.finetuning import data as data_lib
 from jobs.finetuning.distribution import shard_batch
 
@@ -80,16 +80,11 @@ class Trainer:
         """Token-weighted mean NLL over the response tokens of the split (each example counted once). Rows are
         scored in length order so each batch pads only to its own bucket; the sum does not depend on order."""
         n = len(split.lengths)
-        rows = np.arange(min(n, max_batches * batch_size) if max_batches else n)
-        if bucket:
-            rows = rows[np.argsort(split.lengths[rows], kind="stable")]
+        limit = min(n, max_batches * batch_size) if max_batches else n
         total, count = 0.0, 0.0
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            real = len(chunk)
-            indices = np.resize(chunk, batch_size)  # a short last batch repeats rows, weighted zero
-            x, y, w = data_lib.make_batch(split, indices, bucket)
-            w = w * (np.arange(batch_size) < real)[:, None]
+        for rows, valid in batches(limit, batch_size, split.lengths[:limit] if bucket else None):
+            x, y, w = data_lib.make_batch(split, rows, bucket)
+            w = w * valid[:, None]  # a short last batch repeats rows, weighted zero
             sums = self._eval_step(self.trainable, self.non_trainable, *self._device_batch((x, y, w)))
             total, count = total + float(sums[0]), count + float(sums[1])
         loss = total / max(count, 1.0)
