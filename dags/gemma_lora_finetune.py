@@ -27,41 +27,20 @@ IMAGES = jobspec.images(REGISTRY, IMAGE_TAG)  # what docker/cloudbuild.yaml push
 RUN_KEY = "{{ run_key(params.run_name, run_id) }}"
 PREFIX = "gs://{{ params.bucket }}/runs/" + RUN_KEY
 PREFIXES = {stage: f"{PREFIX}/{stage}" for stage in jobspec.STAGES}
-PARAM_TEMPLATES = {name: "{{ params." + name + " }}" for name in jobspec.DEFAULT_PARAMS}
 PROFILE_NAMES = sorted(profiles.PROFILES)
-D = jobspec.DEFAULT_PARAMS
+# Stage options: declared once in each stage's config (jobs/<stage>/config.py); the Params derive from there.
+STAGE_PARAMS = jobspec.param_options()
+PARAM_TEMPLATES = {name: "{{ params." + name + " if params." + name + " is not none else '' }}" for name in STAGE_PARAMS}
 
 params = {
     "bucket": Param("my-gemma-bucket", type="string", pattern=r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$",
                     description="Cloud Storage bucket for every stage's artifacts"),
-    "run_name": Param("", type="string", pattern=r"^([a-z0-9][a-z0-9-]{0,61}[a-z0-9])?$",
+    "run_name": Param(None, type=["null", "string"], pattern=r"^([a-z0-9][a-z0-9-]{0,61}[a-z0-9])?$",
                       description="artifacts go to gs://BUCKET/runs/RUN_NAME/ (empty: the Airflow run id); "
                                   "reusing a name resumes that run, skipping the stages already finished"),
-    "dataset": Param(D["dataset"], type="string", minLength=1,
-                     description="gs://, hf://datasets/ID or demo:stdlib-docs (.jsonl, .json, .csv, .parquet)"),
-    "instruction_field": Param(D["instruction_field"], type="string"),
-    "response_field": Param(D["response_field"], type="string", minLength=1),
-    "context_field": Param(D["context_field"], type="string"),
-    "template": Param(D["template"], type="string", description="prompt template with {column} placeholders"),
-    "chat_format": Param(D["chat_format"], enum=["gemma", "none"]),
-    "base_model": Param(D["base_model"], type="string", minLength=1,
-                        description="keras-hub preset, hf://ORG/NAME, gs:// model directory, or demo:gemma3-270m"),
-    "max_tokens": Param(D["max_tokens"], type="integer", minimum=8, maximum=131072),
-    "eval_fraction": Param(D["eval_fraction"], type="number", minimum=0, maximum=0.5),
-    "lora_rank": Param(D["lora_rank"], type="integer", minimum=1, maximum=512),
-    "learning_rate": Param(D["learning_rate"], type="number", exclusiveMinimum=0, maximum=0.1),
-    "max_steps": Param(D["max_steps"], type="integer", minimum=0, description="0: use epochs"),
-    "epochs": Param(D["epochs"], type="integer", minimum=0),
-    "batch_size": Param(D["batch_size"], type="integer", minimum=1, maximum=4096),
-    "sequence_length": Param(D["sequence_length"], type="integer", minimum=16, maximum=131072),
-    "seed": Param(D["seed"], type="integer", minimum=0),
-    "require_improvement": Param(D["require_improvement"], type="number", minimum=0, maximum=0.99,
-                                 description="quality gate: minimum relative perplexity drop (0: off)"),
-    "export_dtype": Param(D["export_dtype"], enum=["float32", "bfloat16"]),
-    "preprocess_profile": Param("cpu", enum=PROFILE_NAMES),
-    "finetune_profile": Param("tpu-v5e-1", enum=PROFILE_NAMES),
-    "benchmark_profile": Param("tpu-v5e-1", enum=PROFILE_NAMES),
-    "convert_profile": Param("cpu", enum=PROFILE_NAMES),
+    **{name: Param(opt.param_default, **opt.json_schema()) for name, opt in STAGE_PARAMS.items()},
+    **{f"{stage}_profile": Param(default, enum=PROFILE_NAMES, description=f"accelerator profile of the {stage} Job")
+       for stage, default in jobspec.DEFAULT_PROFILES.items()},
     "queue": Param(f"{NAMESPACE}-queue", type="string", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                    description="Kueue LocalQueue in the namespace"),
     "priority_class": Param("development", enum=["production", "development"],

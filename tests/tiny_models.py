@@ -6,10 +6,7 @@ Everything here runs in seconds on a CPU and downloads nothing.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
-
-os.environ.setdefault("KERAS_BACKEND", "jax")
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

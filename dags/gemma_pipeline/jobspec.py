@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from gemma_pipeline.profiles import Profile
+from jobs.benchmark.config import BenchmarkConfig
+from jobs.common import code_identity, spec
+from jobs.convert.config import ConvertConfig
+from jobs.finetuning.config import FinetuneConfig
+from jobs.preprocessing.config import PreprocessConfig
 
 STAGES = ("preprocess", "finetune", "benchmark", "convert")
 MODULES = {"preprocess": "jobs.preprocessing", "finetune": "jobs.finetuning", "benchmark": "jobs.benchmark", "convert": "jobs.convert"}
@@ -35,6 +40,8 @@ STAGE_ENV = {
     "STAGE_WORKDIR": "/tmp",
 }
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# The stage records its image in its manifest: pinned by digest, that is the code identity a skip compares.
+IMAGE_ENV = code_identity.IMAGE_ENV
 # Tokens for gated models (hf://, Kaggle presets) come only from this Kubernetes Secret, never from params or
 # literals; optional, so a missing Secret or key leaves the variable unset instead of blocking the pod.
 TOKEN_SECRET_NAME = "gemma-pipeline-tokens"
@@ -119,7 +126,7 @@ def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, 
         "image": settings.image,
         "command": list(COMMANDS[stage]),
         "args": list(args),
-        "env": env_list(env),
+        "env": env_list({IMAGE_ENV: settings.image, **(env or {})}),
         "resources": resources(profile),
         "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": [dict(v) for v in VOLUME_MOUNTS],
@@ -153,55 +160,54 @@ def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, 
     }
 
 
-# The trigger form's defaults; the DAG's Params and the checked-in k8s/jobs manifests both start here.
-DEFAULT_PARAMS: dict[str, Any] = {
-    "dataset": "demo:stdlib-docs",
-    "instruction_field": "instruction",
-    "response_field": "response",
-    "context_field": "",
-    "template": "",
-    "chat_format": "gemma",
-    "base_model": "demo:gemma3-270m",
-    "max_tokens": 128,
-    "eval_fraction": 0.1,
-    "lora_rank": 4,
-    "learning_rate": 2e-4,
-    "max_steps": 20,
-    "epochs": 1,
-    "batch_size": 4,
-    "sequence_length": 128,
-    "seed": 0,
-    "require_improvement": 0.0,
-    "export_dtype": "float32",
-}
+DEFAULT_PROFILES = {"preprocess": "cpu", "finetune": "tpu-v5e-1", "benchmark": "tpu-v5e-1", "convert": "cpu"}
+
+STAGE_CONFIGS: dict[str, type] = {"preprocess": PreprocessConfig, "finetune": FinetuneConfig,
+                                   "benchmark": BenchmarkConfig, "convert": ConvertConfig}
+
+
+def stage_options(stage: str) -> list[spec.Option]:
+    return spec.options(STAGE_CONFIGS[stage])
+
+
+def param_options() -> dict[str, spec.Option]:
+    """Each DAG Param the stages take, declared by the first stage option that names it (in stage order); other
+    stages' options with the same Param must agree with it (tests/dags/test_options.py)."""
+    found: dict[str, spec.Option] = {}
+    for stage in STAGES:
+        for opt in stage_options(stage):
+            if opt.param and opt.param not in found:
+                found[opt.param] = opt
+    return found
+
+
+def param_defaults() -> dict[str, Any]:
+    """The trigger form's defaults for the stage Params (the DAG's Params and k8s/jobs both start here)."""
+    return {name: opt.param_default for name, opt in param_options().items()}
 
 
 def prefixes(bucket: str, run_id: str) -> dict[str, str]:
     return {s: stage_prefix(bucket, run_id, s) for s in STAGES}
 
 
-def stage_args(stage: str, params: dict[str, Any], prefix: dict[str, str]) -> list[str]:
-    """The stage CLI's arguments (the fine-tune's distribution flags come from its profile, at run time)."""
-    p = {**DEFAULT_PARAMS, **params}
-    if stage == "preprocess":
-        args = ["--input", p["dataset"], "--output", prefix["preprocess"], "--base-model", p["base_model"],
-                "--instruction-field", p["instruction_field"], "--response-field", p["response_field"],
-                "--chat-format", p["chat_format"], "--max-tokens", str(p["max_tokens"]),
-                "--eval-fraction", str(p["eval_fraction"]), "--seed", str(p["seed"])]
-        if p["context_field"]:
-            args += ["--context-field", p["context_field"]]
-        if p["template"]:
-            args += ["--template", p["template"]]
-        return args
-    if stage == "finetune":
-        return ["--data", prefix["preprocess"], "--output", prefix["finetune"], "--base-model", p["base_model"],
-                "--lora-rank", str(p["lora_rank"]), "--learning-rate", str(p["learning_rate"]),
-                "--max-steps", str(p["max_steps"]), "--epochs", str(p["epochs"]), "--batch-size", str(p["batch_size"]),
-                "--sequence-length", str(p["sequence_length"]), "--seed", str(p["seed"])]
-    if stage == "benchmark":
-        return ["--data", prefix["preprocess"], "--finetune", prefix["finetune"], "--output", prefix["benchmark"],
-                "--base-model", p["base_model"], "--max-length", str(p["sequence_length"]),
-                "--require-improvement", str(p["require_improvement"])]
-    if stage == "convert":
-        return ["--finetune", prefix["finetune"], "--output", prefix["convert"], "--dtype", p["export_dtype"]]
-    raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGES)}")
+def stage_args(stage: str, values: dict[str, Any], prefix: dict[str, str]) -> list[str]:
+    """The stage CLI's arguments: every option bound to a DAG Param, and every upstream prefix. `values` maps
+    Param names to values or to templates (the DAG renders them at run time); missing ones take the defaults.
+    The fine-tune's distribution flags come from its profile, at run time."""
+    if stage not in STAGES:
+        raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGES)}")
+    merged = {**param_defaults(), **values}
+    args: list[str] = []
+    for opt in stage_options(stage):
+        if opt.upstream:
+            value: Any = prefix[stage if opt.upstream == "self" else opt.upstream]
+        elif opt.param:
+            value = merged[opt.param]
+        else:
+            continue
+        if value is None:
+            value = ""  # a nullable option left empty: the CLI's "none"
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        args += [opt.flag, str(value)]
+    return args

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gemma_pipeline import jobspec, local, report
-from jobs.convert.gguf_import import DEMO_MODEL_URI
+from jobs.demo_model import DEMO_MODEL_URI
 
 DAG_ID = "gemma_lora_finetune"
 DAGS_FOLDER = Path(__file__).resolve().parent.parent
@@ -83,8 +83,9 @@ def prepare_model(base_model: str, env: dict[str, str]) -> None:
     if base_model != DEMO_MODEL_URI:
         return
     started = step("preparing Gemma 3 270M from the PyPI GGUF package (cached after the first run)")
-    code = "from jobs.convert.gguf_import import demo_model_dir; print(demo_model_dir())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    code = "from jobs.demo_model import model_dir; print(model_dir())"
+    out = subprocess.run([sys.executable, "-c", code], env={"KERAS_BACKEND": "jax", **env}, check=True,
+                         capture_output=True, text=True)
     print(f"    model: {out.stdout.strip().splitlines()[-1]} ({time.monotonic() - started:.0f} s)")
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "airflow" / "airflow.db").exists():
         step(f"creating the Airflow metadata database under {root / 'airflow'}")
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
-    base_model = args.conf.get("base_model", jobspec.DEFAULT_PARAMS["base_model"])
+    base_model = args.conf.get("base_model", jobspec.param_defaults()["base_model"])
     prepare_model(base_model, env)
     with local.Emulator(root) as emulator:
         env[local.EMULATOR_ENV] = emulator.url

@@ -14,6 +14,7 @@ report's cost table.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
@@ -23,11 +24,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartJobOperator
+from airflow.providers.google.cloud.triggers.kubernetes_engine import GKEJobTrigger
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
 from gemma_pipeline import jobspec, local, profiles
 from gemma_pipeline.kueue_wait import QueueTimeout, wait_for_admission, wait_for_pods
+from gemma_pipeline.triggers import ProgressGKEJobTrigger
 
 NON_RETRIABLE_REASON = "PodFailurePolicy"
 POD_START_TIMEOUT_S = 600
@@ -60,7 +63,6 @@ class StageJobOperator(GKEStartJobOperator):
         kwargs.setdefault("container_security_context", _k8s("V1SecurityContext", jobspec.CONTAINER_SECURITY))
         kwargs.setdefault("volumes", [_k8s("V1Volume", v) for v in jobspec.VOLUMES])
         kwargs.setdefault("volume_mounts", [_k8s("V1VolumeMount", v) for v in jobspec.VOLUME_MOUNTS])
-        kwargs.setdefault("env_vars", [_k8s("V1EnvVar", e) for e in jobspec.env_list()])
         super().__init__(**kwargs)
         self.stage = stage
         self.profile_name = profile_name
@@ -77,6 +79,7 @@ class StageJobOperator(GKEStartJobOperator):
             self.image = self.gpu_image  # JAX's CUDA build; the default image carries jax[tpu]
         if self.stage == "finetune" and "--distribution" not in self.arguments:
             self.arguments = [*self.arguments, *profile.distribution_args]
+        self.env_vars = [_k8s("V1EnvVar", e) for e in jobspec.env_list({jobspec.IMAGE_ENV: self.image})]
         job = super().build_job_request_obj(context)
         job.spec.pod_failure_policy = _k8s("V1PodFailurePolicy", jobspec.pod_failure_policy())
         job.spec.template.spec.restart_policy = "Never"
@@ -99,34 +102,33 @@ class StageJobOperator(GKEStartJobOperator):
             self.log_matching_pod(pod=pod, context=context)
         return pods
 
-    def execute_deferrable(self) -> None:
-        from gemma_pipeline.triggers import ProgressGKEJobTrigger
-
-        self.defer(
-            trigger=ProgressGKEJobTrigger(
-                cluster_url=self.cluster_url, ssl_ca_cert=self.ssl_ca_cert, job_name=self.job.metadata.name,
-                job_namespace=self.job.metadata.namespace, pod_names=[p.metadata.name for p in self.pods],
-                pod_namespace=self.pods[0].metadata.namespace, base_container_name=self.base_container_name,
-                gcp_conn_id=self.gcp_conn_id, poll_interval=self.job_poll_interval,
-                impersonation_chain=self.impersonation_chain, get_logs=self.get_logs, do_xcom_push=self.do_xcom_push,
-                use_dns_endpoint=self.use_dns_endpoint, progress_uri=self.progress_uri,
-            ),
-            method_name="execute_complete",
-        )
+    def defer(self, *, trigger: Any, method_name: str, **kwargs: Any) -> Any:
+        # The provider builds the GKEJobTrigger; we only swap in its subclass that also logs live progress.
+        if isinstance(trigger, GKEJobTrigger) and not isinstance(trigger, ProgressGKEJobTrigger):
+            _, trigger_kwargs = trigger.serialize()
+            trigger = ProgressGKEJobTrigger(**trigger_kwargs, progress_uri=self.progress_uri)
+        return super().defer(trigger=trigger, method_name=method_name, **kwargs)
 
     def execute(self, context: Any) -> Any:
+        check_conf(context)
         if local.backend() == "local":
             return self.execute_local(context)
-        with non_retriable_failures():
+        try:
             result = super().execute(context)
+        except AirflowException as err:
+            raise_if_non_retriable(err, getattr(self, "job", None))
+            raise
         self._push_usage(context, job_seconds(self.job.to_dict()))  # not deferred: the Job has finished
         return result
 
     def execute_complete(self, context: Any, event: dict, **kwargs: Any) -> Any:
         if event.get("status") == "error" and self.get_logs:
             self._show_failed_pod_logs(event)  # the provider raises before fetching logs; the reason is in them
-        with non_retriable_failures():
+        try:
             result = super().execute_complete(context, event, **kwargs)
+        except AirflowException as err:
+            raise_if_non_retriable(err, event.get("job"))
+            raise
         self._push_usage(context, job_seconds(event.get("job") or {}))
         return result
 
@@ -177,6 +179,22 @@ class StageJobOperator(GKEStartJobOperator):
                 self.log.warning("could not fetch logs of pod %s: %s", name, err)
 
 
+def check_conf(context: Any) -> None:
+    """Refuse a trigger whose conf names a key that is not a Param (a typo such as `lora_rnak` would otherwise
+    be ignored and the run would train with the default), before any Job is submitted."""
+    dag_run = context.get("dag_run")
+    conf = getattr(dag_run, "conf", None) or {}
+    known = set(context["params"])
+    unknown = sorted(set(conf) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise AirflowFailException(f"the trigger's conf has keys that are not params of this DAG: {', '.join(hints)}; "
+                                   f"expected only: {', '.join(sorted(known))}")
+
+
 def job_seconds(job: dict[str, Any]) -> float | None:
     """How long a finished Job held its hardware: from admission (startTime is set when Kueue unsuspends
     it) to completion, over all of its pod attempts."""
@@ -193,16 +211,20 @@ def job_seconds(job: dict[str, Any]) -> float | None:
     return round((end.astimezone(UTC) - start.astimezone(UTC)).total_seconds(), 1)
 
 
-class non_retriable_failures:
-    """Turn 'job failed with error PodFailurePolicy' into a failure Airflow does not retry."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
-        if isinstance(error, AirflowException) and not isinstance(error, AirflowFailException) and NON_RETRIABLE_REASON in str(error):
-            raise AirflowFailException(
-                f"{error} (the stage exited with a non-retriable code: 2 bad input, 3 quality gate, 4 export mismatch; "
-                "see the pod log)"
-            ) from error
+def failed_by_pod_failure_policy(job: Any) -> bool:
+    """Did the Job controller fail this Job through its podFailurePolicy (a FailJob rule: exit code 2, 3 or
+    4)? Read from the Job's own status conditions, not from an error message."""
+    if job is None:
         return False
+    if not isinstance(job, dict):
+        job = job.to_dict()
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") in ("Failed", "FailureTarget") and c.get("status") == "True"
+               and c.get("reason") == NON_RETRIABLE_REASON for c in conditions)
+
+
+def raise_if_non_retriable(error: AirflowException, job: Any) -> None:
+    if not isinstance(error, AirflowFailException) and failed_by_pod_failure_policy(job):
+        raise AirflowFailException(
+            f"{error} (the stage exited with a non-retriable code: 2 bad input, 3 quality gate, 4 export mismatch; "
+            "see the pod log)") from error

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from jobs.benchmark.config import HELP, BenchmarkConfig
-from jobs.benchmark.core import run
-from jobs.common.cli import main
+# The entry point picks the Keras backend (library modules never do): JAX, as in the stage's image.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from jobs.benchmark.config import DESCRIPTION, BenchmarkConfig  # noqa: E402
+from jobs.benchmark.core import run  # noqa: E402
+from jobs.common.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(BenchmarkConfig, run, "Perplexity of the base and tuned models on the eval split.", HELP))
+    sys.exit(main(BenchmarkConfig, run, DESCRIPTION))

@@ -1,63 +1,46 @@
-"""Typed, validated configuration of the benchmark stage."""
+"""Typed, validated configuration of the benchmark stage: every option declared once (see jobs.common.spec)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from jobs.common import spec
 from jobs.common.errors import BadInputError
-from jobs.convert.gguf_import import DEMO_MODEL_URI
+from jobs.common.spec import option
+from jobs.demo_model import DEMO_MODEL_URI
 
-MODES = ("response", "text")
-
-HELP = {
-    "data": "output prefix of the preprocessing stage (its eval.jsonl is scored)",
-    "finetune": "output prefix of the fine-tuning stage (its merged model is the tuned model; empty: base only)",
-    "output": "output prefix (gs:// or local directory)",
-    "base_model": "the base model, as given to the fine-tuning stage",
-    "mode": "response: per example, response tokens only; text: running text with sliding windows",
-    "max_length": "tokens per window (text mode) or per example (response mode)",
-    "stride": "window start step in text mode (0: half of --max-length)",
-    "separator": "text joining documents in text mode",
-    "ood_text": "optional out-of-domain plain-text file (gs:// or local), scored in text mode to show forgetting",
-    "batch_size": "windows per forward pass",
-    "max_examples": "score at most this many eval examples (0: all)",
-    "bootstrap": "bootstrap resamples for the 95% interval (0: none)",
-    "seed": "bootstrap seed",
-    "require_improvement": "quality gate: minimum relative perplexity drop of the tuned model, e.g. 0.05 (0: no gate)",
-}
+DESCRIPTION = "Perplexity of the base and tuned models on the eval split."
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    data: str
-    output: str
-    finetune: str = ""
-    base_model: str = DEMO_MODEL_URI
-    mode: str = "response"
-    max_length: int = 512
-    stride: int = 0
-    separator: str = "\n\n"
-    ood_text: str = ""
-    batch_size: int = 4
-    max_examples: int = 0
-    bootstrap: int = 1000
-    seed: int = 0
-    require_improvement: float = 0.0
+    data: str = option(help="output prefix of the preprocessing stage (its eval.jsonl is scored)", upstream="preprocess")
+    output: str = option(help="output prefix (gs:// or local directory)", upstream="self")
+    finetune: str = option("", "output prefix of the fine-tuning stage (its merged model is the tuned model; "
+                               "empty: base only)", upstream="finetune")
+    base_model: str = option(DEMO_MODEL_URI, "the base model, as given to the fine-tuning stage", param="base_model")
+    mode: Literal["response", "text"] = option(
+        "response", "response: per example, response tokens only; text: running text with sliding windows")
+    max_length: int = option(128, "tokens per window (text mode) or per example (response mode)",
+                             minimum=8, maximum=131072, param="sequence_length")
+    stride: int = option(0, "window start step in text mode (0: half of the max length)", minimum=0)
+    separator: str = option("\n\n", "text joining documents in text mode")
+    ood_text: str = option("", "optional out-of-domain plain-text file (gs:// or local), scored in text mode to "
+                               "show forgetting")
+    batch_size: int = option(4, "windows per forward pass", minimum=1)
+    max_examples: int = option(0, "score at most this many eval examples (0: all)", minimum=0)
+    bootstrap: int = option(1000, "bootstrap resamples for the 95% interval (0: none)", minimum=0)
+    seed: int = option(0, "bootstrap seed", minimum=0)
+    require_improvement: float = option(
+        0.0, "quality gate: minimum relative perplexity drop of the tuned model, e.g. 0.05 (0: no gate)",
+        minimum=0, exclusive_maximum=1, param="require_improvement")
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise BadInputError("--mode", self.mode, f"one of {', '.join(MODES)}")
-        if not 8 <= self.max_length <= 131072:
-            raise BadInputError("--max-length", self.max_length, "an integer in [8, 131072]")
+        spec.validate(self)
         if self.stride == 0:
             object.__setattr__(self, "stride", self.max_length // 2)
         if not 1 <= self.stride <= self.max_length - 1:
             raise BadInputError("--stride", self.stride, f"an integer in [1, max-length - 1 = {self.max_length - 1}]")
-        if self.batch_size < 1:
-            raise BadInputError("--batch-size", self.batch_size, "a positive integer")
-        if self.max_examples < 0 or self.bootstrap < 0:
-            raise BadInputError("--max-examples/--bootstrap", (self.max_examples, self.bootstrap), "integers >= 0")
-        if not 0.0 <= self.require_improvement < 1.0:
-            raise BadInputError("--require-improvement", self.require_improvement, "a relative improvement in [0, 1), e.g. 0.05 for 5%")
         if self.require_improvement and not self.finetune:
             raise BadInputError("--finetune", self.finetune, "the fine-tuning output prefix when --require-improvement is set")

@@ -5,22 +5,19 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from jobs.benchmark import perplexity as ppl  # noqa: E402
-from jobs.benchmark.config import BenchmarkConfig  # noqa: E402
-from jobs.common import lm, models, storage  # noqa: E402
-from jobs.common.cli import local_output_dir  # noqa: E402
-from jobs.common.errors import BadInputError, QualityGateError  # noqa: E402
-from jobs.common.manifest import StageRun, upstream_ref  # noqa: E402
-from jobs.finetuning import data as data_lib  # noqa: E402
+from jobs.benchmark import perplexity as ppl
+from jobs.benchmark.config import BenchmarkConfig
+from jobs.common import lm, models, storage
+from jobs.common.cli import local_output_dir
+from jobs.common.errors import BadInputError, QualityGateError
+from jobs.common.manifest import StageRun, upstream_ref
+from jobs.finetuning import data as data_lib
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -13,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jobs.common import storage
+from jobs.common import spec, storage
 from jobs.common.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -38,36 +37,46 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def parser_for(config_cls: type, description: str, help_text: dict[str, str]) -> argparse.ArgumentParser:
-    """An argparse parser with one `--flag` per dataclass field; unknown options are errors (exit 2)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        text = help_text.get(f.name, "")
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-        elif kind in ("int", "float"):
-            parser.add_argument(flag, type=int if kind == "int" else float, default=default, required=required,
-                                help=f"{text} (default: {default})")
-        elif kind.startswith("tuple"):
-            parser.add_argument(flag, default=",".join(default or ()), required=required,
-                                help=f"{text}, comma-separated (default: {','.join(default or ())})")
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"got {text!r}; expected true or false")
+
+
+def parser_for(config_cls: type, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one `--flag` per config option; unknown options are errors (exit 2)."""
+    prog = "python -m " + config_cls.__module__.rsplit(".", 1)[0]  # jobs.<stage>.config -> jobs.<stage>
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    for opt in spec.options(config_cls):
+        text = opt.help.replace("%", "%%")  # argparse %-formats help strings
+        if opt.choices:
+            text += f" ({'|'.join(opt.choices)})"
+        if opt.kind == "bool":
+            # `--flag`, `--flag true|false` (what a Job renders from a DAG Param) and `--no-flag` all work.
+            parser.add_argument(opt.flag, nargs="?", const=True, type=parse_bool, default=opt.default,
+                                metavar="true|false", help=f"{text} (default: {str(opt.default).lower()})")
+            parser.add_argument("--no-" + opt.flag[2:], dest=opt.name, action="store_false", help=argparse.SUPPRESS)
+        elif opt.kind == "tuple":
+            joined = ",".join(opt.default or ())
+            parser.add_argument(opt.flag, default=joined, required=opt.required,
+                                help=f"{text}, comma-separated (default: {joined!r})")
         else:
-            parser.add_argument(flag, default=default, required=required, help=f"{text} (default: {default})")
+            convert = {"int": int, "float": float}.get(opt.kind, str)
+            parser.add_argument(opt.flag, type=convert, default=opt.default, required=opt.required,
+                                help=text if opt.required else f"{text} (default: {opt.default!r})")
     return parser
 
 
 def config_from_args(config_cls: type[C], args: argparse.Namespace) -> C:
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(config_cls):
-        value = getattr(args, f.name)
-        kind = f.type if isinstance(f.type, str) else str(f.type)
-        if kind.startswith("tuple") and isinstance(value, str):
+    for opt in spec.options(config_cls):
+        value = getattr(args, opt.name)
+        if opt.kind == "tuple" and isinstance(value, str):
             value = tuple(v.strip() for v in value.split(",") if v.strip())
-        values[f.name] = value
+        values[opt.name] = value
     return config_cls(**values)
 
 
@@ -82,13 +91,12 @@ def main(
     config_cls: type[C],
     run: Callable[[C, Path], Any],
     description: str,
-    help_text: dict[str, str],
     argv: Sequence[str] | None = None,
 ) -> int:
     """Parse `argv` into `config_cls`, call `run(config, workdir)` and map the outcome to an exit code."""
     configure_logging()
     log = logging.getLogger(config_cls.__module__.rsplit(".", 1)[0])  # e.g. jobs.preprocessing
-    args = parser_for(config_cls, description, help_text).parse_args(argv)
+    args = parser_for(config_cls, description).parse_args(argv)
     try:
         config = config_from_args(config_cls, args)
         with tempfile.TemporaryDirectory(prefix="stage-", dir=os.environ.get("STAGE_WORKDIR")) as tmp:

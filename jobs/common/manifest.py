@@ -1,8 +1,9 @@
 """The stage manifest, `_manifest.json`: written last, so a prefix without one is incomplete.
 
-It records the stage, code version, exact config, inputs (with the digests of their own manifests),
-output files with sizes and checksums, metrics, wall time and peak RSS. A rerun whose stage, config and
-input digests match an existing manifest is skipped.
+It records the stage, the code's identity (image digest or source digest, see `code_identity`), exact config,
+inputs (with the digests of their own manifests), output files with sizes and checksums, metrics, wall time
+and peak RSS. A rerun whose stage, code, config and input digests match an existing manifest is skipped; any
+other rerun logs why it runs again.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common import storage
+from jobs.common.code_identity import code_identity
 from jobs.common.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 PROGRESS = "_progress.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `code` (image or source digest) is part of the skip decision
 
 
 def code_version() -> str:
@@ -96,17 +98,40 @@ class StageRun:
     config: dict[str, Any]
     inputs: list[dict[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    code: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.code = self.code or code_identity(self.stage)
+
+    def rerun_reasons(self, existing: dict[str, Any] | None) -> list[str]:
+        """Why the stage must run although its output prefix may hold a manifest (empty: it may be skipped)."""
+        if not existing:
+            return ["no manifest yet"]
+        reasons = []
+        if existing.get("stage") != self.stage:
+            reasons.append(f"the prefix holds a {existing.get('stage')!r} manifest")
+        if existing.get("code") != self.code:
+            reasons.append(f"the code changed ({_short(existing.get('code'))} -> {_short(self.code)})")
+        if existing.get("config_sha256") != digest_json(self.config):
+            old = existing.get("config") or {}
+            changed = sorted(k for k in {*old, *self.config} if old.get(k) != self.config.get(k))
+            reasons.append(f"the config changed ({', '.join(changed) or 'format'})")
+        if existing.get("inputs") != self.inputs:
+            reasons.append("an input changed")
+        return reasons
 
     def already_done(self) -> dict[str, Any] | None:
-        """The existing manifest when it was made by this stage with the same config and inputs, else None."""
+        """The existing manifest when it was made by this stage with the same code, config and inputs, else None
+        (and the log says why the stage runs)."""
         try:
             existing = read_manifest(self.output)
         except (json.JSONDecodeError, UnicodeDecodeError):
+            existing = {"stage": "(unreadable)"}
+        reasons = self.rerun_reasons(existing)
+        if reasons:
+            log.info("RUNNING %s: %s", self.stage, "; ".join(reasons))
             return None
-        if not existing or existing.get("stage") != self.stage or existing.get("config_sha256") != digest_json(self.config) \
-                or existing.get("inputs") != self.inputs:
-            return None
-        log.info("SKIPPED: %s already has a manifest for the same config and inputs (%s); nothing to do",
+        log.info("SKIPPED: %s already has a manifest for the same code, config and inputs (%s); nothing to do",
                  self.output, storage.join(self.output, MANIFEST))
         return existing
 
@@ -122,6 +147,7 @@ class StageRun:
             "schema_version": SCHEMA_VERSION,
             "stage": self.stage,
             "code_version": code_version(),
+            "code": self.code,
             "config": self.config,
             "config_sha256": digest_json(self.config),
             "inputs": self.inputs,
@@ -137,3 +163,9 @@ class StageRun:
         )
         log.info("wrote %s", storage.join(self.output, MANIFEST))
         return manifest
+
+
+def _short(code: Any) -> str:
+    if not isinstance(code, dict) or not code:
+        return "unrecorded"
+    return ", ".join(f"{k} {str(v)[-12:] if k == 'image' else str(v)[:12]}" for k, v in sorted(code.items()))

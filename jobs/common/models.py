@@ -9,28 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
-from jobs.common import storage  # noqa: E402
-from jobs.common.errors import BadInputError  # noqa: E402
+from jobs import demo_model
+from jobs.common import storage
+from jobs.common.errors import BadInputError
 
 SUPPORTED_CLASSES = ("GemmaCausalLM", "Gemma3CausalLM")
 SUPPORTED_HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 EXPECTED = "a keras-hub preset name, hf://ORG/NAME, demo:gemma3-270m, or a gs:// or local preset or HF checkpoint directory"
 
 
-def resolve(uri: str, workdir: Path, field: str = "--base-model") -> str:
-    """Turn a model URI into something `from_preset` accepts (a local path or a preset handle)."""
-    from jobs.convert.gguf_import import DEMO_MODEL_URI, demo_model_dir
-
-    if uri == DEMO_MODEL_URI:
-        return str(demo_model_dir())
+def resolve(uri: str, workdir: Path, field: str = "--base-model", tokenizer_only: bool = False) -> str:
+    """Turn a model URI into something `from_preset` accepts (a local path or a preset handle). With
+    `tokenizer_only`, the demo model needs no weights (and no torch)."""
+    if uri == demo_model.DEMO_MODEL_URI:
+        return str(demo_model.tokenizer_dir() if tokenizer_only else demo_model.model_dir())
     if uri.startswith("demo:"):
-        raise BadInputError(field, uri, f"{DEMO_MODEL_URI} (the only built-in model)")
+        raise BadInputError(field, uri, f"{demo_model.DEMO_MODEL_URI} (the only built-in model)")
     if storage.is_gcs(uri):
         return str(storage.stage_in(uri, workdir, name="model"))
     local = Path(uri)
@@ -78,7 +75,7 @@ def _untracked() -> contextlib.AbstractContextManager:
 def load_tokenizer(uri: str, workdir: Path, field: str = "--base-model"):
     import keras_hub
 
-    handle = resolve(uri, workdir, field)
+    handle = resolve(uri, workdir, field, tokenizer_only=True)
     try:
         with _untracked():
             return keras_hub.models.Tokenizer.from_preset(handle)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from jobs.common.cli import main
-from jobs.convert.config import HELP, ConvertConfig
-from jobs.convert.core import run
+# The entry point picks the Keras backend (library modules never do). torch, not JAX: keras-hub's exporter
+# writes safetensors one tensor at a time on torch but serializes the whole state dict in memory on JAX, and
+# the parity check runs transformers on torch anyway.
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+from jobs.common.cli import main  # noqa: E402
+from jobs.convert.config import DESCRIPTION, ConvertConfig  # noqa: E402
+from jobs.convert.core import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(ConvertConfig, run, "Merge LoRA, export to Hugging Face transformers format, and verify it.", HELP))
+    sys.exit(main(ConvertConfig, run, DESCRIPTION))

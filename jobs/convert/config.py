@@ -1,26 +1,15 @@
-"""Typed, validated configuration of the convert stage."""
+"""Typed, validated configuration of the convert stage: every option declared once (see jobs.common.spec)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from jobs.common import spec
 from jobs.common.errors import BadInputError
+from jobs.common.spec import option
 
-DTYPES = ("float32", "bfloat16")
-
-HELP = {
-    "finetune": "output prefix of the fine-tuning stage: its merged model is exported (or, with --adapter, "
-                "its base model and adapter settings are used)",
-    "output": "output prefix (gs:// or local directory) for the Hugging Face model directory",
-    "base_model": "base model for the base + adapter path (default: the one the fine-tune used)",
-    "adapter": "a .lora.h5 adapter to merge into --base-model (empty: export the merged preset)",
-    "lora_rank": "rank of --adapter (0: read from the fine-tune's manifest)",
-    "lora_targets": "layers of --adapter (empty: read from the fine-tune's manifest)",
-    "dtype": "float32 or bfloat16 safetensors",
-    "max_shard_mb": "shard safetensors above this size (MiB) and write an index",
-    "tolerance": "max |logit difference| allowed between Keras and transformers (0: 1e-3 for float32, 2% of the logit range for bfloat16)",
-    "samples": "sample prompts for the parity check, separated by '|' (empty: built-in samples)",
-}
+DESCRIPTION = "Merge LoRA, export to Hugging Face transformers format, and verify it."
 
 DEFAULT_SAMPLES = (
     "What does the Python function `os.path.join` do?",
@@ -31,18 +20,23 @@ DEFAULT_SAMPLES = (
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    output: str
-    finetune: str = ""
-    base_model: str = ""
-    adapter: str = ""
-    lora_rank: int = 0
-    lora_targets: tuple[str, ...] = ()
-    dtype: str = "float32"
-    max_shard_mb: int = 2048
-    tolerance: float = 0.0
-    samples: str = ""
+    output: str = option(help="output prefix (gs:// or local directory) for the Hugging Face model directory",
+                         upstream="self")
+    finetune: str = option("", "output prefix of the fine-tuning stage: its merged model is exported (or, with "
+                               "an adapter, its base model and adapter settings are used)", upstream="finetune")
+    base_model: str = option("", "base model for the base + adapter path (default: the one the fine-tune used)")
+    adapter: str = option("", "a .lora.h5 adapter to merge into the base model (empty: export the merged preset)")
+    lora_rank: int = option(0, "rank of the adapter (0: read from the fine-tune's manifest)", minimum=0)
+    lora_targets: tuple[str, ...] = option((), "layers of the adapter (empty: read from the fine-tune's manifest)")
+    dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the exported safetensors",
+                                                   param="export_dtype")
+    max_shard_mb: int = option(2048, "shard safetensors above this size (MiB) and write an index", minimum=1)
+    tolerance: float = option(0.0, "max |logit difference| allowed between Keras and transformers (0: 1e-3 for "
+                                   "float32, 2% of the logit range for bfloat16)", minimum=0)
+    samples: str = option("", "sample prompts for the parity check, separated by '|' (empty: built-in samples)")
 
     def __post_init__(self) -> None:
+        spec.validate(self)
         if not self.finetune and not (self.base_model and self.adapter):
             raise BadInputError("--finetune", self.finetune, "a fine-tuning output prefix, or --base-model with --adapter")
         if self.adapter and not self.adapter.endswith(".lora.h5"):
@@ -50,14 +44,6 @@ class ConvertConfig:
         if self.adapter and not self.finetune and (self.lora_rank < 1 or not self.lora_targets):
             raise BadInputError("--lora-rank/--lora-targets", (self.lora_rank, self.lora_targets),
                                 "the adapter's rank and target layers when no --finetune manifest gives them")
-        if self.lora_rank < 0:
-            raise BadInputError("--lora-rank", self.lora_rank, "0 (from the manifest) or a positive integer")
-        if self.dtype not in DTYPES:
-            raise BadInputError("--dtype", self.dtype, f"one of {', '.join(DTYPES)}")
-        if self.max_shard_mb < 1:
-            raise BadInputError("--max-shard-mb", self.max_shard_mb, "a positive integer")
-        if self.tolerance < 0:
-            raise BadInputError("--tolerance", self.tolerance, "a number >= 0")
 
     def sample_texts(self) -> list[str]:
         return [s for s in self.samples.split("|") if s] if self.samples else list(DEFAULT_SAMPLES)

@@ -6,24 +6,19 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-# torch, not JAX: keras-hub's exporter writes safetensors one tensor at a time on torch but serializes the
-# whole state dict in memory on JAX, and the parity check runs transformers on torch anyway.
-os.environ.setdefault("KERAS_BACKEND", "torch")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from jobs.common import models, storage  # noqa: E402
-from jobs.common.errors import BadInputError, ExportMismatchError  # noqa: E402
-from jobs.common.manifest import StageRun, peak_rss_bytes, read_manifest, upstream_ref  # noqa: E402
-from jobs.convert.config import ConvertConfig  # noqa: E402
-from jobs.convert.safetensors_io import reshard  # noqa: E402
+from jobs.common import models, storage
+from jobs.common.errors import BadInputError, ExportMismatchError
+from jobs.common.manifest import StageRun, peak_rss_bytes, read_manifest, upstream_ref
+from jobs.convert.config import ConvertConfig
+from jobs.convert.safetensors_io import reshard
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from jobs.common.cli import main
-from jobs.finetuning.config import HELP, FinetuneConfig
-from jobs.finetuning.core import run
+# The entry point picks the Keras backend (library modules never do): JAX, as in the stage's image.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from jobs.common.cli import main  # noqa: E402
+from jobs.finetuning.config import DESCRIPTION, FinetuneConfig  # noqa: E402
+from jobs.finetuning.core import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(FinetuneConfig, run, "LoRA fine-tuning of a Gemma / Gemma 3 causal LM with keras-hub on JAX.", HELP))
+    sys.exit(main(FinetuneConfig, run, DESCRIPTION))

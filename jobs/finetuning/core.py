@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import time
@@ -12,18 +11,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
-from jobs.common import models, storage  # noqa: E402
-from jobs.common.cli import local_output_dir  # noqa: E402
-from jobs.common.errors import BadInputError, PreemptedError  # noqa: E402
-from jobs.common.manifest import StageRun, digest_json, upstream_ref  # noqa: E402
-from jobs.common.progress import Progress  # noqa: E402
-from jobs.finetuning import checkpoint  # noqa: E402
-from jobs.finetuning import data as data_lib  # noqa: E402
-from jobs.finetuning.config import FinetuneConfig  # noqa: E402
-from jobs.finetuning.distribution import check_model_parallel, setup  # noqa: E402
-from jobs.finetuning.train import Trainer, make_optimizer  # noqa: E402
+from jobs.common import models, storage
+from jobs.common.cli import local_output_dir
+from jobs.common.errors import BadInputError, PreemptedError
+from jobs.common.manifest import StageRun, digest_json, upstream_ref
+from jobs.common.progress import Progress
+from jobs.finetuning import checkpoint
+from jobs.finetuning import data as data_lib
+from jobs.finetuning.config import FinetuneConfig
+from jobs.finetuning.distribution import check_model_parallel, setup
+from jobs.finetuning.train import Trainer, make_optimizer
 
 log = logging.getLogger(__name__)
 

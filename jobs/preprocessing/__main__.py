@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-from jobs.common.cli import main
-from jobs.preprocessing.config import HELP, PreprocessConfig
-from jobs.preprocessing.core import run
+# The entry point picks the Keras backend (library modules never do): JAX, as in the stage's image.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from jobs.common.cli import main  # noqa: E402
+from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig  # noqa: E402
+from jobs.preprocessing.core import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(PreprocessConfig, run, "Clean, template and split an instruction dataset.", HELP))
+    sys.exit(main(PreprocessConfig, run, DESCRIPTION))

@@ -1,69 +1,51 @@
-"""Typed, validated configuration of the preprocessing stage."""
+"""Typed, validated configuration of the preprocessing stage: every option declared once (see jobs.common.spec)."""
 
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Literal
 
+from jobs.common import spec
 from jobs.common.errors import BadInputError
-from jobs.convert.gguf_import import DEMO_MODEL_URI
+from jobs.common.spec import option
+from jobs.demo_model import DEMO_MODEL_URI
 from jobs.preprocessing.demo import DEMO_URI
 
-CHAT_FORMATS = ("gemma", "none")
-BAD_RECORD_POLICIES = ("fail", "skip")
-
-HELP = {
-    "input": f"dataset: a .jsonl/.json/.csv/.parquet file (local or gs://), hf://datasets/ID, or {DEMO_URI}",
-    "output": "output prefix (gs:// or local directory)",
-    "base_model": "model whose tokenizer measures lengths",
-    "input_format": "auto (from the file name), jsonl, json, csv or parquet",
-    "hf_split": "split to read from an hf://datasets/ source",
-    "instruction_field": "column holding the instruction / question",
-    "response_field": "column holding the response / answer",
-    "context_field": "optional column appended to the instruction (empty: none)",
-    "template": "prompt template with {column} placeholders; overrides the instruction/context fields",
-    "chat_format": "gemma: wrap in Gemma chat turns (instruction-tuned models); none: raw text",
-    "max_tokens": "drop rows whose prompt+response exceed this many tokens (with BOS/EOS)",
-    "max_examples": "keep at most this many rows after cleaning (0: all)",
-    "eval_fraction": "fraction of rows held out for evaluation",
-    "seed": "seed of the deterministic shuffle and train/eval split",
-    "on_bad_record": "fail: stop at the first unreadable row; skip: quarantine it and go on",
-}
+DESCRIPTION = "Clean, template and split an instruction dataset."
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    output: str
-    input: str = DEMO_URI
-    base_model: str = DEMO_MODEL_URI
-    input_format: str = "auto"
-    hf_split: str = "train"
-    instruction_field: str = "instruction"
-    response_field: str = "response"
-    context_field: str = ""
-    template: str = ""
-    chat_format: str = "gemma"
-    max_tokens: int = 512
-    max_examples: int = 0
-    eval_fraction: float = 0.1
-    seed: int = 0
-    on_bad_record: str = "fail"
+    output: str = option(help="output prefix (gs:// or local directory)", upstream="self")
+    input: str = option(DEMO_URI, f"dataset: a .jsonl/.json/.csv/.parquet file (local or gs://), hf://datasets/ID, "
+                                  f"or {DEMO_URI}", param="dataset")
+    base_model: str = option(DEMO_MODEL_URI, "model whose tokenizer measures lengths: keras-hub preset, "
+                                             "hf://ORG/NAME, gs:// or local model directory, or demo:gemma3-270m",
+                             param="base_model")
+    input_format: Literal["auto", "jsonl", "json", "csv", "parquet"] = option(
+        "auto", "file format (auto: from the file name)")
+    hf_split: str = option("train", "split to read from an hf://datasets/ source")
+    instruction_field: str = option("instruction", "column holding the instruction / question (ignored with a template)",
+                                    param="instruction_field")
+    response_field: str = option("response", "column holding the response / answer", param="response_field")
+    context_field: str = option("", "optional column appended to the instruction (empty: none)",
+                                param="context_field", nullable=True)
+    template: str = option("", "prompt template with {column} placeholders; overrides the instruction/context fields "
+                               "(empty: none)", param="template", nullable=True)
+    chat_format: Literal["gemma", "none"] = option(
+        "gemma", "gemma: wrap in Gemma chat turns (instruction-tuned models); none: raw text", param="chat_format")
+    max_tokens: int = option(128, "drop rows whose prompt+response exceed this many tokens (with BOS/EOS)",
+                             minimum=8, maximum=131072, param="max_tokens")
+    max_examples: int = option(0, "keep at most this many rows after cleaning (0: all)", minimum=0, param="max_examples")
+    eval_fraction: float = option(0.1, "fraction of rows held out for evaluation", minimum=0, exclusive_maximum=1,
+                                  param="eval_fraction")
+    seed: int = option(0, "seed of the deterministic split and of training", minimum=0, param="seed")
+    on_bad_record: Literal["fail", "skip"] = option(
+        "fail", "fail: stop at the first unreadable row; skip: quarantine it and go on", param="on_bad_record")
 
     def __post_init__(self) -> None:
-        if not self.output:
-            raise BadInputError("--output", self.output, "a gs:// prefix or local directory")
-        if self.chat_format not in CHAT_FORMATS:
-            raise BadInputError("--chat-format", self.chat_format, f"one of {', '.join(CHAT_FORMATS)}")
-        if self.on_bad_record not in BAD_RECORD_POLICIES:
-            raise BadInputError("--on-bad-record", self.on_bad_record, f"one of {', '.join(BAD_RECORD_POLICIES)}")
-        if self.max_tokens < 8:
-            raise BadInputError("--max-tokens", self.max_tokens, "an integer >= 8")
-        if self.max_examples < 0:
-            raise BadInputError("--max-examples", self.max_examples, "0 (no cap) or a positive integer")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise BadInputError("--eval-fraction", self.eval_fraction, "a number in [0, 1)")
-        if not self.response_field:
-            raise BadInputError("--response-field", self.response_field, "a column name")
+        spec.validate(self)
         if not self.template and not self.instruction_field:
             raise BadInputError("--instruction-field", self.instruction_field, "a column name (or set --template)")
         try:

@@ -76,7 +76,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         input_ref = {"uri": DEMO_URI, "python": sys.version.split()[0]}
     else:
         input_ref = source_ref(config.input, local_input)
-    model_handle = models.resolve(config.base_model, workdir)
+    model_handle = models.resolve(config.base_model, workdir, tokenizer_only=True)
     stage = StageRun("preprocess", config.output, asdict(config), [input_ref, models.model_ref(config.base_model, model_handle, tokenizer_only=True)])
     if (done := stage.already_done()) is not None:
         return done

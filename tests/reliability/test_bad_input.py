@@ -18,8 +18,8 @@ error, a message naming the field, the value and what was expected, and no outpu
 | P13 | preprocess | `--output gs://` | `--output`/`uri`, `gs://` |
 | P14 | preprocess | `--on-bad-record ignore` | `--on-bad-record`, `skip` |
 | P15 | preprocess | `--input gs://bucket/../etc/passwd` | `..` |
-| F01 | finetune | `--lora-rank 0` | `--lora-rank`, positive integer |
-| F02 | finetune | `--lora-rank -3` | `--lora-rank`, positive integer |
+| F01 | finetune | `--lora-rank 0` | `--lora-rank`, `[1, 512]` |
+| F02 | finetune | `--lora-rank -3` | `--lora-rank`, `[1, 512]` |
 | F03 | finetune | `--data` prefix without a manifest | `--data`, `_manifest.json` |
 | F04 | finetune | an unreadable (corrupt) checkpoint marked complete | `--output`, readable checkpoint, `--no-resume` |
 | F05 | finetune | `--sequence-length 8`, shorter than the prompts | `--sequence-length`, `8`, response token |
@@ -36,6 +36,7 @@ error, a message naming the field, the value and what was expected, and no outpu
 | C02 | convert | `--dtype float16` | `--dtype`, `bfloat16` |
 | C03 | convert | `--adapter weights.bin` | `--adapter`, `.lora.h5` |
 | D01-D09 | trigger form | `lora_rank` 0 / -3, unknown profile, quality gate 1.5, queue `Not_A_Queue`, bucket `x`, `run_name` `../x`, empty dataset, `learning_rate` 0 | `Invalid input for param <name>:`, the value, the schema rule |
+| D10 | trigger conf | a key that is not a param (`lora_rnak`) | the key, the closest param `lora_rank` |
 | K01 | preflight | a LocalQueue that does not exist | the queue name, exit 2 |
 """
 
@@ -87,8 +88,8 @@ CASES = [
     Case("P13", "preprocess", ["--input", "{files}/good.jsonl"], ["gs://"], output="gs://"),
     Case("P14", "preprocess", ["--input", "{files}/good.jsonl", "--on-bad-record", "ignore"], ["--on-bad-record", "'ignore'", "skip"]),
     Case("P15", "preprocess", ["--input", "gs://bucket/../etc/passwd.jsonl"], ["'..'"]),
-    Case("F01", "finetune", ["--data", "{pre}", "--lora-rank", "0"], ["--lora-rank", "got 0", "a positive integer"]),
-    Case("F02", "finetune", ["--data", "{pre}", "--lora-rank", "-3"], ["--lora-rank", "got -3", "a positive integer"]),
+    Case("F01", "finetune", ["--data", "{pre}", "--lora-rank", "0"], ["--lora-rank", "got 0", "an integer in [1, 512]"]),
+    Case("F02", "finetune", ["--data", "{pre}", "--lora-rank", "-3"], ["--lora-rank", "got -3", "an integer in [1, 512]"]),
     Case("F03", "finetune", ["--data", "{files}"], ["--data", MANIFEST]),
     Case("F04", "finetune", ["--data", "{pre}"], ["--output", "readable checkpoint", "--no-resume"], setup=["corrupt_checkpoint"]),
     Case("F05", "finetune", ["--data", "{pre}", "--sequence-length", "8"], ["--sequence-length", "got 8", "response token"]),
@@ -149,7 +150,7 @@ def test_bad_input_is_rejected_plainly(case, ctx, capfd, monkeypatch):
     config_cls = getattr(importlib.import_module(config_module), config_name)
     run = importlib.import_module(core_module).run
     try:
-        code = main(config_cls, run, case.stage, {}, [*args, "--output", output])
+        code = main(config_cls, run, case.stage, [*args, "--output", output])
     except SystemExit as exit_:  # argparse rejects unknown options and malformed values itself
         code = exit_.code
     text = capfd.readouterr()
@@ -162,9 +163,28 @@ def test_bad_input_is_rejected_plainly(case, ctx, capfd, monkeypatch):
     storage.client.cache_clear()
 
 
-def test_the_catalogue_has_at_least_25_cases():
-    assert len(CASES) + len(PARAM_CASES) + 1 >= 25
+def test_the_documented_catalogue_is_the_tested_one():
+    """The table above is what users read; every row is a test here and every test a row."""
+    import re
+
+    documented = set(re.findall(r"^\| ([A-Z]\d\d)(?:-[A-Z]\d\d)? \|", __doc__, re.M))
+    tested = {c.id for c in CASES} | {"D01", "D10", "K01"}
     assert len({c.id for c in CASES}) == len(CASES)
+    assert documented == tested
+    assert len(PARAM_CASES) == 9  # D01-D09
+
+
+def test_D10_a_conf_key_that_is_not_a_param_is_refused(dag):
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+    from gemma_pipeline.operators import check_conf
+
+    params = {k: dag.params[k] for k in dag.params}
+    context = {"params": params, "dag_run": SimpleNamespace(conf={"lora_rnak": 8, "max_steps": 5})}
+    with pytest.raises(AirflowFailException, match=r"'lora_rnak' \(did you mean 'lora_rank'\?\)"):
+        check_conf(context)
+    check_conf({"params": params, "dag_run": SimpleNamespace(conf={"lora_rank": 8})})  # known keys pass
 
 
 PARAM_CASES = [("lora_rank", 0), ("lora_rank", -3), ("finetune_profile", "tpu-v9-64"), ("require_improvement", 1.5),

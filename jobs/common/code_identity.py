@@ -1,0 +1,76 @@
+"""What code made a stage's output, for the skip decision: a finished stage reruns when its code changed.
+
+The image digest when the Job pins its image by digest (`GEMMA_PIPELINE_IMAGE=...@sha256:...`, set by the Job
+spec), else a digest of the stage's own source files: every project module its entry point reaches, found by
+reading the imports (lazy ones inside functions too), so a fix anywhere the stage runs through counts.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+IMAGE_ENV = "GEMMA_PIPELINE_IMAGE"
+STAGE_MODULES = {"preprocess": "jobs.preprocessing", "finetune": "jobs.finetuning", "benchmark": "jobs.benchmark",
+                 "convert": "jobs.convert"}
+_ROOT = Path(__file__).resolve().parent.parent.parent  # the directory holding the `jobs` package
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _project_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return {n for n in names if n.split(".")[0] == "jobs"}
+
+
+def source_files(entry: str, root: Path = _ROOT) -> dict[str, Path]:
+    """Project source files reachable from module `entry` (its `__main__` included), by relative path."""
+    found: dict[str, Path] = {}
+    pending = [entry, f"{entry}.__main__"]
+    seen: set[str] = set()
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        pending += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a/__init__, a/b/__init__
+        path = _module_file(module, root)
+        if path is not None:
+            found[str(path.relative_to(root))] = path
+            pending += sorted(_project_imports(path))
+    return found
+
+
+@functools.cache
+def source_digest(entry: str, root: Path = _ROOT) -> str:
+    digest = hashlib.sha256()
+    for name, path in sorted(source_files(entry, root).items()):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def code_identity(stage: str) -> dict[str, Any]:
+    image = os.environ.get(IMAGE_ENV, "")
+    if "@sha256:" in image:
+        return {"image": image}
+    entry = STAGE_MODULES.get(stage)
+    if entry is None:
+        raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGE_MODULES)}")
+    return {"source_sha256": source_digest(entry)}
