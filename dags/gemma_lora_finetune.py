@@ -30,7 +30,7 @@ PREFIXES = {stage: f"{PREFIX}/{stage}" for stage in jobspec.STAGES}
 PROFILE_NAMES = sorted(profiles.PROFILES)
 # Stage options: declared once in each stage's config (jobs/<stage>/config.py); the Params derive from there.
 STAGE_PARAMS = jobspec.param_options()
-PARAM_TEMPLATES = {name: "{{ params." + name + " if params." + name + " is not none else '' }}" for name in STAGE_PARAMS}
+PARAM_TEMPLATES = jobspec.param_templates()
 
 params = {
     "bucket": Param("my-gemma-bucket", type="string", pattern=r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$",

@@ -186,6 +186,19 @@ def param_defaults() -> dict[str, Any]:
     return {name: opt.param_default for name, opt in param_options().items()}
 
 
+def param_templates() -> dict[str, str]:
+    """Each stage Param as the Jinja template the DAG renders into the Job's arguments, spelled as the CLI
+    reads it: null as "" (the option's "none"), booleans as true/false."""
+    templates = {}
+    for name, opt in param_options().items():
+        value = f"params.{name}"
+        if opt.kind == "bool":
+            templates[name] = "{{ 'true' if " + value + " else 'false' }}"
+        else:
+            templates[name] = "{{ " + value + " if " + value + " is not none else '' }}"
+    return templates
+
+
 def prefixes(bucket: str, run_id: str) -> dict[str, str]:
     return {s: stage_prefix(bucket, run_id, s) for s in STAGES}
 

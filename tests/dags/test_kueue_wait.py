@@ -92,12 +92,22 @@ def test_operator_waits_for_admission_instead_of_failing(monkeypatch):
     assert [p.metadata.name for p in pods] == ["pod-1"] and not api.deleted
 
 
-@pytest.mark.parametrize("reason,retriable", [("PodFailurePolicy", False), ("BackoffLimitExceeded", True), ("DeadlineExceeded", True)])
-def test_failure_classes(reason, retriable):
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException
-    from gemma_pipeline.operators import non_retriable_failures
+@pytest.mark.parametrize("reason,retriable", [("PodFailurePolicy", False), ("BackoffLimitExceeded", True),
+                                             ("DeadlineExceeded", True)])
+def test_failure_classes_come_from_the_jobs_conditions(reason, retriable):
+    """The Job controller's Failed condition names the podFailurePolicy; the error message is not read (it says
+    nothing here), so a provider rewording its message cannot turn a bad input into three retries."""
+    from types import SimpleNamespace
 
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from gemma_pipeline.operators import StageJobOperator
+
+    op = StageJobOperator(task_id="finetune", stage="finetune", profile_name="cpu", name="gemma-finetune",
+                          image="r/finetune:1", project_id="p", location="l", cluster_name="c", namespace="team-a")
+    op.__dict__["hook"] = SimpleNamespace(get_pod=lambda name, namespace: None)
+    job = {"metadata": {"name": "gemma-finetune-x", "namespace": "team-a"},
+           "status": {"conditions": [{"type": "Failed", "status": "True", "reason": reason}]}}
+    event = {"status": "error", "message": "the Job failed", "job": job, "pod_names": [], "pod_namespace": "team-a"}
     with pytest.raises(AirflowException) as caught:
-        with non_retriable_failures():
-            raise AirflowException(f"Job failed with error: {reason}")
+        op.execute_complete({"ti": SimpleNamespace(xcom_push=lambda **kw: None)}, event)
     assert isinstance(caught.value, AirflowFailException) is (not retriable)

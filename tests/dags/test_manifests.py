@@ -49,17 +49,35 @@ def _validate_kueue(obj):
 def test_checked_in_job_manifests_are_current(tmp_path):
     assert manifests.main(["check", str(ROOT / "k8s" / "jobs")]) == 0
     manifests.main(["write", str(tmp_path)])
-    (tmp_path / "02-finetune.yaml").write_text((tmp_path / "02-finetune.yaml").read_text().replace("suspend: true", "suspend: false"))
+    job = tmp_path / "base" / "finetune" / "job.yaml"
+    job.write_text(job.read_text().replace("suspend: true", "suspend: false"))
     assert manifests.main(["check", str(tmp_path)]) == 1
+
+
+def _kustomize(path) -> list[dict]:
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl (with kustomize) is needed to build the overlays")
+    built = subprocess.run(["kubectl", "kustomize", str(path)], check=True, capture_output=True, text=True).stdout
+    return list(yaml.safe_load_all(built))
+
+
+def _overlay_job(stage: str) -> dict:
+    objects = _kustomize(ROOT / "k8s" / "jobs" / "overlays" / "example" / stage)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "Job"], kinds
+    return next(o for o in objects if o["kind"] == "Job")
 
 
 def test_checked_in_kueue_manifests_are_current():
     assert kueue.main(["check", str(ROOT / "k8s" / "kueue")]) == 0
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "k8s" / "jobs").glob("*.yaml")), ids=lambda p: p.name)
-def test_job_manifests_validate_strictly(path):
-    job = yaml.safe_load(path.read_text())
+@pytest.mark.parametrize("stage", jobspec.STAGES)
+def test_job_manifests_validate_strictly(stage):
+    job = _overlay_job(stage)
+    assert job["metadata"]["namespace"] == "team-a" and job["metadata"]["name"] == f"gemma-{stage}-manual-001"
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GEMMA_BUCKET"]["valueFrom"]["configMapKeyRef"]["name"].startswith("gemma-pipeline-run-manual-001-")
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     spec = job["spec"]
     assert spec["suspend"] is True and spec["parallelism"] == 1
@@ -76,7 +94,8 @@ def test_job_manifests_validate_strictly(path):
 
 
 def test_unknown_job_field_is_rejected():
-    job = yaml.safe_load((ROOT / "k8s" / "jobs" / "01-preprocess.yaml").read_text())
+    job = manifests.base_job("preprocess")
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(job, K8S_VERSION, strict=True)
@@ -151,3 +170,61 @@ def test_quantities():
 def test_run_ids_are_made_safe():
     assert jobspec.safe_run_id("manual__2026-11-22T10:00:00+00:00") == "manual-2026-11-22t10-00-00-00-00"
     assert jobspec.stage_prefix("b", "Run/../x", "finetune") == "gs://b/runs/run-x/finetune"
+
+
+# What the DAG fills at run time and the kubectl tree leaves to kustomize or the container env: the only
+# places the two Jobs may differ.
+RUN_TIME_LABELS = {"gemma-lora-pipeline/run"}
+
+
+def _comparable(job: dict, image: str, prefix: str) -> dict:
+    job = copy.deepcopy(job)
+    meta = job["metadata"]
+    meta.pop("name"), meta.pop("namespace", None), meta.pop("annotations", None)
+    meta["labels"] = {k: v for k, v in meta["labels"].items()
+                      if k not in RUN_TIME_LABELS and not k.startswith(("airflow", "kubernetes_job_operator"))}
+    template = job["spec"]["template"]
+    template["metadata"]["labels"] = {k: v for k, v in template["metadata"].get("labels", {}).items()
+                                      if k.startswith("gemma-lora-pipeline/") and k not in RUN_TIME_LABELS}
+    template["metadata"].pop("annotations", None)
+    template["metadata"].pop("name", None)
+    template["metadata"].pop("namespace", None)
+    container = template["spec"]["containers"][0]
+    assert container.pop("image") == image
+    container["args"] = [a.replace(prefix, "gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)") for a in container["args"]]
+    container["env"] = [e for e in container["env"]
+                        if e["name"] not in (*manifests.RUN_ENV, jobspec.IMAGE_ENV)]
+    return _without_api_defaults(job)
+
+
+# Values the provider's model objects spell out that the API server would default to anyway.
+API_DEFAULTS = {"hostNetwork": False, "terminationMessagePolicy": "File"}
+
+
+def _without_api_defaults(value):
+    if isinstance(value, dict):
+        return {k: _without_api_defaults(v) for k, v in value.items()
+                if v not in ({}, [], None) and API_DEFAULTS.get(k, object()) != v}
+    if isinstance(value, list):
+        return [_without_api_defaults(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("stage", jobspec.STAGES)
+def test_the_dag_task_submits_the_kubectl_manifest(stage):
+    """One Job, two doors: the Job the DAG's task builds (through the provider) equals the k8s/jobs one, apart
+    from the run-time fields: name, namespace, image, bucket/run prefixes, and the labels Airflow adds."""
+    from airflow.dag_processing.dagbag import DagBag
+    from kubernetes.client import ApiClient
+
+    from tests.dags.test_dag import _render
+
+    bag_dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
+    overrides = {f"{s}_profile": p for s, p in manifests.BASE_PROFILES.items()}
+    overrides.update(bucket="bkt", run_name="r1", queue=manifests.EXAMPLE["queue"])
+    dag_job = ApiClient().sanitize_for_serialization(_render(bag_dag.get_task(stage), bag_dag, overrides))
+    kubectl_job = _overlay_job(stage)
+    registry_image = f"{manifests.EXAMPLE['registry']}/{stage}:{manifests.EXAMPLE['tag']}"
+    ours = _comparable(kubectl_job, registry_image, "gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)")
+    theirs = _comparable(dag_job, bag_dag.get_task(stage).image, "gs://bkt/runs/r1")
+    assert theirs == ours

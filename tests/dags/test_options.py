@@ -8,8 +8,8 @@ import sys
 
 import pytest
 from gemma_pipeline import jobspec
-from jobs.common import cli, spec
 
+from jobs.common import cli, spec
 from tests.conftest import ROOT
 from tests.dags.test_dag import _render, dag  # noqa: F401  (the parsed DAG fixture)
 
