@@ -39,8 +39,9 @@ def _project_imports(path: Path) -> set[str]:
     return {n for n in names if n.split(".")[0] == "jobs"}
 
 
-def source_files(entry: str, root: Path = _ROOT) -> dict[str, Path]:
+def source_files(entry: str, root: Path | None = None) -> dict[str, Path]:
     """Project source files reachable from module `entry` (its `__main__` included), by relative path."""
+    root = root or _ROOT
     found: dict[str, Path] = {}
     pending = [entry, f"{entry}.__main__"]
     seen: set[str] = set()
@@ -59,7 +60,8 @@ def source_files(entry: str, root: Path = _ROOT) -> dict[str, Path]:
 
 
 @functools.cache
-def source_digest(entry: str, root: Path = _ROOT) -> str:
+def source_digest(entry: str, root: Path | None = None) -> str:
+    root = root or _ROOT
     digest = hashlib.sha256()
     for name, path in sorted(source_files(entry, root).items()):
         digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())

@@ -92,7 +92,7 @@ def verify(expected: list[dict[str, Any]], directory: Path, config: ConvertConfi
     hf_tokenizer = AutoTokenizer.from_pretrained(str(directory))
     hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     hf_model.eval()
-    token_checks, max_diff, greedy_equal, max_logit = [], 0.0, [], 0.0
+    token_checks, max_diff, next_tokens, max_logit = [], 0.0, [], 0.0
     for sample in expected:
         keras_logits = sample["logits"]
         token_checks.append(sample["ids"] == hf_tokenizer(sample["text"], add_special_tokens=False)["input_ids"])
@@ -100,14 +100,20 @@ def verify(expected: list[dict[str, Any]], directory: Path, config: ConvertConfi
             hf_logits = hf_model(torch.tensor([sample["input"]])).logits.float().numpy()
         max_diff = max(max_diff, float(np.abs(keras_logits - hf_logits).max()))
         max_logit = max(max_logit, float(np.abs(keras_logits).max()))
-        greedy_equal.append(int(keras_logits[0, -1].argmax()) == int(hf_logits[0, -1].argmax()))
+        last = keras_logits[0, -1]
+        next_tokens.append((int(last.argmax()), int(hf_logits[0, -1].argmax()), last))
     tolerance = config.tolerance or (1e-3 if config.dtype == "float32" else 0.02 * max_logit)
+    # A different greedy token fails only when the Keras model preferred its own by more than the tolerance: a
+    # near-tie (common in a random or bfloat16 model) cannot be kept through rounding the check already allows.
+    greedy_equal = [keras_top == hf_top or float(last[keras_top] - last[hf_top]) <= tolerance
+                    for keras_top, hf_top, last in next_tokens]
     parity = {
         "samples": len(expected),
         "token_ids_equal": all(token_checks),
         "logits_max_abs_diff": max_diff,
         "tolerance": tolerance,
         "greedy_next_token_equal": all(greedy_equal),
+        "greedy_near_ties": sum(k != h for k, h, _ in next_tokens),
         "dtype": config.dtype,
     }
     parity["passed"] = parity["token_ids_equal"] and max_diff <= tolerance and parity["greedy_next_token_equal"]

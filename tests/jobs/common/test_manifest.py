@@ -9,7 +9,8 @@ from jobs.common.errors import BadInputError
 
 
 def _run(out, config=None, inputs=None):
-    return manifest.StageRun("unit", str(out), config or {"a": 1}, inputs or [{"uri": "x", "sha256": "0"}])
+    return manifest.StageRun("unit", str(out), config or {"a": 1}, inputs or [{"uri": "x", "sha256": "0"}],
+                             code={"source_sha256": "unit-test"})
 
 
 def test_manifest_records_outputs_and_rerun_is_skipped(tmp_path):
@@ -61,3 +62,52 @@ def test_a_tokenizer_only_model_ref_ignores_weights_but_not_the_tokenizer(tmp_pa
     assert model_ref("m", str(tmp_path), tokenizer_only=True) == tok and model_ref("m", str(tmp_path)) != full
     (tmp_path / "tokenizer.json").write_text('{"v": 2}')
     assert model_ref("m", str(tmp_path), tokenizer_only=True) != tok
+
+
+def test_a_stage_reruns_when_its_code_changes_and_skips_when_it_does_not(tmp_path, tiny_gemma3, monkeypatch, caplog):
+    """The skip key holds the code's identity, a digest of the source files the stage reaches: preprocessing
+    runs, runs again (skipped), then a fix to a module it reaches (here in a copy of the package that the
+    digest is computed over) makes the same config and inputs run again, and the log says why."""
+    import json as json_
+    import logging
+    import shutil
+
+    from jobs.common import code_identity
+    from jobs.preprocessing.config import PreprocessConfig
+    from jobs.preprocessing.core import run as preprocess
+    from tests.conftest import ROOT
+
+    copy = tmp_path / "code"
+    shutil.copytree(ROOT / "jobs", copy / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(code_identity, "_ROOT", copy)
+    code_identity.source_digest.cache_clear()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json_.dumps({"instruction": f"q{i}", "response": f"a {i}"}) + "\n" for i in range(12)))
+    config = PreprocessConfig(input=str(data), output=str(tmp_path / "out"), base_model=str(tiny_gemma3))
+
+    def run() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="jobs.common.manifest"):
+            preprocess(config, tmp_path / "w")
+        return caplog.text
+
+    assert "RUNNING preprocess: no manifest yet" in run()
+    first = json_.loads((tmp_path / "out" / "_manifest.json").read_text())["code"]
+    assert "SKIPPED" in run()  # unchanged code, config and inputs
+    with (copy / "jobs" / "common" / "storage.py").open("a") as handle:
+        handle.write("\n# a fix in a module the stage reaches\n")
+    code_identity.source_digest.cache_clear()  # a new process would compute it afresh
+    log = run()
+    assert "RUNNING preprocess: the code changed" in log and "SKIPPED" not in log
+    assert json_.loads((tmp_path / "out" / "_manifest.json").read_text())["code"] != first
+    code_identity.source_digest.cache_clear()
+
+
+def test_an_image_pinned_by_digest_is_the_code_identity(monkeypatch):
+    from jobs.common.code_identity import IMAGE_ENV, code_identity, source_digest
+
+    monkeypatch.setenv(IMAGE_ENV, "r/preprocess:1.0")  # a tag can move: the source digest decides
+    assert code_identity("preprocess") == {"source_sha256": source_digest("jobs.preprocessing")}
+    monkeypatch.setenv(IMAGE_ENV, "r/preprocess@sha256:" + "a" * 64)
+    assert code_identity("preprocess") == {"image": "r/preprocess@sha256:" + "a" * 64}
+    assert source_digest("jobs.preprocessing") != source_digest("jobs.convert")

@@ -1,6 +1,11 @@
+"""Convert on the backend production runs it on: torch (docker/convert.Dockerfile, jobs/convert/__main__.py).
+Run by tests/jobs/convert/test_on_torch.py in a pytest process of its own with KERAS_BACKEND=torch; the
+fine-tune that feeds it runs as its own JAX process, as in the pipeline."""
+
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +15,19 @@ from jobs.common.manifest import MANIFEST
 from jobs.convert import core
 from jobs.convert.config import ConvertConfig
 from jobs.convert.safetensors_io import reshard
-from tests.pipeline import tiny_pipeline
+from tests.pipeline import tiny_pipeline_processes
+
+pytestmark = pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "torch",
+                                reason="run through test_on_torch.py, with KERAS_BACKEND=torch")
+
+
+@pytest.fixture(scope="session")
+def pipelines(tmp_path_factory, tiny_gemma3, tiny_gemma):
+    import keras
+
+    assert keras.backend.backend() == "torch"
+    return {kind: tiny_pipeline_processes(tmp_path_factory.mktemp(kind), model, steps=4)
+            for kind, model in (("gemma3", tiny_gemma3), ("gemma", tiny_gemma))}
 
 
 def _tensors(directory):
@@ -23,9 +40,8 @@ def _tensors(directory):
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "gemma"])
-def test_convert_merged_preset_and_parity(tmp_path, kind, request):
-    model = request.getfixturevalue("tiny_gemma3" if kind == "gemma3" else "tiny_gemma")
-    paths = tiny_pipeline(tmp_path, model, steps=3)
+def test_convert_merged_preset_and_parity(tmp_path, kind, pipelines):
+    paths = pipelines[kind]
     result = core.run(ConvertConfig(finetune=str(paths["finetune"]), output=str(tmp_path / "hf")), tmp_path / "w")
     out = tmp_path / "hf"
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "generation_config.json", "parity.json", MANIFEST):
@@ -36,12 +52,12 @@ def test_convert_merged_preset_and_parity(tmp_path, kind, request):
     assert result["metrics"]["peak_rss_bytes"] > 0 and result["metrics"]["checkpoint_bytes"] > 0
 
 
-def test_adapter_export_carries_the_lora_delta(tmp_path, tiny_gemma3):
+def test_adapter_export_carries_the_lora_delta(tmp_path, tiny_gemma3, pipelines):
     """Fails if the LoRA delta is lost: only the adapted projections change, and parity is checked against
     the LoRA-enabled Keras model."""
     import keras_hub
 
-    paths = tiny_pipeline(tmp_path, tiny_gemma3, steps=4)
+    paths = pipelines["gemma3"]
     core.run(ConvertConfig(finetune=str(paths["finetune"]), adapter=str(paths["finetune"] / "adapter.lora.h5"),
                            output=str(tmp_path / "tuned")), tmp_path / "w")
     base = keras_hub.models.CausalLM.from_preset(str(tiny_gemma3))
@@ -53,10 +69,10 @@ def test_adapter_export_carries_the_lora_delta(tmp_path, tiny_gemma3):
     assert json.loads((tmp_path / "tuned" / "parity.json").read_text())["passed"]
 
 
-def test_lost_delta_is_refused_and_nothing_published(tmp_path, tiny_gemma3, monkeypatch):
+def test_lost_delta_is_refused_and_nothing_published(tmp_path, tiny_gemma3, monkeypatch, pipelines):
     import keras_hub
 
-    paths = tiny_pipeline(tmp_path, tiny_gemma3, steps=4)
+    paths = pipelines["gemma3"]
     real_export = core.export
     monkeypatch.setattr(core, "export", lambda model, d: real_export(keras_hub.models.CausalLM.from_preset(str(tiny_gemma3)), d))
     with pytest.raises(ExportMismatchError, match="nothing published"):
@@ -65,8 +81,8 @@ def test_lost_delta_is_refused_and_nothing_published(tmp_path, tiny_gemma3, monk
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
 
 
-def test_bfloat16_export(tmp_path, tiny_gemma3):
-    paths = tiny_pipeline(tmp_path, tiny_gemma3, steps=2)
+def test_bfloat16_export(tmp_path, pipelines):
+    paths = pipelines["gemma3"]
     core.run(ConvertConfig(finetune=str(paths["finetune"]), output=str(tmp_path / "hf"), dtype="bfloat16"), tmp_path / "w")
     from safetensors import safe_open
 
