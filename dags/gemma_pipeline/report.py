@@ -78,7 +78,9 @@ def stage_row(stage: str, manifest: dict[str, Any] | None, usage: dict[str, Any]
         "peak_rss_bytes": manifest.get("peak_rss_bytes") if manifest else None,
         "hourly_usd": prices.get(profile), "accelerator_hours": None, "cost_usd": None,
     }
-    if hours is not None and profile in prices:
+    if row["backend"] == "local":
+        row["hourly_usd"] = None  # the profile's hardware never ran: a local run reports its wall time, no price
+    elif hours is not None and profile in prices:
         row["accelerator_hours"] = round(hours * _accelerators(profile), 4)
         row["cost_usd"] = round(hours * prices[profile], 4)
     return row
@@ -156,9 +158,10 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
              f"{'all four stages finished' if report['complete'] else 'INCOMPLETE: some stages did not finish'}.\n",
              "## Results\n", summary_table(report) + "\n",
              "## Stages\n", stage_table(report) + "\n",
-             "Cost = the profile's hourly price x the hours the stage held its hardware"
-             + (" (local backend: this machine's wall time, an estimate of the profile's cost)" if "local" in backend else "")
-             + ". Prices are a configurable table, not quotes.\n"]
+             ("Local backend: times are this machine's wall time; no cost is shown, since the profiles' hardware "
+              "never ran.\n" if backend == {"local"} else
+              "Cost = the profile's hourly price x the hours the stage held its hardware. Prices are a configurable "
+              "table, not quotes.\n")]
     for title, ref in charts.items():
         parts.append(f"## {title.capitalize()}\n\n![{title}]({ref})\n")
     parity = report["summary"].get("parity")

@@ -89,3 +89,12 @@ def test_pages_carry_results_costs_charts_and_params(prices):
 ])
 def test_job_seconds_from_the_jobs_status(job, seconds):
     assert job_seconds(job) == seconds
+
+
+def test_a_local_run_shows_wall_time_and_no_price(prices):
+    from gemma_pipeline import report
+
+    row = report.stage_row("finetune", {"wall_time_s": 90.0}, {"backend": "local", "profile": "tpu-v5e-1",
+                                                                "seconds": 100.0}, prices)
+    assert row["seconds"] == 100.0
+    assert row["cost_usd"] is None and row["hourly_usd"] is None and row["accelerator_hours"] is None
