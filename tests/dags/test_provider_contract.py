@@ -26,7 +26,7 @@ def _operator(**kwargs):
 def test_the_provider_defers_with_a_gke_job_trigger_that_ours_replaces():
     """The provider's execute_deferrable builds a GKEJobTrigger and calls self.defer; our defer swaps in the
     progress trigger with the same arguments, and the SDK's defer raises TaskDeferred with it."""
-    from airflow.exceptions import TaskDeferred
+    from airflow.sdk.exceptions import TaskDeferred
 
     op = _operator()
     op.__dict__["cluster_info"] = ("https://1.2.3.4", "cert")
