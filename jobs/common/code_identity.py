@@ -28,7 +28,8 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _project_imports(path: Path) -> set[str]:
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at top level or inside functions (`from pkg import x` also as `pkg.x`)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
         if isinstance(node, ast.Import):
@@ -36,7 +37,7 @@ def _project_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return {n for n in names if n.split(".")[0] == "jobs"}
+    return names
 
 
 def source_files(entry: str, root: Path | None = None) -> dict[str, Path]:
@@ -55,7 +56,7 @@ def source_files(entry: str, root: Path | None = None) -> dict[str, Path]:
         path = _module_file(module, root)
         if path is not None:
             found[str(path.relative_to(root))] = path
-            pending += sorted(_project_imports(path))
+            pending += sorted(n for n in imports_of(path) if n.split(".")[0] == "jobs")
     return found
 
 

@@ -45,6 +45,24 @@ def write_sentencepiece(directory: Path) -> None:
     partial.rename(directory / SENTENCEPIECE)
 
 
+def publish(staging: Path, target: Path, config: dict, tokenizer: object) -> Path:
+    """Finish a checkpoint directory built in `staging` (config, tokenizer files, SentencePiece model, the
+    completion marker) and move it to `target` in one rename, so a half-built cache is never used."""
+    import json
+    import shutil
+
+    for key in ("quantization_config", "_name_or_path"):  # the GGUF import's, not the checkpoint's
+        config.pop(key, None)
+    config["architectures"] = ["Gemma3ForCausalLM"]
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(staging))  # type: ignore[attr-defined]
+    write_sentencepiece(staging)
+    (staging / COMPLETE).write_text("")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
 def model_dir() -> Path:
     """The demo checkpoint directory with weights, built on first use (about a minute on 2 cores)."""
     from jobs.demo_model.weights import build_model_dir

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
 
-from jobs.demo_model import COMPLETE, assemble_gguf, write_sentencepiece
+from jobs.demo_model import COMPLETE, assemble_gguf, publish
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +23,7 @@ def build_tokenizer_dir(target: Path) -> Path:
     staging = target.with_name(f"{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    config.pop("quantization_config", None)
-    config.pop("_name_or_path", None)
-    config["architectures"] = ["Gemma3ForCausalLM"]
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(str(staging))
-    write_sentencepiece(staging)
-    (staging / COMPLETE).write_text("")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    publish(staging, target, config, tokenizer)
     gguf_path.unlink(missing_ok=True)
     log.info("built the demo tokenizer at %s", target)
     return target

@@ -3,13 +3,12 @@ directory (safetensors + config.json + tokenizer) that keras-hub's `from_preset`
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
-from jobs.demo_model import COMPLETE, SENTENCEPIECE, assemble_gguf, write_sentencepiece
+from jobs.demo_model import COMPLETE, SENTENCEPIECE, assemble_gguf, publish, write_sentencepiece
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +40,6 @@ def import_gguf(gguf_path: Path, target: Path) -> Path:
     # lm_head is tied to the embeddings and is not stored separately.
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = ["Gemma3ForCausalLM"]
-    config.pop("_name_or_path", None)
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(str(staging))
-    write_sentencepiece(staging)
-    (staging / COMPLETE).write_text("")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    publish(staging, target, model.config.to_dict(), tokenizer)
     log.info("imported demo model to %s in %.0f s", target, time.time() - started)
     return target

@@ -5,7 +5,6 @@ closure of the extra (from the installed packages' metadata, markers evaluated).
 
 from __future__ import annotations
 
-import ast
 import sys
 import tomllib
 from importlib import metadata
@@ -13,6 +12,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from jobs.common.code_identity import imports_of
 
 PROJECT_PACKAGES = ("jobs", "gemma_pipeline")
 
@@ -24,17 +25,6 @@ def _module_file(root: Path, module: str) -> Path | None:
         if candidate.exists():
             return candidate
     return None
-
-
-def imports_of(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return names
 
 
 def stage_imports(root: Path, entry_module: str) -> tuple[set[str], set[str]]:
