@@ -108,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from jobs.common import models
-    from jobs.demo_model import model_dir as demo_model_dir
+    from jobs.demo_model.weights import model_dir as demo_model_dir
     from jobs.finetuning import data as data_lib
     from jobs.preprocessing.config import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess

@@ -32,7 +32,7 @@ def main() -> None:
     from jobs.benchmark import core
     from jobs.benchmark.config import BenchmarkConfig
     from jobs.common import lm, models
-    from jobs.demo_model import model_dir as demo_model_dir
+    from jobs.demo_model.weights import model_dir as demo_model_dir
     from jobs.finetuning import data as data_lib
     from jobs.preprocessing.config import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess

@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--base-model", default="demo:gemma3-270m")
     args = parser.parse_args()
 
-    from jobs.common import models
+    from jobs.common import sources
     from jobs.preprocessing.config import PreprocessConfig
     from jobs.preprocessing.core import run
     from jobs.preprocessing.demo import demo_rows
@@ -36,7 +36,7 @@ def main() -> None:
             for i, r in zip(range(args.rows), (base[i % len(base)] for i in range(args.rows)))]
     source = work / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokenizer = models.load_tokenizer(args.base_model, work / "w0")  # also warms the model cache
+    tokenizer = sources.load_tokenizer(args.base_model, work / "w0")  # also warms the model cache
 
     config = PreprocessConfig(input=str(source), output=str(work / "out"), base_model=args.base_model, max_tokens=1024)
     started = time.perf_counter()

@@ -11,7 +11,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY docker/constraints.txt ./docker/
 COPY jobs ./jobs
-COPY dags/gemma_pipeline ./dags/gemma_pipeline
 # torch from the CPU index: PyPI's Linux wheel bundles CUDA (several GB) that this stage never uses.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu --constraint docker/constraints.txt ".[convert]"
 

@@ -13,7 +13,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY docker/constraints.txt ./docker/
 COPY jobs ./jobs
-COPY dags/gemma_pipeline ./dags/gemma_pipeline
 # jax[tpu] brings libtpu; jax[cuda12] brings the CUDA libraries as wheels (the node provides only the driver).
 # torch (for importing the demo GGUF model) comes from the CPU index: its CUDA wheel is unused weight.
 RUN case "$ACCELERATOR" in \

@@ -11,9 +11,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY docker/constraints.txt ./docker/
 COPY jobs ./jobs
-COPY dags/gemma_pipeline ./dags/gemma_pipeline
-# Only this stage's extra; torch comes from the CPU index (PyPI's Linux wheel bundles CUDA, several GB).
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu --constraint docker/constraints.txt ".[preprocess]"
+# Only this stage's extra: no torch, no transformers (the demo tokenizer is read from GGUF metadata).
+RUN pip install --constraint docker/constraints.txt ".[preprocess]"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp KERAS_BACKEND=jax

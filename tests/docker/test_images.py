@@ -62,6 +62,12 @@ def test_the_stage_extra_provides_everything_the_stage_imports(stage):
     assert deps.missing_for_stage(ROOT, stage, f"{jobspec.MODULES[stage]}.__main__") == {}
 
 
+def test_the_preprocess_image_carries_no_torch_and_no_transformers():
+    installed = deps.closure(deps.extra_requirements(ROOT, "preprocess"))
+    assert not installed & {"torch", "transformers", "accelerate"}, sorted(installed & {"torch", "transformers"})
+    assert "gguf" in installed and "sentencepiece" in installed
+
+
 def test_the_check_fails_when_a_stage_imports_what_its_extra_lacks(tmp_path):
     # A copy of the project whose preprocessing imports pytest, which no stage extra installs.
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
@@ -119,10 +125,25 @@ def test_dockerignore_keeps_the_context_to_what_images_install():
     lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "jobs", "dags/gemma_pipeline", "docker/constraints.txt"}
+    assert allowed == {"pyproject.toml", "README.md", "jobs", "docker/constraints.txt"}
     copied = set()
     for path in DOCKERFILES.values():
         copied |= {src.rstrip("/") for src in re.findall(r"^COPY (?!--from)(.+) \S+$", path.read_text(), re.M)
                    for src in src.split()}
     assert copied == allowed
 
+
+
+def test_the_image_context_builds_a_package_of_the_stages_alone(tmp_path):
+    """What the Dockerfiles copy is enough to install the project, and the DAG package is not in it."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                             str(tmp_path / "dist"), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist() if not name.split("/")[0].endswith("-info")}
+    assert tops == {"jobs"}

@@ -53,7 +53,7 @@ def test_upstream_digest_changes_with_manifest(tmp_path):
 
 
 def test_a_tokenizer_only_model_ref_ignores_weights_but_not_the_tokenizer(tmp_path):
-    from jobs.common.models import model_ref
+    from jobs.common.sources import model_ref
 
     (tmp_path / "tokenizer.json").write_text('{"v": 1}')
     (tmp_path / "model.safetensors").write_bytes(b"w1")

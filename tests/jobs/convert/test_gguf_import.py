@@ -14,7 +14,7 @@ SAMPLES = ["What does os.path.join do?", "Hello  world\n\ttabs é 漢字 🙂", 
 
 @pytest.fixture(scope="module")
 def demo_dir():
-    from jobs.demo_model import model_dir as demo_model_dir
+    from jobs.demo_model.weights import model_dir as demo_model_dir
 
     return demo_model_dir()
 

