@@ -144,6 +144,27 @@ def test_kustomize_builds_validate(overlay):
         _validate_kueue(obj)
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+@pytest.mark.parametrize("overlay", sorted(kueue.OVERLAYS))
+def test_overlays_are_quota_patches_that_give_the_scaled_queues(overlay, tmp_path):
+    path = ROOT / "k8s" / "kueue" / "overlays" / overlay
+    assert sorted(p.name for p in path.iterdir()) == ["kustomization.yaml", "quota-patch.yaml"]
+    built = [o for o in yaml.safe_load_all(subprocess.run(["kubectl", "kustomize", str(path)], check=True, capture_output=True,
+                                                           text=True).stdout) if o]
+    queues = {o["metadata"]["name"]: o for o in built if o["kind"] == "ClusterQueue"}
+    assert queues == {f"{t}-cq": kueue.cluster_queue(t, kueue.OVERLAYS[overlay]) for t in kueue.TEAMS}
+    # The patch refuses to apply to a base whose flavors were reordered.
+    shutil.copytree(ROOT / "k8s" / "kueue", tmp_path / "kueue")
+    base = tmp_path / "kueue" / "base" / "kueue.yaml"
+    objects = [o for o in yaml.safe_load_all(base.read_text()) if o]
+    for o in objects:
+        if o["kind"] == "ClusterQueue":
+            o["spec"]["resourceGroups"][0]["flavors"].reverse()
+    base.write_text(yaml.safe_dump_all(objects))
+    broken = subprocess.run(["kubectl", "kustomize", str(tmp_path / "kueue" / "overlays" / overlay)], capture_output=True, text=True)
+    assert broken.returncode != 0 and "test" in broken.stderr.lower()
+
+
 def test_preflight():
     objects = kueue.base_objects()
     ok = preflight.check("tpu-v5e-8", "team-a", "team-a-queue", objects)
