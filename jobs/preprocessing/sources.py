@@ -129,7 +129,10 @@ def read_hf(uri: str, split: str) -> Iterator[Record]:
         data = datasets.load_dataset(dataset_id, split=split)
     except DatasetNotFoundError as err:
         raise BadInputError("--input", uri, "an existing Hugging Face dataset you can access", str(err)) from err
-    except (ConnectionError, OSError) as err:  # offline or network trouble: worth a retry
+    except (ConnectionError, OSError) as err:
+        if getattr(getattr(err, "response", None), "status_code", None) in (401, 403):  # a retry cannot help
+            raise BadInputError("--input", uri, "a Hugging Face dataset that HF_TOKEN can read", str(err)) from err
+        # offline or network trouble: worth a retry
         raise RuntimeError(
             f"could not download {uri} from the Hugging Face Hub ({err}); check network access and HF_TOKEN, "
             "or copy the data to gs:// or a local file"

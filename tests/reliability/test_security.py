@@ -3,8 +3,10 @@ privilege pods; writes only under the run's prefix; no path traversal."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
+import threading
 
 import pytest
 import yaml
@@ -87,16 +89,47 @@ def test_storage_refuses_traversal(uri):
         storage.split_gcs(uri)
 
 
-def test_a_token_in_the_environment_never_reaches_outputs_or_logs(tmp_path, tiny_gemma3):
+class _RecordingHub(http.server.BaseHTTPRequestHandler):
+    """A Hugging Face Hub stand-in that records what it was sent and refuses every request, as the real Hub does
+    for a private dataset and a token without access."""
+
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.seen.append(self.headers.get("Authorization", ""))
+        body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Error-Message", "Invalid credentials in Authorization header")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET  # noqa: N815
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_token_the_stage_sends_never_reaches_outputs_or_logs(tmp_path, tiny_gemma3):
+    """The stage really reads HF_TOKEN and sends it (the stand-in Hub sees it), and a refused download, where
+    a token is most likely to be echoed, keeps it out of the log and the outputs."""
     marker = "hf_" + "Z" * 34
-    source = tmp_path / "d.jsonl"
-    source.write_text("".join(json.dumps({"instruction": f"q{i}?", "response": f"a{i}."}) + "\n" for i in range(8)))
-    result = run_module("jobs.preprocessing", "--input", str(source), "--output", str(tmp_path / "out"),
-                        "--base-model", str(tiny_gemma3), env={"HF_TOKEN": marker, "KAGGLE_KEY": marker})
-    assert result.returncode == 0, result.stderr[-2000:]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _RecordingHub.seen = []
+    try:
+        result = run_module("jobs.preprocessing", "--input", "hf://datasets/acme/private-set", "--output", str(tmp_path / "out"),
+                            "--base-model", str(tiny_gemma3),
+                            env={"HF_TOKEN": marker, "KAGGLE_KEY": marker, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+                                 "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")})
+    finally:
+        server.shutdown()
+    assert f"Bearer {marker}" in _RecordingHub.seen, _RecordingHub.seen
+    assert result.returncode == 2 and "HF_TOKEN can read" in result.stdout + result.stderr
     assert marker not in result.stdout + result.stderr
-    for file in (tmp_path / "out").rglob("*"):
-        if file.is_file():
+    for file in tmp_path.rglob("*"):
+        if file.is_file() and "hf" not in file.relative_to(tmp_path).parts[:1]:  # HF_HOME may cache the token
             assert marker not in file.read_text(errors="ignore"), file
 
 
