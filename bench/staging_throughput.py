@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--large-mb", type=int, default=512)
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--file-kb", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; contenders alternate within each round")
     args = parser.parse_args()
 
     from gemma_pipeline import local
@@ -51,21 +53,34 @@ def main() -> None:
             fn()
             return time.perf_counter() - started
 
-        single_up = timed(lambda: [bucket.blob(f"single/many/{p.name}").upload_from_filename(str(p)) for p in sorted(many.iterdir())])
-        parallel_up = timed(lambda: storage.publish_dir(many, "gs://bench/parallel/many"))
         storage.publish_dir(large.parent, "gs://bench/parallel/large")
-        single_down = timed(lambda: [bucket.blob(f"single/many/{p.name}").download_to_filename(str(work / "d1")) for p in sorted(many.iterdir())])
-        parallel_down = timed(lambda: storage.stage_in("gs://bench/parallel/many", work / "d2"))
-        single_large = timed(lambda: bucket.blob("parallel/large/model.bin").download_to_filename(str(work / "d3.bin")))
-        parallel_large = timed(lambda: storage.stage_in("gs://bench/parallel/large/model.bin", work / "d4"))
-        assert (work / "d4" / "model.bin").stat().st_size == large.stat().st_size
+        contenders = {
+            "up": (lambda r: [bucket.blob(f"single/{r}/{p.name}").upload_from_filename(str(p)) for p in sorted(many.iterdir())],
+                   lambda r: storage.publish_dir(many, f"gs://bench/parallel/{r}")),
+            # Both download paths list the prefix first, as a stage reading a directory must.
+            "down": (lambda r: [b.download_to_filename(str(work / "d1")) for b in bucket.list_blobs(prefix=f"single/{r}/")],
+                     lambda r: storage.stage_in(f"gs://bench/parallel/{r}", work / f"d2-{r}")),
+            "large": (lambda r: bucket.blob("parallel/large/model.bin").download_to_filename(str(work / "d3.bin")),
+                      lambda r: storage.stage_in("gs://bench/parallel/large/model.bin", work / f"d4-{r}")),
+        }
+        times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in contenders}
+        for r in range(args.repeats):  # interleaved: a slow moment of the machine hits both contenders alike
+            for key, (single, parallel) in contenders.items():
+                order = [(0, single), (1, parallel)] if r % 2 == 0 else [(1, parallel), (0, single)]
+                for index, fn in order:
+                    times[key][index].append(timed(lambda fn=fn: fn(r)))
+        assert (work / "d4-0" / "model.bin").stat().st_size == large.stat().st_size
 
-    def row(what: str, mb: float, single: float, parallel: float) -> None:
-        print(f"{what:34s} single stream {mb / single:7.1f} MB/s   parallel {mb / parallel:7.1f} MB/s   ratio {single / parallel:.2f}x")
+    def row(what: str, mb: float, key: str) -> None:
+        single, parallel = times[key]
+        ratios = sorted(s / p for s, p in zip(single, parallel, strict=True))
+        print(f"{what:34s} single stream {mb / statistics.median(single):7.1f} MB/s   parallel "
+              f"{mb / statistics.median(parallel):7.1f} MB/s   ratio median {statistics.median(ratios):.2f}x "
+              f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}, {len(ratios)} rounds)")
 
-    row(f"upload {args.files} x {args.file_kb} KB", many_mb, single_up, parallel_up)
-    row(f"download {args.files} x {args.file_kb} KB", many_mb, single_down, parallel_down)
-    row(f"download one {args.large_mb} MB object", args.large_mb, single_large, parallel_large)
+    row(f"upload {args.files} x {args.file_kb} KB", many_mb, "up")
+    row(f"download {args.files} x {args.file_kb} KB", many_mb, "down")
+    row(f"download one {args.large_mb} MB object", args.large_mb, "large")
     print("(large uploads to the emulator use one resumable stream: fake-gcs-server lacks the XML multipart API "
           "that parallel composite uploads need, so that path is not compared here)")
 

@@ -108,13 +108,18 @@ def delete(uri: str) -> None:
 def list_files(uri: str) -> list[str]:
     """Relative names of every file under a prefix (recursively)."""
     if is_gcs(uri):
-        bucket, path = split_gcs(uri)
-        prefix = path.rstrip("/") + "/" if path else ""
-        return sorted(b.name[len(prefix) :] for b in client().list_blobs(bucket, prefix=prefix) if not b.name.endswith("/"))
+        return sorted(_list_blobs(uri))
     root = Path(uri)
     if not root.is_dir():
         return []
     return sorted(str(p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file())
+
+
+def _list_blobs(uri: str) -> dict:  # -> {relative name: Blob}
+    """The objects under a gs:// prefix, with the metadata (size, generation) the listing already returns."""
+    bucket, path = split_gcs(uri)
+    prefix = path.rstrip("/") + "/" if path else ""
+    return {b.name[len(prefix):]: b for b in client().list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")}
 
 
 def _safe_local(root: Path, relative: str) -> Path:
@@ -145,16 +150,14 @@ def stage_in(uri: str, workdir: Path, name: str | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         _download_blob(blob, target)
         return target
-    names = list_files(uri)
-    if not names:
+    blobs = _list_blobs(uri)  # one listing gives every size: no metadata request per object
+    if not blobs:
         raise BadInputError("input", uri, "an existing object or a prefix with objects under it")
     root = workdir / (name or PurePosixPath(path.rstrip("/")).name or bucket_name)
-    prefix = path.rstrip("/") + "/" if path else ""
     small = []
-    for rel in names:
+    for rel, blob in sorted(blobs.items()):
         target = _safe_local(root, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
-        blob = bucket.get_blob(prefix + rel)
         if blob.size and blob.size >= LARGE_FILE_BYTES:
             _download_blob(blob, target)
         else:
@@ -164,7 +167,7 @@ def stage_in(uri: str, workdir: Path, name: str | None = None) -> Path:
             [(b, str(t)) for b, t in small], max_workers=WORKERS, worker_type=transfer_manager.THREAD
         )
         _raise_first(results)
-    log.info("staged %s -> %s (%d files)", uri, root, len(names))
+    log.info("staged %s -> %s (%d files)", uri, root, len(blobs))
     return root
 
 
