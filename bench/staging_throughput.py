@@ -68,7 +68,7 @@ def main() -> None:
             for key, (single, parallel) in contenders.items():
                 order = [(0, single), (1, parallel)] if r % 2 == 0 else [(1, parallel), (0, single)]
                 for index, fn in order:
-                    times[key][index].append(timed(lambda fn=fn: fn(r)))
+                    times[key][index].append(timed(lambda fn=fn, r=r: fn(r)))
         assert (work / "d4-0" / "model.bin").stat().st_size == large.stat().st_size
 
     def row(what: str, mb: float, key: str) -> None:

@@ -1,5 +1,6 @@
-"""Gemma LoRA fine-tuning on GKE: preprocess -> finetune -> benchmark -> convert, each a Kueue-queued Job,
-then a run report. With GEMMA_PIPELINE_BACKEND=local the same Jobs run as local processes (no cloud)."""
+"""Gemma LoRA fine-tuning on GKE: preprocess, then one fine-tune and one benchmark per candidate (mapped, each a
+Kueue-queued Job), select the champion, convert it, and write a run report. With GEMMA_PIPELINE_BACKEND=local the
+same Jobs run as local processes (no cloud)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from datetime import datetime, timedelta
 # Named here, though only the stage operator uses it, so that Airflow's DAG processor pre-imports it once
 # ([dag_processor] parsing_pre_import_modules) instead of every parse paying for the provider and kubernetes.
 from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartJobOperator  # noqa: F401
-from airflow.sdk import DAG, Param, chain
-from gemma_pipeline import jobspec, profiles
+from airflow.sdk import DAG, Param, chain, task, task_group
+from gemma_pipeline import candidates, jobspec, profiles, serving
 from gemma_pipeline.operators import StageJobOperator
 from gemma_pipeline.report import RunReportOperator
+from gemma_pipeline.serve import ServeOperator
 
 # Deployment settings: set these as Composer environment variables.
 PROJECT_ID = os.environ.get("GEMMA_PIPELINE_PROJECT", "my-project")
@@ -41,6 +43,10 @@ params = {
     **{name: Param(opt.param_default, **opt.json_schema()) for name, opt in STAGE_PARAMS.items()},
     **{f"{stage}_profile": Param(default, enum=PROFILE_NAMES, description=f"accelerator profile of the {stage} Job")
        for stage, default in jobspec.DEFAULT_PROFILES.items()},
+    "candidates": Param([{}], **candidates.schema()),
+    "serve": Param("none", enum=list(serving.MODES),
+                   description="hand the champion to serving: none, vertex (Model Registry + vLLM), or gke (vLLM Deployment)"),
+    "convert_all": Param(False, type="boolean", description="convert every finished candidate, not only the champion"),
     "queue": Param(f"{NAMESPACE}-queue", type="string", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                    description="Kueue LocalQueue in the namespace"),
     "priority_class": Param("development", enum=["production", "development"],
@@ -71,17 +77,23 @@ default_args = {
 }
 
 
+def stage_kwargs(stage: str) -> dict:
+    return {
+        "task_id": stage,
+        "stage": stage,
+        "name": f"gemma-{stage}",
+        "image": IMAGES[stage],
+        "gpu_image": IMAGES.get(f"{stage}-gpu", ""),
+        "cmds": jobspec.COMMANDS[stage],
+        "labels": {**jobspec.job_labels(stage, "{{ params.queue }}", "{{ params.priority_class }}"),
+                   "gemma-lora-pipeline/run": RUN_KEY},
+    }
+
+
 def stage_task(stage: str) -> StageJobOperator:
     return StageJobOperator(
-        task_id=stage,
-        stage=stage,
-        name=f"gemma-{stage}",
-        image=IMAGES[stage],
-        gpu_image=IMAGES.get(f"{stage}-gpu", ""),
-        cmds=jobspec.COMMANDS[stage],
+        **stage_kwargs(stage),
         arguments=jobspec.stage_args(stage, PARAM_TEMPLATES, PREFIXES),
-        labels={**jobspec.job_labels(stage, "{{ params.queue }}", "{{ params.priority_class }}"),
-                "gemma-lora-pipeline/run": RUN_KEY},
         profile_name="{{ params." + stage + "_profile }}",
         progress_uri=f"{PREFIXES[stage]}/_progress.json",
     )
@@ -103,9 +115,24 @@ with DAG(
     user_defined_macros={"run_key": jobspec.run_key},
     render_template_as_native_obj=False,
 ) as dag:
-    preprocess = stage_task("preprocess")
-    finetune = stage_task("finetune")
-    benchmark = stage_task("benchmark")
-    convert = stage_task("convert")
-    report = RunReportOperator(task_id="report", run_prefix=PREFIX, trigger_rule="all_done")
-    chain(preprocess, finetune, benchmark, convert, report)
+    @task(task_id="plan")
+    def plan(params: dict | None = None, run_id: str | None = None) -> list[dict]:
+        return candidates.plan(dict(params or {}), jobspec.run_key((params or {}).get("run_name"), run_id or ""))
+
+    @task_group(group_id="candidate")
+    def candidate(finetune: dict, benchmark: dict, index: int, key: str, overrides: dict, prefixes: dict,
+                  convert: dict) -> None:
+        chain(StageJobOperator(**stage_kwargs("finetune"), plan=finetune),
+              StageJobOperator(**stage_kwargs("benchmark"), plan=benchmark))
+
+    @task(task_id="select", trigger_rule="all_done")
+    def select(entries: list[dict], params: dict | None = None) -> list[dict]:
+        return candidates.record_champion(entries, dict(params or {}))
+
+    planned = plan()
+    chosen = select(planned)
+    chain(planned, stage_task("preprocess"), candidate.expand_kwargs(planned), chosen,
+          StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=chosen),
+          ServeOperator(task_id="serve", run_prefix=PREFIX, mode="{{ params.serve }}", project_id=PROJECT_ID,
+                        location=LOCATION, cluster_name=CLUSTER),
+          RunReportOperator(task_id="report", run_prefix=PREFIX, trigger_rule="all_done"))

@@ -14,6 +14,10 @@ COHORT = "ml-platform"
 TEAMS = ("team-a", "team-b")
 RESOURCES = ("cpu", "memory", "google.com/tpu", "nvidia.com/gpu")
 PRIORITIES = {"production": 1000, "development": 100}
+# Serving has its own ClusterQueue outside the training cohort (nothing to borrow from it, nothing reclaimed from
+# it) and the highest priority: a training Job can never preempt the model users are calling.
+SERVING = {"queue": "serving-cq", "local_queue": "serving-queue", "namespace": "serving", "flavor": "gpu-l4",
+           "priority": ("serving", 10000), "quota": {"cpu": "16", "memory": "64Gi", "google.com/tpu": "0", "nvidia.com/gpu": "2"}}
 OVERLAYS = {"dev": 0.25, "production": 4.0}  # quota scale of each k8s/kueue overlay against the base
 
 
@@ -75,7 +79,7 @@ def cluster_queue(team: str, scale: float) -> dict[str, Any]:
     return {
         "apiVersion": API,
         "kind": "ClusterQueue",
-        "metadata": {"name": f"{team}-cq"},
+        "metadata": {"name": f"{team}-cq", "labels": {"gemma-lora-pipeline/queue": "training"}},
         "spec": {
             "cohortName": COHORT,
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": team}},
@@ -99,8 +103,20 @@ def local_queue(team: str) -> dict[str, Any]:
 
 
 def priority_class(name: str, value: int) -> dict[str, Any]:
+    what = "model serving" if name == "serving" else f"{name} fine-tuning runs"
     return {"apiVersion": API, "kind": "WorkloadPriorityClass", "metadata": {"name": name}, "value": value,
-            "description": f"{name} fine-tuning runs"}
+            "description": what}
+
+
+def serving_objects() -> list[dict[str, Any]]:
+    queue = {"apiVersion": API, "kind": "ClusterQueue", "metadata": {"name": SERVING["queue"]}, "spec": {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": SERVING["namespace"]}},
+        "queueingStrategy": "BestEffortFIFO",
+        "resourceGroups": [{"coveredResources": list(RESOURCES), "flavors": [{"name": SERVING["flavor"], "resources": [
+            {"name": r, "nominalQuota": q} for r, q in SERVING["quota"].items()]}]}]}}
+    local = {"apiVersion": API, "kind": "LocalQueue", "metadata": {"name": SERVING["local_queue"], "namespace": SERVING["namespace"]},
+             "spec": {"clusterQueue": SERVING["queue"]}}
+    return [queue, local, priority_class(*SERVING["priority"])]
 
 
 def base_objects(scale: float = 1.0) -> list[dict[str, Any]]:
@@ -108,7 +124,7 @@ def base_objects(scale: float = 1.0) -> list[dict[str, Any]]:
     objects += [cluster_queue(team, scale) for team in TEAMS]
     objects += [local_queue(team) for team in TEAMS]
     objects += [priority_class(n, v) for n, v in PRIORITIES.items()]
-    return objects
+    return objects + serving_objects()
 
 
 def quota_patch(scale: float) -> list[dict[str, Any]]:
@@ -149,7 +165,8 @@ def render() -> dict[str, str]:
         files[f"overlays/{overlay}/quota-patch.yaml"] = dump_ops(quota_patch(scale))
         files[f"overlays/{overlay}/kustomization.yaml"] = dump([{
             "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["../../base"],
-            "patches": [{"path": "quota-patch.yaml", "target": {"group": "kueue.x-k8s.io", "kind": "ClusterQueue"}}]}])
+            "patches": [{"path": "quota-patch.yaml", "target": {"group": "kueue.x-k8s.io", "kind": "ClusterQueue",
+                                                                 "labelSelector": "gemma-lora-pipeline/queue=training"}}]}])
     return files
 
 

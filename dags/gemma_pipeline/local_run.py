@@ -101,6 +101,8 @@ def print_outcome(emulator: local.Emulator, run_prefix: str) -> bool:
         for uri in uris:
             print(f"    {emulator.path_of(uri)}")
     print(f"  report: {emulator.path_of(run_prefix + '/report.html')} (and report.md, report.json)")
+    if data.get("champion"):
+        print("\n" + report.candidates_table(data["champion"]) + "\n" + data["champion"]["why"])
     print("\n" + report.summary_table(data) + "\n\n" + report.stage_table(data), flush=True)
     return bool(data["complete"])
 

@@ -53,10 +53,12 @@ def _k8s(kind: str, value: Any) -> Any:
 
 
 class StageJobOperator(GKEStartJobOperator):
-    template_fields = (*GKEStartJobOperator.template_fields, "queue_timeout_s", "progress_uri", "profile_name")
+    template_fields = (*GKEStartJobOperator.template_fields, "queue_timeout_s", "progress_uri", "profile_name", "plan")
 
-    def __init__(self, *, stage: str, profile_name: str, queue_timeout_s: str | int = 3600, progress_uri: str = "",
-                 gpu_image: str = "", **kwargs: Any) -> None:
+    def __init__(self, *, stage: str, profile_name: str = "", queue_timeout_s: str | int = 3600, progress_uri: str = "",
+                 gpu_image: str = "", plan: Any = None, **kwargs: Any) -> None:
+        """`plan`: a candidate's Job for this stage (arguments, profile, progress object, labels), known only at
+        run time (a mapped task's share of `candidates.plan`); it replaces the fields built from templates."""
         # The pipeline's pod policy, shared with k8s/jobs: non-root, read-only root filesystem, /tmp scratch.
         kwargs.setdefault("base_container_name", jobspec.CONTAINER)
         kwargs.setdefault("security_context", _k8s("V1PodSecurityContext", jobspec.POD_SECURITY))
@@ -69,8 +71,17 @@ class StageJobOperator(GKEStartJobOperator):
         self.queue_timeout_s = queue_timeout_s
         self.progress_uri = progress_uri
         self.gpu_image = gpu_image
+        self.plan = plan
+
+    def _apply_plan(self) -> None:
+        if self.plan:
+            self.arguments = list(self.plan["arguments"])
+            self.profile_name = self.plan["profile_name"]
+            self.progress_uri = self.plan["progress_uri"]
+            self.labels = {**(self.labels or {}), **self.plan["labels"]}
 
     def build_job_request_obj(self, context: Any = None) -> k8s.V1Job:
+        self._apply_plan()
         profile = profiles.get(str(self.profile_name))
         self.node_selector = dict(profile.node_selector)
         self.tolerations = [k8s.V1Toleration(**t) for t in profile.tolerations]
@@ -122,6 +133,7 @@ class StageJobOperator(GKEStartJobOperator):
         return result
 
     def execute_complete(self, context: Any, event: dict, **kwargs: Any) -> Any:
+        self._apply_plan()
         if event.get("status") == "error" and self.get_logs:
             self._show_failed_pod_logs(event)  # the provider raises before fetching logs; the reason is in them
         try:

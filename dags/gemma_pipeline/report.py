@@ -28,9 +28,9 @@ KEY_ARTIFACTS = {
     "preprocess": ["train.jsonl", "eval.jsonl", "stats.json"],
     "finetune": ["adapter.lora.h5", "model/", "metrics.json", "loss_curve.png", "tensorboard/"],
     "benchmark": ["report.json", "perplexity.png"],
-    "convert": ["", "parity.json"],  # the directory is the model: load it with from_pretrained
+    "convert": ["", "parity.json", "adapter/", "answers.json"],  # the directory is the model: from_pretrained
 }
-CHARTS = {"loss curve": "finetune/loss_curve.png", "perplexity": "benchmark/perplexity.png"}
+CHARTS = {"loss curve": ("finetune", "loss_curve.png"), "perplexity": ("benchmark", "perplexity.png")}
 
 
 def price_table() -> dict[str, float]:
@@ -65,15 +65,19 @@ def _accelerators(profile_name: str) -> int:
     return int(profile.requests[resource]) if profile and resource else 0
 
 
-def stage_row(stage: str, manifest: dict[str, Any] | None, usage: dict[str, Any] | None, prices: dict[str, float]) -> dict[str, Any]:
+def stage_row(stage: str, manifest: dict[str, Any] | None, usage: dict[str, Any] | None, prices: dict[str, float],
+              run_started: str = "") -> dict[str, Any]:
+    """A stage's line in the report. A stage this run skipped (its manifest predates the run) shows the time,
+    memory and cost of the run that made it, marked as reused, not the seconds the skip took."""
     usage = usage or {}
     profile = usage.get("profile", "")
     seconds = usage.get("seconds")
-    if seconds is None and manifest:
+    skipped = bool(manifest and run_started and manifest.get("finished_at", "") < run_started)
+    if (seconds is None or skipped) and manifest:
         seconds = manifest.get("wall_time_s")
     hours = seconds / 3600 if seconds is not None else None
     row: dict[str, Any] = {
-        "stage": stage, "done": manifest is not None, "backend": usage.get("backend", ""), "profile": profile,
+        "stage": stage, "done": manifest is not None, "skipped": skipped, "backend": usage.get("backend", ""), "profile": profile,
         "seconds": seconds, "stage_wall_s": manifest.get("wall_time_s") if manifest else None,
         "peak_rss_bytes": manifest.get("peak_rss_bytes") if manifest else None,
         "hourly_usd": prices.get(profile), "accelerator_hours": None, "cost_usd": None,
@@ -103,9 +107,18 @@ def summarize(manifests: dict[str, dict | None], documents: dict[str, dict | Non
     }
 
 
+def stage_prefixes(run_prefix: str, champion: dict[str, Any] | None) -> dict[str, str | None]:
+    """Where the report reads each stage: the shared preprocessing, and the champion's candidate folders."""
+    chosen = next((r for r in (champion or {}).get("candidates", []) if r.get("champion")), None)
+    prefixes = (chosen or {}).get("prefixes", {})
+    return {"preprocess": f"{run_prefix}/preprocess", **{s: prefixes.get(s) for s in jobspec.STAGES if s != "preprocess"}}
+
+
 def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | None], documents: dict[str, dict | None],
-          usages: dict[str, dict | None], prices: dict[str, float]) -> dict[str, Any]:
-    stages = [stage_row(s, manifests.get(s), usages.get(s), prices) for s in jobspec.STAGES]
+          usages: dict[str, dict | None], prices: dict[str, float], champion: dict[str, Any] | None = None,
+          run_started: str = "") -> dict[str, Any]:
+    stages = [stage_row(s, manifests.get(s), usages.get(s), prices, run_started) for s in jobspec.STAGES]
+    where = stage_prefixes(run_prefix, champion)
     costs = [r["cost_usd"] for r in stages if r["cost_usd"] is not None]
     return {
         "run_prefix": run_prefix,
@@ -114,7 +127,9 @@ def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | N
         "summary": summarize(manifests, documents),
         "stages": stages,
         "total_cost_usd": round(sum(costs), 4) if costs else None,
-        "artifacts": {s: [f"{run_prefix}/{s}/{name}" for name in KEY_ARTIFACTS[s]] for s in jobspec.STAGES if manifests.get(s)},
+        "artifacts": {s: [f"{where[s]}/{name}" for name in KEY_ARTIFACTS[s]] for s in jobspec.STAGES if manifests.get(s)},
+        "champion": champion,
+        "answers": documents.get("convert/answers.json") or [],
     }
 
 
@@ -144,10 +159,33 @@ def stage_table(report: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in report["stages"]:
         rss = r["peak_rss_bytes"] / 2**30 if r["peak_rss_bytes"] else None
-        lines.append(f"| {r['stage']} | {'done' if r['done'] else 'not finished'} | {r['profile'] or 'n/a'} | "
+        status = "reused (skipped)" if r.get("skipped") else "done" if r["done"] else "not finished"
+        lines.append(f"| {r['stage']} | {status} | {r['profile'] or 'n/a'} | "
                      f"{_fmt(r['seconds'], '.1f')} | {_fmt(rss, '.2f')} | {_fmt(r['accelerator_hours'], '.4f')} | "
                      f"{_fmt(r['hourly_usd'], '.2f')} | {_fmt(r['cost_usd'], '.4f')} |")
     lines.append(f"| total | | | | | | | {_fmt(report['total_cost_usd'], '.4f')} |")
+    return "\n".join(lines)
+
+
+def candidates_table(champion: dict[str, Any]) -> str:
+    lines = ["| candidate | overrides | status | eval perplexity | 95% interval | vs base |", "|---|---|---|---|---|---|"]
+    for r in champion["candidates"]:
+        ci = r.get("ci95") or [None, None]
+        name = f"**{r['key']}** (champion)" if r.get("champion") else r["key"]
+        lines.append(f"| {name} | `{json.dumps(r['overrides'], sort_keys=True)}` | {r['status']} | "
+                     f"{_fmt(r.get('perplexity'), '.3f')} | {_fmt(ci[0], '.3f')}–{_fmt(ci[1], '.3f')} | "
+                     f"{_fmt(r.get('relative_improvement'), '.1%')} |")
+    return "\n".join(lines)
+
+
+def _cell(text: Any) -> str:
+    return "n/a" if text is None else str(text).replace("|", "\\|").replace("\n", "<br>")
+
+
+def answers_table(answers: list[dict[str, Any]]) -> str:
+    lines = ["| prompt | reference | before | after |", "|---|---|---|---|"]
+    for a in answers:
+        lines.append(f"| {_cell(a['prompt'])} | {_cell(a['reference'])} | {_cell(a['before'])} | {_cell(a['after'])} |")
     return "\n".join(lines)
 
 
@@ -157,13 +195,18 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
     parts = [f"# Gemma LoRA run report\n\n`{report['run_prefix']}`: "
              f"{'all four stages finished' if report['complete'] else 'INCOMPLETE: some stages did not finish'}.\n",
              "## Results\n", summary_table(report) + "\n",
-             "## Stages\n", stage_table(report) + "\n",
+             *(["## Candidates\n", candidates_table(report["champion"]) + "\n", report["champion"]["why"] + ".\n"]
+               if report.get("champion") else []),
+             "## Stages (the champion's)\n", stage_table(report) + "\n",
              ("Local backend: times are this machine's wall time; no cost is shown, since the profiles' hardware "
               "never ran.\n" if backend == {"local"} else
               "Cost = the profile's hourly price x the hours the stage held its hardware. Prices are a configurable "
               "table, not quotes.\n")]
     for title, ref in charts.items():
         parts.append(f"## {title.capitalize()}\n\n![{title}]({ref})\n")
+    if report.get("answers"):
+        parts.append("## What the model says\n\nGreedy answers to eval prompts, through transformers, before and after "
+                     "fine-tuning.\n\n" + answers_table(report["answers"]) + "\n")
     parity = report["summary"].get("parity")
     if parity:
         parts.append("## Export parity\n\n```json\n" + json.dumps(parity, indent=2) + "\n```\n")
@@ -239,16 +282,34 @@ class RunReportOperator(BaseOperator):
 
     def _write(self, context: Any, store: RunStore) -> dict[str, Any]:
         prefix = self.run_prefix.rstrip("/")
-        manifests = {s: store.read_json(f"{prefix}/{s}/_manifest.json") for s in jobspec.STAGES}
-        documents = {name: store.read_json(f"{prefix}/{name}") for name in ("benchmark/report.json", "convert/parity.json")}
-        usages = {s: context["ti"].xcom_pull(task_ids=s, key="usage") for s in jobspec.STAGES}
+        champion = store.read_json(f"{prefix}/champion.json")
+        where = stage_prefixes(prefix, champion)
+        read = lambda stage, name: store.read_json(f"{where[stage]}/{name}") if where[stage] else None  # noqa: E731
+        manifests = {s: read(s, "_manifest.json") for s in jobspec.STAGES}
+        documents = {"benchmark/report.json": read("benchmark", "report.json"), "convert/parity.json": read("convert", "parity.json"),
+                     "convert/answers.json": read("convert", "answers.json")}
+        usages = self._usages(context, champion)
         params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
-        report = build(prefix, params, manifests, documents, usages, price_table())
-        images = {title: store.read(f"{prefix}/{path}") for title, path in CHARTS.items()}
-        md = markdown(report, {t: CHARTS[t] for t, data in images.items() if data})
+        started = context["dag_run"].start_date if context.get("dag_run") else None
+        report = build(prefix, params, manifests, documents, usages, price_table(), champion,
+                       started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "")
+        images = {title: store.read(f"{where[stage]}/{name}") if where[stage] else None for title, (stage, name) in CHARTS.items()}
+        relative = {t: f"{where[stage]}/{name}".removeprefix(prefix + "/") for t, (stage, name) in CHARTS.items() if where[stage]}
+        md = markdown(report, {t: relative[t] for t, data in images.items() if data})
         inline = {t: "data:image/png;base64," + base64.b64encode(data).decode() for t, data in images.items() if data}
         store.write(f"{prefix}/report.json", json.dumps(report, indent=2, default=str).encode(), "application/json")
         store.write(f"{prefix}/report.md", md.encode(), "text/markdown")
         store.write(f"{prefix}/report.html", to_html(markdown(report, inline)).encode(), "text/html")
         self.log.info("run report: %s/report.md (and .html, .json)\n%s\n\n%s", prefix, summary_table(report), stage_table(report))
         return report
+
+    @staticmethod
+    def _usages(context: Any, champion: dict[str, Any] | None) -> dict[str, dict | None]:
+        """What each of the champion's tasks pushed: its map index among the candidates, and among the converts."""
+        ti = context["ti"]
+        usages = {"preprocess": ti.xcom_pull(task_ids="preprocess", key="usage")}
+        if champion:
+            usages["finetune"] = ti.xcom_pull(task_ids="candidate.finetune", key="usage", map_indexes=champion["index"])
+            usages["benchmark"] = ti.xcom_pull(task_ids="candidate.benchmark", key="usage", map_indexes=champion["index"])
+            usages["convert"] = ti.xcom_pull(task_ids="convert", key="usage", map_indexes=champion.get("convert_index", 0))
+        return usages

@@ -118,6 +118,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
             nll = score(scorer, win, config.batch_size)
             sums, counts = ppl.per_document(win, nll, n_docs if split == "eval" else len(ood_docs))
             result["splits"][split] = ppl.summarize(sums, counts, config.bootstrap, config.seed)
+            result["splits"][split]["tokens_sha256"] = ppl.digest(win)
             log.info("%s on %s: perplexity %.4f (%d tokens)", name, split, result["splits"][split]["perplexity"], int(counts.sum()))
         result["tokens_per_s"] = scorer.tokens_per_s
         report["models"][name] = result

@@ -39,6 +39,17 @@ class Windows:
     doc: np.ndarray  # (n, max_length - 1) document index of each target (-1 where not scored)
 
 
+def digest(windows: Windows) -> str:
+    """What was scored, as one hash: the inputs, the targets and which of them count. Two reports with the same
+    digest scored identical tokens, so their perplexities compare directly (the candidates' champion choice)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for array in (windows.x, windows.y, windows.weights, windows.lengths):
+        h.update(np.ascontiguousarray(array).astype(np.int64 if array.dtype.kind in "iu" else np.float32).tobytes())
+    return h.hexdigest()
+
+
 def stream(docs_ids: list[list[int]], sep_ids: list[int], bos: int) -> tuple[np.ndarray, np.ndarray]:
     """One token stream (BOS + doc0 + sep + doc1 + ...) and the document index of every token."""
     tokens, owner = [bos], [0]

@@ -24,6 +24,10 @@ class ConvertConfig:
                          upstream="self")
     finetune: str = option("", "output prefix of the fine-tuning stage: its merged model is exported (or, with "
                                "an adapter, its base model and adapter settings are used)", upstream="finetune")
+    data: str = option("", "output prefix of the preprocessing stage: its first eval prompts are answered by the base "
+                           "and the exported model, side by side in answers.json (empty: no answers)",
+                       upstream="preprocess")
+    answers: int = option(3, "how many eval prompts to answer (0: none)", minimum=0, maximum=50)
     base_model: str = option("", "base model for the base + adapter path (default: the one the fine-tune used)")
     adapter: str = option("", "a .lora.h5 adapter to merge into the base model (empty: export the merged preset)")
     lora_rank: int = option(0, "rank of the adapter (0: read from the fine-tune's manifest)", minimum=0)
@@ -33,6 +37,11 @@ class ConvertConfig:
     max_shard_mb: int = option(2048, "shard safetensors above this size (MiB) and write an index", minimum=1)
     tolerance: float = option(0.0, "max |logit difference| allowed between Keras and transformers (0: 1e-3 for "
                                    "float32, 2% of the logit range for bfloat16)", minimum=0)
+    peft_adapter: bool = option(True, "also write the LoRA adapter for PEFT and vLLM (adapter/) and check it with "
+                                      "PeftModel on the exported base against the Keras LoRA model",
+                                param="peft_adapter")
+    export_base: bool = option(False, "also publish the exported base model (base/), for serving it with the "
+                                      "adapter where the base is not on a hub")
     samples: str = option("", "sample prompts for the parity check, separated by '|' (empty: built-in samples)")
 
     def __post_init__(self) -> None:

@@ -20,6 +20,8 @@ from jobs.common.manifest import StageRun, peak_rss_bytes, read_manifest, upstre
 from jobs.convert.config import ConvertConfig
 from jobs.convert.safetensors_io import reshard
 
+ADAPTER = "adapter.lora.h5"  # what the fine-tune writes
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_BACKBONES = ("GemmaBackbone", "Gemma3Backbone")
@@ -30,21 +32,36 @@ def _finetune_settings(config: ConvertConfig) -> dict[str, Any]:
     return manifest.get("config", {})
 
 
+def base_model_of(config: ConvertConfig) -> str:
+    settings = _finetune_settings(config) if config.finetune else {}
+    return config.base_model or settings.get("base_model", "")
+
+
+def adapter_uri(config: ConvertConfig) -> str:
+    """The keras-hub LoRA file: the one given, or the fine-tune's."""
+    return config.adapter or (storage.join(config.finetune, ADAPTER) if config.finetune else "")
+
+
 def load_reference(config: ConvertConfig, workdir: Path):
     """The Keras model the export must reproduce: the merged preset, or the base model with the adapter."""
     if not config.adapter:
         return models.load_causal_lm(storage.join(config.finetune, "model"), workdir, field="--finetune")
+    return load_lora_model(config, workdir, config.adapter)
+
+
+def load_lora_model(config: ConvertConfig, workdir: Path, uri: str):
+    """The base model with the LoRA adapter enabled and loaded (the delta not merged)."""
     settings = _finetune_settings(config) if config.finetune else {}
-    base_uri = config.base_model or settings.get("base_model", "")
+    base_uri = base_model_of(config)
     rank = config.lora_rank or settings.get("lora_rank", 0)
     targets = list(config.lora_targets or settings.get("lora_targets", ()))
     reference = models.load_causal_lm(base_uri, workdir)
     reference.backbone.enable_lora(rank, target_layer_names=targets)
-    adapter = storage.stage_in(config.adapter, workdir / "adapter")
+    adapter = storage.stage_in(uri, workdir / "adapter")
     try:
         reference.backbone.load_lora_weights(str(adapter))
     except (ValueError, OSError, KeyError) as err:
-        raise BadInputError("--adapter", config.adapter, f"a LoRA adapter of rank {rank} on {targets} for {base_uri}", str(err)) from err
+        raise BadInputError("--adapter", uri, f"a LoRA adapter of rank {rank} on {targets} for {base_uri}", str(err)) from err
     return reference
 
 
@@ -122,6 +139,8 @@ def verify(expected: list[dict[str, Any]], directory: Path, config: ConvertConfi
 
 def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     inputs = [upstream_ref(config.finetune, "--finetune")] if config.finetune else []
+    if config.data and config.answers:
+        inputs.append(upstream_ref(config.data, "--data"))
     if config.adapter:
         inputs.append({"uri": config.adapter})
     stage = StageRun("convert", config.output, asdict(config), inputs)
@@ -157,6 +176,14 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     if not parity["passed"]:
         raise ExportMismatchError(f"export does not reproduce the Keras model, nothing published: {json.dumps(parity)}")
     (out / "parity.json").write_text(json.dumps(parity, indent=2))
+    peft = export_peft_adapter(config, workdir, out, parity["tolerance"]) if config.peft_adapter else None
+    if config.data and config.answers:
+        from jobs.convert import answers
+
+        base_dir = (out / "base") if config.export_base else (workdir / "base-export")
+        rows = answers.eval_prompts(config.data, workdir, config.answers)
+        answers.write(rows, base_dir if peft else None, out, out / "answers.json")
+        log.info("answers of the base and the export to %d eval prompts: answers.json", len(rows))
     metrics = {
         "export_time_s": round(export_time, 2),
         "total_time_s": round(time.time() - started, 2),
@@ -165,5 +192,30 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_over_checkpoint": round(peak_rss_bytes() / exported_bytes, 3),
         "parity": parity,
+        "peft_parity": peft,
     }
     return stage.finish(out, metrics)
+
+
+def export_peft_adapter(config: ConvertConfig, workdir: Path, out: Path, tolerance: float) -> dict[str, Any]:
+    """Write `adapter/` (PEFT's format) and check it: PeftModel on the exported base must reproduce the Keras
+    LoRA model's logits within the parity tolerance, or nothing is published (exit 4)."""
+    from jobs.convert import peft_adapter
+
+    model = load_lora_model(config, workdir, adapter_uri(config))
+    expected = reference_outputs(model, config.sample_texts())
+    base_dir = (out / "base") if config.export_base else (workdir / "base-export")
+    shutil.rmtree(base_dir, ignore_errors=True)
+    export(model, base_dir)  # a LoRA-enabled model exports its base kernels: the delta stays in the adapter
+    adapter_config = peft_adapter.write(model.backbone, out / "adapter", base_model_of(config))
+    del model
+    gc.collect()
+    if config.export_base:
+        reshard(base_dir, config.dtype, config.max_shard_mb * 1024 * 1024)
+    result = peft_adapter.verify(expected, base_dir, out / "adapter", tolerance)
+    result |= {"rank": adapter_config["r"], "target_modules": adapter_config["target_modules"]}
+    log.info("PEFT adapter parity: %s", json.dumps(result))
+    if not result["passed"]:
+        raise ExportMismatchError(f"the PEFT adapter does not reproduce the Keras LoRA model, nothing published: {json.dumps(result)}")
+    (out / "adapter" / "peft_parity.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -37,6 +37,9 @@ class FinetuneConfig:
     sequence_length: int = option(128, "tokens per example after padding/truncation (and the benchmark's window)",
                                   minimum=8, maximum=131072, param="sequence_length")
     seed: int = option(0, "seed of the deterministic split and of training", minimum=0, param="seed")
+    max_train_examples: int = option(0, "train on at most this many rows of the train split, taken in its seeded "
+                                        "order (0: all); the eval split is never cut", minimum=0,
+                                     param="max_train_examples")
     mixed_precision: bool = option(False, "compute in bfloat16 with float32 weights", param="mixed_precision")
     distribution: Literal["auto", "none", "data", "model"] = option(
         "auto", "auto (data parallel when several devices), none, data, or model (needs model parallel > 1); "

@@ -46,6 +46,10 @@ class _Preemption:
 def _load_splits(config: FinetuneConfig, workdir: Path, tokenizer):
     data_dir = storage.stage_in(config.data, workdir / "data", name="data")
     train_rows = data_lib.read_rows(data_dir / "train.jsonl", "--data")
+    if config.max_train_examples:
+        # The train split is in the preprocessing's seeded hash order, so its head is a random sample; the eval
+        # split is untouched, so candidates that differ in data size are still scored on the same rows.
+        train_rows = train_rows[: config.max_train_examples]
     eval_path = data_dir / "eval.jsonl"
     eval_rows = data_lib.read_rows(eval_path, "--data") if eval_path.exists() else []
     if not train_rows:

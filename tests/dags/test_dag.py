@@ -9,7 +9,7 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
-from gemma_pipeline import jobspec
+from gemma_pipeline import candidates, jobspec
 
 from tests.conftest import ROOT
 
@@ -28,13 +28,34 @@ def dag():
 def _render_fields(task, dag, overrides=None):
     """Render a copy: rendering replaces the templates on the task, and the DAG is shared by the tests."""
     task = copy.deepcopy(task)
-    params = {k: v.value if hasattr(v, "value") else v for k, v in dag.params.items()}
-    params.update(overrides or {})
+    params = _params(dag, overrides)
     ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, run_id=RUN_ID, try_number=1, map_index=-1)
     context = {"params": params, "run_id": RUN_ID, "ti": ti, "task_instance": ti, "dag": dag, "task": task,
                "logical_date": datetime(2026, 11, 22), "run_key": jobspec.run_key}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
     return task, context
+
+
+TASK_OF = {"preprocess": "preprocess", "finetune": "candidate.finetune", "benchmark": "candidate.benchmark",
+           "convert": "convert"}
+
+
+def _params(dag, overrides=None):
+    return {**{k: v.value if hasattr(v, "value") else v for k, v in dag.params.items()}, **(overrides or {})}
+
+
+def stage_task(dag, stage, overrides=None, candidate=0):
+    """The task that runs `stage`, holding the plan its mapped instance `candidate` gets at run time."""
+    task = dag.get_task(TASK_OF[stage])
+    if stage == "preprocess":
+        return task
+    params = _params(dag, overrides)
+    plan = candidates.plan(params, jobspec.run_key(params.get("run_name"), RUN_ID))[candidate][stage]
+    if stage == "convert":
+        return task.unmap({"plan": plan})
+    task = copy.deepcopy(task)
+    task.plan = plan
+    return task
 
 
 def _render(task, dag, overrides=None):
@@ -45,13 +66,20 @@ def _render(task, dag, overrides=None):
 
 
 def test_exact_task_order(dag):
-    order = [*jobspec.STAGES, "report"]
+    order = ["plan", "preprocess", "candidate.finetune", "candidate.benchmark", "select", "convert", "serve", "report"]
     assert [t.task_id for t in dag.topological_sort()] == order
     for upstream, downstream in zip(order, order[1:]):
-        assert dag.get_task(upstream).downstream_task_ids == {downstream}
-    # The report runs after a failed stage too (and then fails itself, so the run still shows failed).
-    assert dag.get_task("report").trigger_rule == "all_done"
-    assert all(dag.get_task(s).trigger_rule == "all_success" for s in jobspec.STAGES)
+        assert downstream in dag.get_task(upstream).downstream_task_ids
+    # The plan feeds the candidates' mapped tasks and the select task; nothing else skips a step.
+    assert dag.get_task("plan").downstream_task_ids == {"preprocess", "candidate.finetune", "candidate.benchmark", "select"}
+    assert dag.get_task("candidate.benchmark").downstream_task_ids == {"select"}
+    # One fine-tune and one benchmark per candidate, a convert per chosen candidate.
+    assert dag.task_group_dict["candidate"].__class__.__name__ == "MappedTaskGroup"
+    assert dag.get_task("convert").__class__.__name__ == "MappedOperator"
+    # select and the report run after failures too: select chooses among the candidates that finished, and the
+    # report fails itself when a stage did not finish, so the run still shows failed.
+    assert dag.get_task("report").trigger_rule == "all_done" and dag.get_task("select").trigger_rule == "all_done"
+    assert all(dag.get_task(TASK_OF[s]).trigger_rule == "all_success" for s in jobspec.STAGES)
 
 
 def test_policy(dag):
@@ -61,15 +89,15 @@ def test_policy(dag):
     assert dag.doc_md
     for task in dag.tasks:
         assert task.retries >= 1
-    for task in (dag.get_task(s) for s in jobspec.STAGES):
+    for task in (stage_task(dag, s) for s in jobspec.STAGES):
         assert task.deferrable is True and task.wait_until_job_complete is True
         assert not task.image.endswith(":latest") and task.image.rsplit(":", 1)[1]
 
 
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_job_each_task_would_submit(dag, stage):
-    task = dag.get_task(stage)
-    job = _render(task, dag, {"finetune_profile": "tpu-v5e-8", "queue": "team-a-queue", "bucket": "bkt"})
+    settings = {"finetune_profile": "tpu-v5e-8", "queue": "team-a-queue", "bucket": "bkt"}
+    job = _render(stage_task(dag, stage, settings), dag, settings)
     assert job.metadata.labels[jobspec.QUEUE_LABEL] == "team-a-queue"
     assert job.metadata.labels[jobspec.PRIORITY_LABEL] == "development"
     assert job.spec.suspend is True and job.spec.parallelism == 1
@@ -88,7 +116,8 @@ def test_job_each_task_would_submit(dag, stage):
     assert {e.name: e.value for e in container.env}["HOME"] == "/tmp"
     assert container.command == ["python", "-m", jobspec.MODULES[stage]]
     prefix = "gs://bkt/runs/manual-2026-11-22t10-00-00-00-00"
-    assert f"{prefix}/{stage}" in container.args
+    own = f"{prefix}/{stage}" if stage == "preprocess" else f"{prefix}/candidates/default/{stage}"
+    assert own in container.args
     if stage == "finetune":
         assert pod.node_selector == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x4"}
         assert container.resources.limits["google.com/tpu"] == "8"
@@ -100,9 +129,11 @@ def test_job_each_task_would_submit(dag, stage):
 
 
 def test_run_name_param_names_the_artifact_folder(dag):
-    job = _render(dag.get_task("benchmark"), dag, {"bucket": "bkt", "run_name": "nightly-7"})
+    settings = {"bucket": "bkt", "run_name": "nightly-7"}
+    job = _render(stage_task(dag, "benchmark", settings), dag, settings)
     args = job.spec.template.spec.containers[0].args
-    assert "gs://bkt/runs/nightly-7/benchmark" in args and "gs://bkt/runs/nightly-7/finetune" in args
+    assert "gs://bkt/runs/nightly-7/candidates/default/benchmark" in args
+    assert "gs://bkt/runs/nightly-7/candidates/default/finetune" in args and "gs://bkt/runs/nightly-7/preprocess" in args
     assert job.metadata.labels["gemma-lora-pipeline/run"] == "nightly-7"
     for overrides, prefix in (({"run_name": "nightly-7"}, "gs://bkt/runs/nightly-7"),
                               ({}, "gs://bkt/runs/manual-2026-11-22t10-00-00-00-00")):
@@ -114,7 +145,7 @@ def test_job_matches_the_validated_schema(dag):
     import kubernetes_validate
     from kubernetes.client import ApiClient
 
-    job = ApiClient().sanitize_for_serialization(_render(dag.get_task("finetune"), dag))
+    job = ApiClient().sanitize_for_serialization(_render(stage_task(dag, "finetune"), dag))
     kubernetes_validate.validate(job, "1.31", strict=True)
 
 

@@ -128,10 +128,16 @@ def test_flavors_match_profiles_and_teams_share_a_cohort():
     flavor_labels = [o["spec"]["nodeLabels"] for o in objects if o["kind"] == "ResourceFlavor"]
     for profile in profiles.PROFILES.values():
         assert profile.node_selector in flavor_labels, profile.name
-    queues = [o for o in objects if o["kind"] == "ClusterQueue"]
+    queues = [o for o in objects if o["kind"] == "ClusterQueue" and o["metadata"]["name"] != kueue.SERVING["queue"]]
     assert len(queues) >= 2 and {q["spec"]["cohortName"] for q in queues} == {kueue.COHORT}
     assert all(q["spec"]["preemption"]["reclaimWithinCohort"] == "Any" for q in queues)
-    assert {o["metadata"]["namespace"] for o in objects if o["kind"] == "LocalQueue"} == set(kueue.TEAMS)
+    assert {o["metadata"]["namespace"] for o in objects if o["kind"] == "LocalQueue"} == {*kueue.TEAMS, kueue.SERVING["namespace"]}
+    # Serving's queue is outside the cohort (training neither borrows its quota nor reclaims it) and its
+    # priority is above every training priority.
+    serving = next(o for o in objects if o["metadata"]["name"] == kueue.SERVING["queue"])
+    assert "cohortName" not in serving["spec"] and "preemption" not in serving["spec"]
+    values = {o["metadata"]["name"]: o["value"] for o in objects if o["kind"] == "WorkloadPriorityClass"}
+    assert values["serving"] > max(v for k, v in values.items() if k != "serving")
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
@@ -152,7 +158,8 @@ def test_overlays_are_quota_patches_that_give_the_scaled_queues(overlay, tmp_pat
     built = [o for o in yaml.safe_load_all(subprocess.run(["kubectl", "kustomize", str(path)], check=True, capture_output=True,
                                                            text=True).stdout) if o]
     queues = {o["metadata"]["name"]: o for o in built if o["kind"] == "ClusterQueue"}
-    assert queues == {f"{t}-cq": kueue.cluster_queue(t, kueue.OVERLAYS[overlay]) for t in kueue.TEAMS}
+    assert queues == {**{f"{t}-cq": kueue.cluster_queue(t, kueue.OVERLAYS[overlay]) for t in kueue.TEAMS},
+                      kueue.SERVING["queue"]: kueue.serving_objects()[0]}  # serving's quota is not scaled
     # The patch refuses to apply to a base whose flavors were reordered.
     shutil.copytree(ROOT / "k8s" / "kueue", tmp_path / "kueue")
     base = tmp_path / "kueue" / "base" / "kueue.yaml"
@@ -195,7 +202,7 @@ def test_run_ids_are_made_safe():
 
 # What the DAG fills at run time and the kubectl tree leaves to kustomize or the container env: the only
 # places the two Jobs may differ.
-RUN_TIME_LABELS = {"gemma-lora-pipeline/run"}
+RUN_TIME_LABELS = {"gemma-lora-pipeline/run", "gemma-lora-pipeline/candidate"}
 
 
 def _comparable(job: dict, image: str, prefix: str) -> dict:
@@ -238,14 +245,15 @@ def test_the_dag_task_submits_the_kubectl_manifest(stage):
     from airflow.dag_processing.dagbag import DagBag
     from kubernetes.client import ApiClient
 
-    from tests.dags.test_dag import _render
+    from tests.dags.test_dag import _render, stage_task
 
     bag_dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
     overrides = {f"{s}_profile": p for s, p in manifests.BASE_PROFILES.items()}
     overrides.update(bucket="bkt", run_name="r1", queue=manifests.EXAMPLE["queue"])
-    dag_job = ApiClient().sanitize_for_serialization(_render(bag_dag.get_task(stage), bag_dag, overrides))
+    task = stage_task(bag_dag, stage, overrides)
+    dag_job = ApiClient().sanitize_for_serialization(_render(task, bag_dag, overrides))
     kubectl_job = _overlay_job(stage)
     registry_image = f"{manifests.EXAMPLE['registry']}/{stage}:{manifests.EXAMPLE['tag']}"
     ours = _comparable(kubectl_job, registry_image, "gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)")
-    theirs = _comparable(dag_job, bag_dag.get_task(stage).image, "gs://bkt/runs/r1")
+    theirs = _comparable(dag_job, task.image, "gs://bkt/runs/r1")
     assert theirs == ours

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from gemma_pipeline import jobspec
+from gemma_pipeline import candidates, jobspec
 
 from jobs.common import cli, spec
 from tests.conftest import ROOT
-from tests.dags.test_dag import _render, dag  # noqa: F401  (the parsed DAG fixture)
+from tests.dags.test_dag import _render, dag, stage_task  # noqa: F401  (the parsed DAG fixture)
 
 
 def _probe(opt: spec.Option):
@@ -71,20 +71,25 @@ def test_every_optional_param_is_nullable_or_has_a_default(dag):  # noqa: F811
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_job_arguments_parse_back_to_the_params(dag, stage):  # noqa: F811
     """The Job the DAG task submits carries every param its stage takes, and the stage CLI reads each back."""
-    job = _render(dag.get_task(stage), dag, {**PROBES, "bucket": "bkt", "run_name": "probe"})
+    settings = {**PROBES, "bucket": "bkt", "run_name": "probe"}
+    job = _render(stage_task(dag, stage, settings), dag, settings)
     args = job.spec.template.spec.containers[0].args
     parsed = cli.parser_for(jobspec.STAGE_CONFIGS[stage], "").parse_args(args)
+    prefixes = candidates.stage_prefixes("gs://bkt/runs/probe")
     for opt in jobspec.stage_options(stage):
-        if opt.param:
+        if opt.param == "require_improvement" and stage == "benchmark":
+            assert parsed.require_improvement == 0  # the gate judges the champion, in the select task
+        elif opt.param:
             assert getattr(parsed, opt.name) == PROBES[opt.param], f"{stage} {opt.flag}"
         elif opt.upstream:
             source = stage if opt.upstream == "self" else opt.upstream
-            assert getattr(parsed, opt.name) == f"gs://bkt/runs/probe/{source}", f"{stage} {opt.flag}"
+            assert getattr(parsed, opt.name) == prefixes[source], f"{stage} {opt.flag}"
 
 
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_null_params_render_as_the_clis_none(dag, stage):  # noqa: F811
-    job = _render(dag.get_task(stage), dag, {"context_field": None, "template": None})
+    settings = {"context_field": None, "template": None}
+    job = _render(stage_task(dag, stage, settings), dag, settings)
     parsed = cli.parser_for(jobspec.STAGE_CONFIGS[stage], "").parse_args(job.spec.template.spec.containers[0].args)
     for name in ("context_field", "template"):
         if hasattr(parsed, name):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gemma_pipeline import report
+from gemma_pipeline import candidates, report
 from gemma_pipeline.operators import job_seconds
 
 MANIFESTS = {
@@ -33,8 +33,15 @@ def prices(monkeypatch):
     return report.price_table()
 
 
+CHAMPION = {"champion": "default", "index": 0, "why": "lowest eval perplexity", "candidates": [
+    {"key": "default", "overrides": {}, "status": "finished", "champion": True, "perplexity": 190.6, "ci95": [180.0, 200.0],
+     "relative_improvement": 0.46, "prefixes": candidates.stage_prefixes("gs://b/runs/r")},
+    {"key": "lora-rank-8-abc", "overrides": {"lora_rank": 8}, "status": "missing", "champion": False,
+     "prefixes": candidates.stage_prefixes("gs://b/runs/r", "lora-rank-8-abc")}]}
+
+
 def test_cost_is_price_times_hours_held(prices):
-    built = report.build("gs://b/runs/r", {"lora_rank": 4}, MANIFESTS, DOCUMENTS, USAGES, prices)
+    built = report.build("gs://b/runs/r", {"lora_rank": 4}, MANIFESTS, DOCUMENTS, USAGES, prices, CHAMPION)
     rows = {r["stage"]: r for r in built["stages"]}
     assert rows["finetune"]["accelerator_hours"] == 4.0  # 4 chips for one hour
     assert rows["finetune"]["cost_usd"] == 5.0
@@ -45,7 +52,25 @@ def test_cost_is_price_times_hours_held(prices):
     assert built["complete"] is False
     assert built["total_cost_usd"] == pytest.approx(5.0 + 0.2 * 30 / 3600 + 1.2 * 60 / 3600, abs=1e-3)
     assert built["summary"]["base_perplexity"] == 353.7 and built["summary"]["tuned_perplexity"] == 190.6
-    assert "convert" not in built["artifacts"] and "gs://b/runs/r/finetune/adapter.lora.h5" in built["artifacts"]["finetune"]
+    assert "convert" not in built["artifacts"]
+    assert "gs://b/runs/r/candidates/default/finetune/adapter.lora.h5" in built["artifacts"]["finetune"]
+    assert "gs://b/runs/r/preprocess/stats.json" in built["artifacts"]["preprocess"]
+
+
+def test_the_report_shows_the_candidates_and_marks_the_champion(prices):
+    built = report.build("gs://b/runs/r", {}, MANIFESTS, DOCUMENTS, USAGES, prices, CHAMPION)
+    text = report.markdown(built, {})
+    assert "## Candidates" in text and "| **default** (champion) | `{}` | finished | 190.600 | 180.000–200.000 | 46.0% |" in text
+    assert "| lora-rank-8-abc | `{\"lora_rank\": 8}` | missing | n/a |" in text
+
+
+def test_a_stage_reused_by_a_rerun_keeps_the_figures_of_the_run_that_made_it(prices):
+    manifests = {k: dict(v or {}, finished_at="2026-11-20T10:00:00Z") if v else None for k, v in MANIFESTS.items()}
+    usages = {s: {"backend": "local", "profile": "cpu", "seconds": 2.0} for s in MANIFESTS}
+    built = report.build("gs://b/runs/r", {}, manifests, DOCUMENTS, usages, prices, CHAMPION, run_started="2026-11-24T00:00:00Z")
+    rows = {r["stage"]: r for r in built["stages"]}
+    assert rows["benchmark"]["skipped"] is True and rows["benchmark"]["seconds"] == 60.0  # not the skip's 2 s
+    assert "| benchmark | reused (skipped) |" in report.stage_table(built)
 
 
 @pytest.mark.parametrize("raw,message", [

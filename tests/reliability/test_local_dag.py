@@ -1,7 +1,8 @@
 """The main job's path end to end, short (CI's guard that the main command cannot silently break): the real DAG
 through `airflow dags test` on the local backend, every stage as a real subprocess against the Cloud Storage
-emulator, on a tiny model and two fine-tune steps. Then idempotency: the same run again skips every stage; one
-changed param reruns from the first stage it affects and only from there; bad input fails once, unretried."""
+emulator, on a tiny model and two fine-tune steps, with two candidates (mapped tasks, a champion). Then
+idempotency: the same run again skips every stage; an added candidate runs alone, and a changed convert param
+reruns only convert; bad input fails once, unretried."""
 
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def _local_run(root, conf: dict, timeout: float = 420) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
+CANDIDATES = [{}, {"lora_rank": 8, "learning_rate": 0.001}]
+
+
 def _conf(tiny_gemma3, **overrides) -> dict:
     return {"base_model": str(tiny_gemma3), "max_steps": 2, "batch_size": 2, "max_tokens": 64, "sequence_length": 64,
-            "run_name": "ci", **overrides}
+            "run_name": "ci", "candidates": CANDIDATES, **overrides}
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +58,29 @@ def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
     prefix = root / "gcs" / BUCKET / "runs" / "ci"
     report = json.loads((prefix / "report.json").read_text())
     assert report["complete"] is True
+    champion = json.loads((prefix / "champion.json").read_text())
+    finished = [c for c in champion["candidates"] if c["status"] == "finished"]
+    assert len(finished) == 2 and len({c["tokens_sha256"] for c in finished}) == 1
+    best = min(finished, key=lambda c: c["perplexity"])
+    assert champion["champion"] == best["key"] and report["champion"]["champion"] == best["key"]
+    chosen = prefix / "candidates" / best["key"]
+    for candidate in finished:  # each candidate trained and was scored in its own folder
+        for stage in ("finetune", "benchmark"):
+            assert (prefix / "candidates" / candidate["key"] / stage / "_manifest.json").exists()
+    assert [p.name for p in (prefix / "candidates").glob("*/convert")] == ["convert"]  # only the champion
+    assert "| candidate | overrides |" in first_run.stdout and "(champion)" in first_run.stdout
     assert [s["stage"] for s in report["stages"]] == ["preprocess", "finetune", "benchmark", "convert"]
     assert all(s["backend"] == "local" and s["seconds"] > 0 and s["peak_rss_bytes"] > 0 for s in report["stages"])
     assert report["summary"]["steps"] == 2 and report["summary"]["parity"]["passed"] is True
     assert report["summary"]["base_perplexity"] > 1 and report["summary"]["tuned_perplexity"] > 1
     assert report["params"]["max_steps"] == 2 and report["params"]["run_name"] == "ci"
-    for stage in ("preprocess", "finetune", "benchmark", "convert"):
-        assert (prefix / stage / "_manifest.json").exists()
-    assert (prefix / "convert" / "model.safetensors").exists() and (prefix / "finetune" / "adapter.lora.h5").exists()
+    assert (prefix / "preprocess" / "_manifest.json").exists()
+    assert (chosen / "convert" / "model.safetensors").exists() and (chosen / "finetune" / "adapter.lora.h5").exists()
     assert "data:image/png;base64," in (prefix / "report.html").read_text()
     # The task log carries the stage's own output, streamed from the subprocess.
     assert "stage finetune finished" in first_run.stdout and "jobs.finetuning" in first_run.stdout
     # What the command prints at the end: artifact paths and the summary table.
-    assert str(prefix / "convert" / "parity.json") in first_run.stdout
+    assert str(chosen / "convert" / "parity.json") in first_run.stdout
     assert "| perplexity after |" in first_run.stdout and "| finetune | done | tpu-v5e-1 |" in first_run.stdout
 
 
@@ -74,18 +88,31 @@ def test_the_same_run_name_again_skips_every_finished_stage(first_run, root, tin
     assert first_run.returncode == 0
     again = _local_run(root, _conf(tiny_gemma3))
     assert again.returncode == 0, again.stdout[-4000:]
-    assert again.stdout.count("SKIPPED: gs://local-gemma-bucket/runs/ci/") == 4
+    assert again.stdout.count("SKIPPED: gs://local-gemma-bucket/runs/ci/") == 6  # 1 + 2 x 2 + 1
+    report = json.loads((root / "gcs" / BUCKET / "runs" / "ci" / "report.json").read_text())
+    # The report keeps the times of the run that did the work, and says the stages were reused.
+    assert all(s["skipped"] for s in report["stages"]) and "| finetune | reused (skipped) |" in again.stdout
 
 
-def test_a_changed_param_reruns_only_from_the_first_stage_it_affects(first_run, root, tiny_gemma3):
+def test_an_added_candidate_runs_alone_and_a_changed_param_reruns_only_what_it_affects(first_run, root, tiny_gemma3):
     assert first_run.returncode == 0
-    changed = _local_run(root, _conf(tiny_gemma3, export_dtype="bfloat16"))
+    added = {"max_train_examples": 4, "seed": 3}
+    changed = _local_run(root, _conf(tiny_gemma3, candidates=[*CANDIDATES, added], export_dtype="bfloat16"))
     assert changed.returncode == 0, changed.stdout[-4000:]
-    for stage in ("preprocess", "finetune", "benchmark"):
-        assert f"SKIPPED: gs://local-gemma-bucket/runs/ci/{stage} " in changed.stdout
-    assert "SKIPPED: gs://local-gemma-bucket/runs/ci/convert " not in changed.stdout
-    manifest = json.loads((root / "gcs" / BUCKET / "runs" / "ci" / "convert" / "_manifest.json").read_text())
-    assert manifest["config"]["dtype"] == "bfloat16"
+    from gemma_pipeline.candidates import candidate_key
+
+    runs = "gs://local-gemma-bucket/runs/ci"
+    assert f"SKIPPED: {runs}/preprocess " in changed.stdout
+    for candidate in CANDIDATES:
+        for stage in ("finetune", "benchmark"):
+            assert f"SKIPPED: {runs}/candidates/{candidate_key(candidate)}/{stage} " in changed.stdout
+    new = candidate_key(added)
+    assert f"SKIPPED: {runs}/candidates/{new}/finetune " not in changed.stdout
+    assert changed.stdout.count("RUNNING finetune: no manifest yet") == 1  # the new candidate, alone
+    champion = json.loads((root / "gcs" / BUCKET / "runs" / "ci" / "champion.json").read_text())
+    assert len(champion["candidates"]) == 3
+    convert = root / "gcs" / BUCKET / "runs" / "ci" / "candidates" / champion["champion"] / "convert" / "_manifest.json"
+    assert json.loads(convert.read_text())["config"]["dtype"] == "bfloat16"
 
 
 def test_bad_input_fails_at_once_without_retry_and_still_reports(first_run, root, tiny_gemma3):
@@ -96,3 +123,4 @@ def test_bad_input_fails_at_once_without_retry_and_still_reports(first_run, root
     assert bad.stdout.count("[DAG TEST] starting task_id=preprocess") == 1  # no retry of a bad-input failure
     report = json.loads((root / "gcs" / BUCKET / "runs" / "ci-bad" / "report.json").read_text())
     assert report["complete"] is False and [s["done"] for s in report["stages"]] == [False] * 4
+    assert "no candidate's benchmark finished" in bad.stdout

@@ -42,7 +42,8 @@ def _tensors(directory):
 @pytest.mark.parametrize("kind", ["gemma3", "gemma"])
 def test_convert_merged_preset_and_parity(tmp_path, kind, pipelines):
     paths = pipelines[kind]
-    result = core.run(ConvertConfig(finetune=str(paths["finetune"]), output=str(tmp_path / "hf")), tmp_path / "w")
+    result = core.run(ConvertConfig(finetune=str(paths["finetune"]), output=str(tmp_path / "hf"),
+                                    data=str(paths["preprocess"]), answers=2), tmp_path / "w")
     out = tmp_path / "hf"
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "generation_config.json", "parity.json", MANIFEST):
         assert (out / name).exists(), name
@@ -50,6 +51,13 @@ def test_convert_merged_preset_and_parity(tmp_path, kind, pipelines):
     assert parity["passed"] and parity["token_ids_equal"] and parity["greedy_next_token_equal"]
     assert parity["logits_max_abs_diff"] <= 1e-3
     assert result["metrics"]["peak_rss_bytes"] > 0 and result["metrics"]["checkpoint_bytes"] > 0
+    # The servable adapter, checked at convert time with PeftModel on the exported base.
+    peft = json.loads((out / "adapter" / "peft_parity.json").read_text())
+    assert peft["passed"] and peft["logits_max_abs_diff"] <= 1e-3 and peft == result["metrics"]["peft_parity"]
+    assert set(peft["target_modules"]) == {"q_proj", "v_proj"}
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == peft["rank"]
+    answers = json.loads((out / "answers.json").read_text())
+    assert len(answers) == 2 and all(isinstance(a["before"], str) and isinstance(a["after"], str) and a["prompt"] for a in answers)
 
 
 def test_adapter_export_carries_the_lora_delta(tmp_path, tiny_gemma3, pipelines):

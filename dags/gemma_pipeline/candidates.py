@@ -1,0 +1,195 @@
+"""Candidate fine-tunes and their champion.
+
+A run trains one adapter per candidate (a set of overrides of the fine-tune's Params), scores every candidate
+on the same eval tokens, and picks the one with the lowest perplexity. Preprocessing is shared: no candidate
+field changes the split, so every candidate is scored on identical rows and none trains on another's eval rows
+(a candidate's data size is `max_train_examples`, a cut of the shared train split, never a new split).
+
+Layout: `runs/RUN/preprocess/`, `runs/RUN/candidates/<key>/{finetune,benchmark,convert}/`, and
+`runs/RUN/champion.json`. The key is stable in the overrides, so a rerun skips finished candidates and an added
+candidate runs alone. Pure functions; the DAG's `plan` and `select` tasks call them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from typing import Any
+
+from gemma_pipeline import jobspec, profiles
+
+# What a candidate may override: fine-tune Params only (see the module docstring for why not preprocessing's).
+FIELDS = ("lora_rank", "learning_rate", "max_steps", "epochs", "batch_size", "max_train_examples", "seed",
+          "finetune_profile")
+MAX_CANDIDATES = 16
+CANDIDATE_LABEL = "gemma-lora-pipeline/candidate"
+
+
+def field_schemas() -> dict[str, dict[str, Any]]:
+    options = jobspec.param_options()
+    schemas = {name: options[name].json_schema() for name in FIELDS if name in options}
+    schemas["finetune_profile"] = {"enum": sorted(profiles.PROFILES), "description": "accelerator profile of the fine-tune Job"}
+    return schemas
+
+
+def schema() -> dict[str, Any]:
+    """The `candidates` Param's JSON schema: the trigger form refuses a bad list before anything runs."""
+    return {
+        "type": "array", "minItems": 1, "maxItems": MAX_CANDIDATES,
+        "items": {"type": "object", "properties": field_schemas(), "additionalProperties": False},
+        "description": "candidate fine-tunes, each a JSON object overriding any of " + ", ".join(FIELDS)
+                       + "; [{}] is one candidate with the params above. The lowest eval perplexity wins.",
+    }
+
+
+def validate(candidates: Any) -> list[dict[str, Any]]:
+    """The candidate list, checked field by field; a ValueError names the candidate, the field, the value and
+    what was expected."""
+    import jsonschema
+
+    if isinstance(candidates, str):  # a conf from the CLI may carry the list as JSON text
+        try:
+            candidates = json.loads(candidates)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"candidates: got {candidates!r}; expected a JSON list of objects ({err})") from err
+    if not isinstance(candidates, list) or not 1 <= len(candidates) <= MAX_CANDIDATES:
+        raise ValueError(f"candidates: got {candidates!r}; expected a list of 1 to {MAX_CANDIDATES} objects")
+    schemas, options = field_schemas(), jobspec.param_options()
+    seen: dict[str, int] = {}
+    for index, candidate in enumerate(candidates):
+        where = f"candidates[{index}]"
+        if not isinstance(candidate, dict):
+            raise ValueError(f"{where}: got {candidate!r}; expected an object of overrides")
+        for field, value in candidate.items():
+            if field not in schemas:
+                close = difflib.get_close_matches(field, FIELDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{where}.{field}: not a field a candidate can override{hint}; expected one of {', '.join(FIELDS)}")
+            errors = list(jsonschema.Draft7Validator(schemas[field]).iter_errors(value))
+            if errors:
+                expected = options[field].expected() if field in options else f"one of {', '.join(schemas[field]['enum'])}"
+                raise ValueError(f"{where}.{field}: got {value!r}; expected {expected}")
+        key = candidate_key(candidate)
+        if key in seen:
+            raise ValueError(f"{where}: the same overrides as candidates[{seen[key]}]; each candidate must differ")
+        seen[key] = index
+    return candidates
+
+
+def candidate_key(overrides: dict[str, Any]) -> str:
+    """A folder name that is the same for the same overrides whatever their order: readable, plus a hash."""
+    if not overrides:
+        return "default"
+    canonical = json.dumps(overrides, sort_keys=True, separators=(",", ":"))
+    readable = re.sub(r"[^a-z0-9]+", "-", "-".join(f"{k}-{v}" for k, v in sorted(overrides.items())).lower()).strip("-")
+    return f"{readable[:40].rstrip('-')}-{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
+
+
+def plan(params: dict[str, Any], run_key: str) -> list[dict[str, Any]]:
+    """One entry per candidate: its key, overrides, prefixes, and the fine-tune and benchmark Jobs' arguments,
+    profile and labels (what the mapped tasks submit)."""
+    run_prefix = f"gs://{params['bucket']}/runs/{run_key}"
+    entries = []
+    for index, overrides in enumerate(validate(params.get("candidates", [{}]))):
+        key = candidate_key(overrides)
+        prefixes = stage_prefixes(run_prefix, key)
+        # The quality gate judges the champion (in select), not every candidate.
+        values = {**params, **overrides, "require_improvement": 0.0}
+        profile = {"finetune": overrides.get("finetune_profile", params["finetune_profile"]),
+                   "benchmark": params["benchmark_profile"], "convert": params["convert_profile"]}
+        entries.append({
+            "index": index, "key": key, "overrides": overrides, "prefixes": prefixes,
+            **{stage: stage_job(stage, values, prefixes, profile[stage], key) for stage in ("finetune", "benchmark")},
+            "convert": stage_job("convert", values, prefixes, profile["convert"], key),
+        })
+    return entries
+
+
+def stage_prefixes(run_prefix: str, key: str = "default") -> dict[str, str]:
+    """Where each stage of a candidate writes: the shared preprocessing, and the candidate's own folders."""
+    return {s: f"{run_prefix}/preprocess" if s == "preprocess" else f"{run_prefix}/candidates/{key}/{s}" for s in jobspec.STAGES}
+
+
+def stage_job(stage: str, values: dict[str, Any], prefixes: dict[str, str], profile: str, key: str) -> dict[str, Any]:
+    return {"arguments": jobspec.stage_args(stage, values, prefixes), "profile_name": profile,
+            "progress_uri": f"{prefixes[stage]}/_progress.json", "labels": {CANDIDATE_LABEL: key[:63].rstrip("-")}}
+
+
+def _eval(report: dict[str, Any], model: str) -> dict[str, Any]:
+    return report["models"][model]["splits"]["eval"]
+
+
+def select(entries: list[dict[str, Any]], reports: dict[str, dict | None], require_improvement: float) -> dict[str, Any]:
+    """The champion: the lowest tuned perplexity among candidates whose benchmark finished, all scored on the
+    same eval tokens (else nothing is comparable and this raises). Says which candidates the champion cannot be
+    told apart from (overlapping 95% bootstrap intervals), and whether it passes the quality gate."""
+    rows = []
+    for entry in entries:
+        report = reports.get(entry["key"])
+        row: dict[str, Any] = {"key": entry["key"], "overrides": entry["overrides"], "prefixes": entry["prefixes"],
+                               "status": "finished" if report else "missing",
+                               "lineage": {s: f"{entry['prefixes'][s]}/_manifest.json" for s in ("preprocess", "finetune", "benchmark")}}
+        if report:
+            tuned, base = _eval(report, "tuned"), _eval(report, "base")
+            row |= {"perplexity": tuned["perplexity"], "ci95": [tuned.get("ci95_low"), tuned.get("ci95_high")],
+                    "base_perplexity": base["perplexity"], "relative_improvement": report.get("relative_improvement"),
+                    "tokens": tuned["tokens"], "tokens_sha256": tuned.get("tokens_sha256")}
+        rows.append(row)
+    finished = [r for r in rows if r["status"] == "finished"]
+    if not finished:
+        raise ValueError("no candidate's benchmark finished; nothing to choose from")
+    digests = {r["tokens_sha256"] for r in finished}
+    if len(digests) != 1:
+        raise ValueError(f"the candidates were scored on different eval tokens ({len(digests)} digests); perplexities do not compare")
+    champion = min(finished, key=lambda r: (r["perplexity"], r["key"]))
+    low, high = champion["ci95"]
+    ties = [r["key"] for r in finished if r is not champion and None not in (low, high, *r["ci95"])
+            and r["ci95"][0] <= high and low <= r["ci95"][1]]
+    why = f"lowest eval perplexity {champion['perplexity']:.4f} of {len(finished)} finished candidate(s) on identical eval tokens"
+    if ties:
+        why += (f"; its 95% interval overlaps {', '.join(ties)}: the difference may be noise, not a better model")
+    gate_passed = not require_improvement or (champion["relative_improvement"] or 0) >= require_improvement
+    for row in rows:
+        row["champion"] = row is champion
+    return {"champion": champion["key"], "index": next(e["index"] for e in entries if e["key"] == champion["key"]),
+            "why": why, "overlapping": ties, "eval_tokens_sha256": digests.pop(),
+            "quality_gate": {"required": require_improvement, "relative_improvement": champion["relative_improvement"],
+                             "passed": gate_passed},
+            "candidates": rows}
+
+
+def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store: Any = None) -> list[dict[str, Any]]:
+    """The `select` task: read each candidate's benchmark (complete only with its manifest), choose, write
+    `runs/RUN/champion.json`, and return the convert Jobs to run: the champion's, or every finished
+    candidate's with `convert_all`. A champion that fails the quality gate stops the run after the record."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from gemma_pipeline import local
+    from gemma_pipeline.report import RunStore
+
+    if store is None and local.backend() == "local":
+        with local.Emulator(local.local_root()):
+            return record_champion(entries, params, RunStore("local"))
+    store = store or RunStore(local.backend())
+    reports = {}
+    for entry in entries:
+        prefix = entry["prefixes"]["benchmark"]
+        complete = store.read_json(f"{prefix}/_manifest.json") is not None
+        reports[entry["key"]] = store.read_json(f"{prefix}/report.json") if complete else None
+    run_prefix = entries[0]["prefixes"]["preprocess"].rsplit("/", 1)[0]
+    try:
+        record = select(entries, reports, float(params.get("require_improvement") or 0))
+    except ValueError as err:
+        raise AirflowFailException(str(err)) from err
+    record["run_prefix"] = run_prefix
+    finished = {r["key"] for r in record["candidates"] if r["status"] == "finished"}
+    converts = [e for e in entries if e["key"] in (finished if params.get("convert_all") else {record["champion"]})]
+    record["convert_index"] = [e["key"] for e in converts].index(record["champion"])
+    store.write(f"{run_prefix}/champion.json", json.dumps(record, indent=2).encode(), "application/json")
+    if not record["quality_gate"]["passed"]:
+        gate = record["quality_gate"]
+        raise AirflowFailException(f"champion {record['champion']} improved perplexity by {gate['relative_improvement']:.2%}; "
+                                   f"require_improvement asks for {gate['required']:.2%}; see {run_prefix}/champion.json")
+    return [entry["convert"] for entry in converts]

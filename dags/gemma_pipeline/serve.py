@@ -1,0 +1,90 @@
+"""The `serve` task: hand the champion to Vertex AI or to a vLLM Deployment on GKE (see `gemma_pipeline.serving`
+for the requests it sends). Skipped when `serve` is `none`, and on the local backend, which has neither (the
+champion's answers before and after fine-tuning are in its convert output and the run report)."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from airflow.providers.google.cloud.operators.kubernetes_engine import GKEOperatorMixin
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from gemma_pipeline import local, serving
+
+
+def _label(value: str) -> str:  # Vertex label values: lowercase letters, digits, - and _, at most 63
+    return re.sub(r"[^a-z0-9_-]+", "-", value.lower())[:63]
+
+
+class ServeOperator(GKEOperatorMixin, BaseOperator):
+    template_fields = ("run_prefix", "mode")
+
+    def __init__(self, *, run_prefix: str, mode: str, project_id: str, location: str, cluster_name: str,
+                 gcp_conn_id: str = "google_cloud_default", timeout_s: int = 1800, **kwargs: Any) -> None:
+        for key in ("namespace", "service_account_name", "wait_until_job_complete", "deferrable", "parallelism",
+                    "completions", "suspend", "backoff_limit", "ttl_seconds_after_finished", "get_logs",
+                    "queue_timeout_s"):
+            kwargs.pop(key, None)  # the stage Jobs' default_args, which this task does not take
+        super().__init__(**kwargs)
+        self.run_prefix, self.mode, self.timeout_s = run_prefix, mode, timeout_s
+        self.project_id, self.location, self.cluster_name, self.gcp_conn_id = project_id, location, cluster_name, gcp_conn_id
+        self.impersonation_chain = None
+        self.use_internal_ip = self.use_dns_endpoint = False
+        self.enable_tcp_keepalive = True
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        if self.mode not in serving.MODES:
+            raise AirflowFailException(f"serve: got {self.mode!r}; expected one of {', '.join(serving.MODES)}")
+        if self.mode == "none":
+            raise AirflowSkipException("serve is none: the champion stays in the bucket")
+        if local.backend() == "local":
+            raise AirflowSkipException(f"serve={self.mode} needs Google Cloud; the local backend has no Vertex AI or GKE")
+        from gemma_pipeline.report import RunStore
+
+        record = RunStore("gke", self.gcp_conn_id).read_json(f"{self.run_prefix}/champion.json")
+        if not record:
+            raise AirflowFailException(f"no {self.run_prefix}/champion.json: nothing to serve")
+        paths = serving.champion_paths(record)
+        return self.to_vertex(context, paths) if self.mode == "vertex" else self.to_gke(paths, record)
+
+    def to_vertex(self, context: Any, paths: dict[str, str]) -> dict[str, Any]:
+        from airflow.providers.google.cloud.operators.vertex_ai.endpoint_service import DeployModelOperator
+        from airflow.providers.google.cloud.operators.vertex_ai.model_service import UploadModelOperator
+
+        image = os.environ.get(serving.VERTEX_VLLM_IMAGE_ENV)
+        if not image:
+            raise AirflowFailException(f"serve=vertex: set {serving.VERTEX_VLLM_IMAGE_ENV} to a vLLM serving image for "
+                                       "Vertex AI (Model Garden's vLLM build, mirrored into your Artifact Registry)")
+        run = self.run_prefix.rstrip("/").rsplit("/", 1)[-1]
+        model = serving.vertex_model(f"gemma-lora-{run}-{paths['key']}", paths["export"], image,
+                                     {"run": _label(run), "candidate": _label(paths["key"]), "pipeline": "gemma-lora"})
+        upload = UploadModelOperator(task_id=f"{self.task_id}_upload", project_id=self.project_id, region=self.location,
+                                     model=model, parent_model=os.environ.get(serving.VERTEX_MODEL_ENV) or None,
+                                     gcp_conn_id=self.gcp_conn_id)
+        response = upload.execute(context)
+        result = {"mode": "vertex", "model": response.get("model"), "model_version_id": response.get("model_version_id")}
+        endpoint = os.environ.get(serving.VERTEX_ENDPOINT_ENV)
+        if endpoint:
+            deployed = {**serving.vertex_deployed_model(model["display_name"]), "model": response["model"]}
+            DeployModelOperator(task_id=f"{self.task_id}_deploy", project_id=self.project_id, region=self.location,
+                                endpoint_id=endpoint, deployed_model=deployed, traffic_split={"0": 100},
+                                gcp_conn_id=self.gcp_conn_id).execute(context)
+            result["endpoint"] = endpoint
+        self.log.info("champion registered in Vertex AI: %s", result)
+        return result
+
+    def to_gke(self, paths: dict[str, str], record: dict[str, Any]) -> dict[str, Any]:
+        from kubernetes import client
+
+        bucket = paths["export"].removeprefix("gs://").split("/", 1)[0]
+        objects = serving.gke_objects(bucket, serving.vllm_args(serving.fuse_path(paths["export"])))
+        api = self.hook.get_conn()
+        apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+        serving.apply(apps, core, objects)
+        name, namespace = objects[0]["metadata"]["name"], objects[0]["metadata"]["namespace"]
+        status = serving.wait_available(apps, name, namespace, self.timeout_s, log=self.log.info)
+        self.log.info("vLLM serves the champion %s: Service %s/%s port 80", record["champion"], namespace, name)
+        return {"mode": "gke", "deployment": f"{namespace}/{name}", "available_replicas": status.get("available_replicas")}

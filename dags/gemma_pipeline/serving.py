@@ -1,0 +1,189 @@
+"""Serving hand-off for the champion: `serve` = `none`, `vertex` or `gke`.
+
+- `vertex`: register the champion's export in Vertex AI Model Registry with the provider's `UploadModelOperator`
+  (a new version of an existing model when `GEMMA_PIPELINE_VERTEX_MODEL` names one), with a vLLM serving
+  container, and deploy it to the endpoint `GEMMA_PIPELINE_VERTEX_ENDPOINT` names, if any.
+- `gke`: a vLLM Deployment + Service (`k8s/serving/`, generated from `gke_objects`), labelled for Kueue's own
+  `serving` queue (a ClusterQueue outside the training cohort: training can neither borrow its quota nor preempt
+  it), reading the export from the bucket through the GKE Cloud Storage FUSE CSI driver. The task creates or
+  patches it and waits until it is available.
+
+Every request is built by a pure function here and checked against the client library's own types.
+`python -m gemma_pipeline.serving write k8s/serving` renders the kustomize base for `kubectl` users.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from gemma_pipeline import generated
+
+MODES = ("none", "vertex", "gke")
+# vLLM's OpenAI-compatible server for GKE; Vertex needs a container that speaks its prediction protocol and
+# reads gs:// (Model Garden's vLLM build), mirrored into your Artifact Registry: no default, set it.
+GKE_VLLM_IMAGE = os.environ.get("GEMMA_PIPELINE_VLLM_IMAGE", "vllm/vllm-openai:v0.11.0")
+VERTEX_VLLM_IMAGE_ENV = "GEMMA_PIPELINE_VERTEX_VLLM_IMAGE"
+VERTEX_MODEL_ENV = "GEMMA_PIPELINE_VERTEX_MODEL"  # projects/P/locations/L/models/ID: upload as its new version
+VERTEX_ENDPOINT_ENV = "GEMMA_PIPELINE_VERTEX_ENDPOINT"  # an endpoint id: deploy the uploaded version there
+SERVING = {"namespace": os.environ.get("GEMMA_PIPELINE_SERVING_NAMESPACE", "serving"), "queue": "serving-queue",
+           "priority_class": "serving", "name": "gemma-champion", "port": 8000}
+FUSE_ROOT = "/models"
+
+
+def pinned(image: str) -> str:
+    name, _, tag = image.rpartition(":")
+    if "@sha256:" not in image and (not name or "/" in tag or tag in ("", "latest")):
+        raise ValueError(f"serving image: got {image!r}; expected one pinned by tag or digest (never latest)")
+    return image
+
+
+def vertex_model(display_name: str, artifact_uri: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
+    """The `Model` UploadModelOperator sends: the export as the artifact, served by vLLM on Vertex's routes."""
+    from google.cloud.aiplatform_v1.types import Model
+
+    model = {
+        "display_name": display_name[:128],
+        "description": "Gemma LoRA fine-tune (champion of its run), Hugging Face format, served by vLLM",
+        "artifact_uri": artifact_uri,
+        "container_spec": {
+            "image_uri": pinned(image),
+            "command": ["python", "-m", "vllm.entrypoints.api_server"],
+            "args": ["--host=0.0.0.0", "--port=8080", "--model=$(AIP_STORAGE_URI)", "--max-model-len=4096",
+                     "--gpu-memory-utilization=0.9"],
+            "ports": [{"container_port": 8080}],
+            "predict_route": "/generate",
+            "health_route": "/ping",
+        },
+        "labels": labels,
+    }
+    Model(model)  # the client's own type: an unknown or misspelled field raises here, not at the API
+    return model
+
+
+def vertex_deployed_model(display_name: str, machine_type: str = "g2-standard-12", accelerator: str = "NVIDIA_L4",
+                          count: int = 1) -> dict[str, Any]:
+    from google.cloud.aiplatform_v1.types import DeployedModel
+
+    deployed = {"display_name": display_name[:128], "dedicated_resources": {
+        "machine_spec": {"machine_type": machine_type, "accelerator_type": accelerator, "accelerator_count": count},
+        "min_replica_count": 1, "max_replica_count": 1}}
+    DeployedModel(deployed)
+    return deployed
+
+
+def fuse_path(uri: str) -> str:
+    """A gs:// object path inside the pod's Cloud Storage FUSE mount of its bucket."""
+    return f"{FUSE_ROOT}/{uri.removeprefix('gs://').split('/', 1)[1]}"
+
+
+def vllm_args(model_dir: str, adapter_dir: str | None = None, rank: int = 0) -> list[str]:
+    args = ["--host=0.0.0.0", f"--port={SERVING['port']}", f"--model={model_dir}", "--served-model-name=gemma-champion",
+            "--max-model-len=4096"]
+    if adapter_dir:  # the base, with the champion's LoRA as a named adapter
+        args += ["--enable-lora", f"--lora-modules=champion={adapter_dir}", f"--max-lora-rank={max(8, rank)}"]
+    return args
+
+
+def gke_objects(bucket: str, args: list[str], image: str = GKE_VLLM_IMAGE, namespace: str = SERVING["namespace"]) -> list[dict[str, Any]]:
+    """The vLLM Deployment and its Service."""
+    name, labels = SERVING["name"], {"app.kubernetes.io/name": SERVING["name"], "app.kubernetes.io/part-of": "gemma-lora-pipeline"}
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": {
+            **labels, "kueue.x-k8s.io/queue-name": SERVING["queue"], "kueue.x-k8s.io/priority-class": SERVING["priority_class"]}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"gke-gcsfuse/volumes": "true"}},
+                "spec": {
+                    "serviceAccountName": "gemma-serving",
+                    "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "vllm", "image": pinned(image), "args": args,
+                        "env": [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "HOME", "value": "/tmp"}],
+                        "ports": [{"name": "http", "containerPort": SERVING["port"]}],
+                        "resources": {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+                                      "limits": {"nvidia.com/gpu": "1"}},
+                        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 60},
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [{"name": "models", "mountPath": FUSE_ROOT, "readOnly": True},
+                                         {"name": "scratch", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
+                    }],
+                    "volumes": [
+                        {"name": "models", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True,
+                                                   "volumeAttributes": {"bucketName": bucket, "mountOptions": "implicit-dirs"}}},
+                        {"name": "scratch", "emptyDir": {}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+                    ],
+                },
+            },
+        },
+    }
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace, "labels": labels},
+               "spec": {"selector": {"app.kubernetes.io/name": name},
+                        "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    return [deployment, service]
+
+
+def champion_paths(record: dict[str, Any]) -> dict[str, str]:
+    chosen = next(r for r in record["candidates"] if r.get("champion"))
+    convert = chosen["prefixes"]["convert"]
+    return {"export": convert, "adapter": f"{convert}/adapter", "base": f"{convert}/base", "key": chosen["key"]}
+
+
+def wait_available(apps: Any, name: str, namespace: str, timeout_s: float, poll_s: float = 10.0,
+                   clock: Any = time.monotonic, sleep: Any = time.sleep, log: Any = print) -> dict[str, Any]:
+    """Poll the Deployment until its newest generation has every replica available."""
+    deadline = clock() + timeout_s
+    while True:
+        status = apps.read_namespaced_deployment_status(name, namespace).to_dict()
+        spec, st, meta = status.get("spec") or {}, status.get("status") or {}, status.get("metadata") or {}
+        if (st.get("observed_generation") or 0) >= (meta.get("generation") or 0) \
+                and (st.get("available_replicas") or 0) >= (spec.get("replicas") or 1):
+            return st
+        if clock() >= deadline:
+            raise TimeoutError(f"Deployment {namespace}/{name} not available after {timeout_s:.0f} s: {st.get('conditions')}")
+        log(f"waiting for Deployment {namespace}/{name}: {st.get('available_replicas') or 0} of {spec.get('replicas') or 1} available")
+        sleep(poll_s)
+
+
+def apply(apps: Any, core: Any, objects: list[dict[str, Any]]) -> None:
+    """Create each object, or replace its spec when it exists (a new champion rolls the Deployment)."""
+    from kubernetes.client.rest import ApiException
+
+    for obj in objects:
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        create, patch = ((apps.create_namespaced_deployment, apps.patch_namespaced_deployment) if obj["kind"] == "Deployment"
+                         else (core.create_namespaced_service, core.patch_namespaced_service))
+        try:
+            create(namespace, obj)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            patch(name, namespace, obj)
+
+
+def render() -> dict[str, str]:
+    import yaml
+
+    header = "# Generated by `python -m gemma_pipeline.serving write k8s/serving`; do not edit.\n"
+    example = gke_objects("my-gemma-bucket", vllm_args(fuse_path("gs://my-gemma-bucket/runs/manual-001/candidates/default/convert")))
+    files = {f"base/{o['kind'].lower()}.yaml": header + yaml.safe_dump(o, sort_keys=False, width=120) for o in example}
+    files["base/kustomization.yaml"] = header + yaml.safe_dump(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+         "resources": ["deployment.yaml", "service.yaml"]}, sort_keys=False)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    return generated.main(render, "gemma_pipeline.serving", __doc__, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Candidates and the champion: the trigger form's schema, validation that names the candidate and field, stable
+keys, the plan each mapped task runs, and the choice of the champion (pure functions; the real DAG runs them in
+tests/reliability/test_local_dag.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+from gemma_pipeline import candidates, jobspec
+
+PARAMS = {**jobspec.param_defaults(), "bucket": "bkt", "run_name": None, "finetune_profile": "tpu-v5e-1",
+          "benchmark_profile": "tpu-v5e-1", "convert_profile": "cpu", "require_improvement": 0.0}
+
+
+def _args(entry, stage):
+    args = entry[stage]["arguments"]
+    return dict(zip(args[::2], args[1::2], strict=True))
+
+
+def test_the_schema_allows_exactly_the_fields_and_bounds_of_the_finetune_params():
+    import jsonschema
+
+    schema = candidates.schema()
+    assert set(schema["items"]["properties"]) == set(candidates.FIELDS) and schema["items"]["additionalProperties"] is False
+    jsonschema.validate([{}], schema)
+    jsonschema.validate([{"lora_rank": 8, "learning_rate": 1e-3}, {"finetune_profile": "cpu", "max_train_examples": 64}], schema)
+    for bad in ([], [{"lora_rnak": 8}], [{"lora_rank": 0}], [{"learning_rate": 1}], [{"finetune_profile": "tpu-v9"}], [{"lora_rank": "8"}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+@pytest.mark.parametrize("value,message", [
+    ([{}, {"lora_rnak": 8}], "candidates[1].lora_rnak: not a field a candidate can override (did you mean 'lora_rank'?)"),
+    ([{"lora_rank": 0}], "candidates[0].lora_rank: got 0; expected an integer in [1, 512]"),
+    ([{"learning_rate": 2.0}], "candidates[0].learning_rate: got 2.0;"),
+    ([{"finetune_profile": "tpu-v9"}], "candidates[0].finetune_profile: got 'tpu-v9'; expected one of"),
+    ([{"lora_rank": 8}, {"lora_rank": 8}], "candidates[1]: the same overrides as candidates[0]"),
+    ([], "expected a list of 1 to 16 objects"),
+    (["rank 8"], "candidates[0]: got 'rank 8'; expected an object of overrides"),
+    ("[{", "expected a JSON list of objects"),
+])
+def test_a_bad_candidate_is_named_with_its_field(value, message):
+    with pytest.raises(ValueError) as err:
+        candidates.validate(value)
+    assert message in str(err.value)
+
+
+def test_keys_are_stable_readable_and_distinct():
+    assert candidates.candidate_key({}) == "default"
+    a = candidates.candidate_key({"lora_rank": 8, "learning_rate": 0.001})
+    assert a == candidates.candidate_key({"learning_rate": 0.001, "lora_rank": 8}) and a.startswith("learning-rate-0-001-lora-rank-8-")
+    assert a != candidates.candidate_key({"lora_rank": 8, "learning_rate": 0.002})
+    assert len(candidates.candidate_key({f: 1 for f in candidates.FIELDS[:7]})) <= 49
+
+
+def test_the_plan_shares_preprocessing_and_gives_each_candidate_its_own_folders():
+    entries = candidates.plan({**PARAMS, "candidates": [{}, {"lora_rank": 8, "seed": 5, "finetune_profile": "cpu"}]}, "r1")
+    default, ranked = entries
+    assert [e["index"] for e in entries] == [0, 1] and default["key"] == "default"
+    for entry in entries:
+        finetune, benchmark = _args(entry, "finetune"), _args(entry, "benchmark")
+        assert finetune["--data"] == benchmark["--data"] == "gs://bkt/runs/r1/preprocess"  # identical eval rows
+        assert finetune["--output"] == f"gs://bkt/runs/r1/candidates/{entry['key']}/finetune"
+        assert benchmark["--finetune"] == finetune["--output"]
+        assert benchmark["--require-improvement"] == "0.0"  # the gate judges the champion, in select
+        assert _args(entry, "convert")["--finetune"] == finetune["--output"]
+        assert entry["finetune"]["labels"] == {candidates.CANDIDATE_LABEL: entry["key"]}
+    assert _args(default, "finetune")["--lora-rank"] == str(PARAMS["lora_rank"])
+    assert _args(ranked, "finetune")["--lora-rank"] == "8" and _args(ranked, "finetune")["--seed"] == "5"
+    assert ranked["finetune"]["profile_name"] == "cpu" and default["finetune"]["profile_name"] == "tpu-v5e-1"
+
+
+def _report(ppl, low, high, base=300.0, digest="abc"):
+    split = lambda p, lo, hi: {"eval": {"perplexity": p, "ci95_low": lo, "ci95_high": hi, "tokens": 100,  # noqa: E731
+                                        "tokens_sha256": digest}}
+    return {"models": {"base": {"splits": split(base, base - 5, base + 5)}, "tuned": {"splits": split(ppl, low, high)}},
+            "relative_improvement": (base - ppl) / base}
+
+
+def _entries(n):
+    return candidates.plan({**PARAMS, "candidates": [{}] + [{"lora_rank": 2 ** (i + 2)} for i in range(n - 1)]}, "r1")
+
+
+def test_the_champion_is_the_lowest_perplexity_and_overlaps_are_said():
+    entries = _entries(3)
+    keys = [e["key"] for e in entries]
+    record = candidates.select(entries, {keys[0]: _report(200, 190, 210), keys[1]: _report(180, 170, 195),
+                                         keys[2]: _report(150, 140, 160)}, 0.0)
+    assert record["champion"] == keys[2] and record["index"] == 2 and record["overlapping"] == []
+    record = candidates.select(entries, {keys[0]: _report(200, 190, 210), keys[1]: _report(195, 185, 205), keys[2]: None}, 0.0)
+    assert record["champion"] == keys[1] and record["overlapping"] == [keys[0]] and "may be noise" in record["why"]
+    assert [r["status"] for r in record["candidates"]] == ["finished", "finished", "missing"]
+    assert [r["champion"] for r in record["candidates"]] == [False, True, False]
+
+
+def test_candidates_scored_on_different_tokens_are_not_compared():
+    entries = _entries(2)
+    with pytest.raises(ValueError, match="different eval tokens"):
+        candidates.select(entries, {entries[0]["key"]: _report(200, 1, 2), entries[1]["key"]: _report(100, 1, 2, digest="x")}, 0.0)
+    with pytest.raises(ValueError, match="no candidate's benchmark finished"):
+        candidates.select(entries, {}, 0.0)
+
+
+class FakeStore:
+    def __init__(self, objects):
+        self.objects = {k: json.dumps(v).encode() for k, v in objects.items()}
+
+    def read_json(self, uri):
+        return json.loads(self.objects[uri]) if uri in self.objects else None
+
+    def write(self, uri, data, content_type):
+        self.objects[uri] = data
+
+
+def _store(entries, reports):
+    objects = {}
+    for entry, report in zip(entries, reports, strict=True):
+        if report is not None:
+            objects[entry["prefixes"]["benchmark"] + "/report.json"] = report
+            objects[entry["prefixes"]["benchmark"] + "/_manifest.json"] = {"stage": "benchmark"}
+    return FakeStore(objects)
+
+
+def test_select_records_the_champion_and_returns_the_converts_to_run():
+    entries = _entries(3)
+    reports = [_report(200, 190, 210), _report(150, 140, 160), _report(170, 165, 175)]
+    store = _store(entries, reports)
+    converts = candidates.record_champion(entries, {"require_improvement": 0.1}, store)
+    assert converts == [entries[1]["convert"]]
+    record = store.read_json("gs://bkt/runs/r1/champion.json")
+    assert record["champion"] == entries[1]["key"] and record["convert_index"] == 0
+    assert record["candidates"][1]["lineage"]["finetune"] == entries[1]["prefixes"]["finetune"] + "/_manifest.json"
+    everything = candidates.record_champion(entries, {"convert_all": True}, _store(entries, reports))
+    assert everything == [e["convert"] for e in entries]
+
+
+def test_a_report_without_a_manifest_does_not_count_and_the_gate_judges_the_champion():
+    entries = _entries(2)
+    store = _store(entries, [_report(290, 280, 300), _report(100, 90, 110)])
+    del store.objects[entries[1]["prefixes"]["benchmark"] + "/_manifest.json"]  # killed before the manifest
+    with pytest.raises(AirflowFailException, match="require_improvement asks for 10.00%"):
+        candidates.record_champion(entries, {"require_improvement": 0.1}, store)
+    record = store.read_json("gs://bkt/runs/r1/champion.json")  # written before failing: the reason is on record
+    assert record["champion"] == entries[0]["key"] and record["quality_gate"]["passed"] is False
