@@ -102,8 +102,9 @@ def stage_task(stage: str) -> StageJobOperator:
 with DAG(
     dag_id="gemma_lora_finetune",
     description=__doc__,
-    doc_md=__doc__ + "\n\nEach stage writes under `gs://BUCKET/runs/<run name or run id>/<stage>/`; a retry, or a new "
-    "run with the same `run_name`, lands in the same place and a finished stage is skipped. A Job waits in Kueue up to `queue_timeout_minutes`; if it never "
+    doc_md=__doc__ + "\n\nStages write under `gs://BUCKET/runs/<run name or run id>/` (`preprocess/`, "
+    "`candidates/<key>/<stage>/`, `champion.json`); a retry, or a new run with the same `run_name`, lands in the same "
+    "place and a finished stage is skipped. A Job waits in Kueue up to `queue_timeout_minutes`; if it never "
     "starts, run `python -m gemma_pipeline.preflight` for the stage's profile and queue.",
     start_date=datetime(2026, 1, 1),
     schedule=None,
@@ -117,7 +118,7 @@ with DAG(
 ) as dag:
     @task(task_id="plan")
     def plan(params: dict | None = None, run_id: str | None = None) -> list[dict]:
-        return candidates.plan(dict(params or {}), jobspec.run_key((params or {}).get("run_name"), run_id or ""))
+        return candidates.plan_task(dict(params or {}), jobspec.run_key((params or {}).get("run_name"), run_id or ""))
 
     @task_group(group_id="candidate")
     def candidate(finetune: dict, benchmark: dict, index: int, key: str, overrides: dict, prefixes: dict,

@@ -107,6 +107,16 @@ def plan(params: dict[str, Any], run_key: str) -> list[dict[str, Any]]:
     return entries
 
 
+def plan_task(params: dict[str, Any], run_key: str) -> list[dict[str, Any]]:
+    """The `plan` task: a bad candidate list fails the run at once, without retries (nothing has run yet)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        return plan(params, run_key)
+    except ValueError as err:
+        raise AirflowFailException(str(err)) from err
+
+
 def stage_prefixes(run_prefix: str, key: str = "default") -> dict[str, str]:
     """Where each stage of a candidate writes: the shared preprocessing, and the candidate's own folders."""
     return {s: f"{run_prefix}/preprocess" if s == "preprocess" else f"{run_prefix}/candidates/{key}/{s}" for s in jobspec.STAGES}

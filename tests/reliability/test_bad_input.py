@@ -37,6 +37,8 @@ error, a message naming the field, the value and what was expected, and no outpu
 | C03 | convert | `--adapter weights.bin` | `--adapter`, `.lora.h5` |
 | D01-D09 | trigger form | `lora_rank` 0 / -3, unknown profile, quality gate 1.5, queue `Not_A_Queue`, bucket `x`, `run_name` `../x`, empty dataset, `learning_rate` 0 | `Invalid input for param <name>:`, the value, the schema rule |
 | D10 | trigger conf | a key that is not a param (`lora_rnak`) | the key, the closest param `lora_rank` |
+| D11 | trigger form | `candidates` `[{"lora_rank": 0}]`, `[{"lora_rnak": 8}]` | `Invalid input for param candidates:`, the schema rule |
+| D12 | plan task | a candidate list the form did not see (CLI conf): bad field, bad value, duplicate | `candidates[i].field`, the value, what was expected |
 | K01 | preflight | a LocalQueue that does not exist | the queue name, exit 2 |
 """
 
@@ -168,7 +170,7 @@ def test_the_documented_catalogue_is_the_tested_one():
     import re
 
     documented = set(re.findall(r"^\| ([A-Z]\d\d)(?:-[A-Z]\d\d)? \|", __doc__, re.M))
-    tested = {c.id for c in CASES} | {"D01", "D10", "K01"}
+    tested = {c.id for c in CASES} | {"D01", "D10", "D11", "D12", "K01"}
     assert len({c.id for c in CASES}) == len(CASES)
     assert documented == tested
     assert len(PARAM_CASES) == 9  # D01-D09
@@ -185,6 +187,32 @@ def test_D10_a_conf_key_that_is_not_a_param_is_refused(dag):
     with pytest.raises(AirflowFailException, match=r"'lora_rnak' \(did you mean 'lora_rank'\?\)"):
         check_conf(context)
     check_conf({"params": params, "dag_run": SimpleNamespace(conf={"lora_rank": 8})})  # known keys pass
+
+
+@pytest.mark.parametrize("value", [[{"lora_rank": 0}], [{"lora_rnak": 8}], [], [{"finetune_profile": "tpu-v9"}]])
+def test_D11_the_trigger_form_rejects_a_bad_candidate_list(dag, value):
+    import copy
+
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = copy.deepcopy(dag.params)
+    with pytest.raises(ParamValidationError, match="Invalid input for param candidates:"):
+        params["candidates"] = value
+
+
+@pytest.mark.parametrize("value,message", [
+    ([{}, {"lora_rnak": 8}], "candidates[1].lora_rnak: not a field a candidate can override (did you mean 'lora_rank'?)"),
+    ([{"learning_rate": 0}], "candidates[0].learning_rate: got 0; expected"),
+    ([{}, {}], "candidates[1]: the same overrides as candidates[0]"),
+])
+def test_D12_the_plan_names_the_candidate_and_the_field_before_any_job(value, message):
+    from gemma_pipeline import candidates, jobspec
+
+    params = {**jobspec.param_defaults(), "bucket": "b", "finetune_profile": "cpu", "benchmark_profile": "cpu",
+              "convert_profile": "cpu", "candidates": value}
+    with pytest.raises(ValueError) as error:
+        candidates.plan(params, "r")
+    assert message in str(error.value)
 
 
 PARAM_CASES = [("lora_rank", 0), ("lora_rank", -3), ("finetune_profile", "tpu-v9-64"), ("require_improvement", 1.5),
