@@ -6,7 +6,7 @@
 Each conversion runs as its own `python -m jobs.convert` process (as in its Job), so the peak RSS is that of
 the stage alone; the baseline is the exported float32 checkpoint's size. Needs a finished fine-tune, e.g. the
 main command's demo run. Run: .venv/bin/python bench/convert_footprint.py
-[--finetune runs/local/gcs/local-gemma-bucket/runs/demo/finetune]
+[--finetune runs/local/gcs/local-gemma-bucket/runs/demo/candidates/default/finetune]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_FINETUNE = ROOT / "runs/local/gcs/local-gemma-bucket/runs/demo/finetune"
+DEMO_FINETUNE = ROOT / "runs/local/gcs/local-gemma-bucket/runs/demo/candidates/default/finetune"
 
 
 def convert(args: list[str], output: Path) -> dict:
