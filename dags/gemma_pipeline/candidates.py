@@ -183,17 +183,20 @@ def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store
         with local.Emulator(local.local_root()):
             return record_champion(entries, params, RunStore("local"))
     store = store or RunStore(local.backend())
-    reports = {}
+    reports, seconds = {}, {}
     for entry in entries:
-        prefix = entry["prefixes"]["benchmark"]
-        complete = store.read_json(f"{prefix}/_manifest.json") is not None
-        reports[entry["key"]] = store.read_json(f"{prefix}/report.json") if complete else None
+        manifests = {s: store.read_json(f"{entry['prefixes'][s]}/_manifest.json") for s in ("finetune", "benchmark")}
+        reports[entry["key"]] = store.read_json(f"{entry['prefixes']['benchmark']}/report.json") if manifests["benchmark"] else None
+        seconds[entry["key"]] = {s: (m or {}).get("wall_time_s") for s, m in manifests.items()}
     run_prefix = entries[0]["prefixes"]["preprocess"].rsplit("/", 1)[0]
     try:
         record = select(entries, reports, float(params.get("require_improvement") or 0))
     except ValueError as err:
         raise AirflowFailException(str(err)) from err
     record["run_prefix"] = run_prefix
+    for row, entry in zip(record["candidates"], entries, strict=True):
+        row["seconds"] = seconds[entry["key"]]
+        row["profiles"] = {"finetune": entry["finetune"]["profile_name"], "benchmark": entry["benchmark"]["profile_name"]}
     finished = {r["key"] for r in record["candidates"] if r["status"] == "finished"}
     converts = [e for e in entries if e["key"] in (finished if params.get("convert_all") else {record["champion"]})]
     record["convert_index"] = [e["key"] for e in converts].index(record["champion"])

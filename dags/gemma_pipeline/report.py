@@ -130,6 +130,7 @@ def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | N
         "artifacts": {s: [f"{where[s]}/{name}" for name in KEY_ARTIFACTS[s]] for s in jobspec.STAGES if manifests.get(s)},
         "champion": champion,
         "answers": documents.get("convert/answers.json") or [],
+        "prices": prices,
     }
 
 
@@ -167,14 +168,30 @@ def stage_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def candidates_table(champion: dict[str, Any]) -> str:
-    lines = ["| candidate | overrides | status | eval perplexity | 95% interval | vs base |", "|---|---|---|---|---|---|"]
+def candidate_cost(row: dict[str, Any], prices: dict[str, float] | None) -> float | None:
+    """Fine-tune plus benchmark: each stage's profile price x its wall time (None without prices, i.e. locally)."""
+    if not prices:
+        return None
+    total = 0.0
+    for stage, seconds in (row.get("seconds") or {}).items():
+        price = prices.get((row.get("profiles") or {}).get(stage, ""))
+        if seconds is None or price is None:
+            return None
+        total += price * seconds / 3600
+    return round(total, 4)
+
+
+def candidates_table(champion: dict[str, Any], prices: dict[str, float] | None = None) -> str:
+    lines = ["| candidate | overrides | status | eval perplexity | 95% interval | vs base | time (s) | cost (USD) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in champion["candidates"]:
         ci = r.get("ci95") or [None, None]
         name = f"**{r['key']}** (champion)" if r.get("champion") else r["key"]
+        times = [t for t in (r.get("seconds") or {}).values() if t is not None]
         lines.append(f"| {name} | `{json.dumps(r['overrides'], sort_keys=True)}` | {r['status']} | "
                      f"{_fmt(r.get('perplexity'), '.3f')} | {_fmt(ci[0], '.3f')}–{_fmt(ci[1], '.3f')} | "
-                     f"{_fmt(r.get('relative_improvement'), '.1%')} |")
+                     f"{_fmt(r.get('relative_improvement'), '.1%')} | {_fmt(sum(times) if times else None, '.0f')} | "
+                     f"{_fmt(candidate_cost(r, prices), '.4f')} |")
     return "\n".join(lines)
 
 
@@ -195,7 +212,8 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
     parts = [f"# Gemma LoRA run report\n\n`{report['run_prefix']}`: "
              f"{'all four stages finished' if report['complete'] else 'INCOMPLETE: some stages did not finish'}.\n",
              "## Results\n", summary_table(report) + "\n",
-             *(["## Candidates\n", candidates_table(report["champion"]) + "\n", report["champion"]["why"] + ".\n"]
+             *(["## Candidates\n", candidates_table(report["champion"], None if backend == {"local"} else report.get("prices"))
+                + "\n", report["champion"]["why"] + ".\n"]
                if report.get("champion") else []),
              "## Stages (the champion's)\n", stage_table(report) + "\n",
              ("Local backend: times are this machine's wall time; no cost is shown, since the profiles' hardware "

@@ -35,7 +35,8 @@ def prices(monkeypatch):
 
 CHAMPION = {"champion": "default", "index": 0, "why": "lowest eval perplexity", "candidates": [
     {"key": "default", "overrides": {}, "status": "finished", "champion": True, "perplexity": 190.6, "ci95": [180.0, 200.0],
-     "relative_improvement": 0.46, "prefixes": candidates.stage_prefixes("gs://b/runs/r")},
+     "relative_improvement": 0.46, "prefixes": candidates.stage_prefixes("gs://b/runs/r"),
+     "seconds": {"finetune": 3600.0, "benchmark": 360.0}, "profiles": {"finetune": "tpu-v5e-4", "benchmark": "cpu"}},
     {"key": "lora-rank-8-abc", "overrides": {"lora_rank": 8}, "status": "missing", "champion": False,
      "prefixes": candidates.stage_prefixes("gs://b/runs/r", "lora-rank-8-abc")}]}
 
@@ -60,7 +61,8 @@ def test_cost_is_price_times_hours_held(prices):
 def test_the_report_shows_the_candidates_and_marks_the_champion(prices):
     built = report.build("gs://b/runs/r", {}, MANIFESTS, DOCUMENTS, USAGES, prices, CHAMPION)
     text = report.markdown(built, {})
-    assert "## Candidates" in text and "| **default** (champion) | `{}` | finished | 190.600 | 180.000–200.000 | 46.0% |" in text
+    assert "## Candidates" in text
+    assert "| **default** (champion) | `{}` | finished | 190.600 | 180.000–200.000 | 46.0% | 3960 | 5.0200 |" in text
     assert "| lora-rank-8-abc | `{\"lora_rank\": 8}` | missing | n/a |" in text
 
 
