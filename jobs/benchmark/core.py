@@ -45,7 +45,8 @@ def score(scorer: lm.NllScorer, windows: ppl.Windows, batch_size: int) -> np.nda
     limit = windows.x.shape[1]
     for rows, valid in lm.batches(len(windows.x), batch_size, windows.lengths):
         width = lm.bucket_width(int(windows.lengths[rows].max()), limit)
-        out = scorer(windows.x[rows, :width], windows.lengths[rows], windows.y[rows, :width])
+        out = scorer(windows.x[rows, :width], windows.lengths[rows], windows.y[rows, :width],
+                     windows.weights[rows, :width] * valid[:, None])
         nll[rows[valid], :width] = out[valid]
     return nll
 

@@ -9,7 +9,8 @@ import numpy as np
 
 
 def token_nll(model, trainable, non_trainable, x: dict, y):
-    """NLL of each target token (float32, shape of `y`) and the updated non-trainable state."""
+    """NLL of each target token (float32, shape of `y`) and the updated non-trainable state: the whole LM head on
+    every position. The reference the loss-position path below is tested against."""
     import jax
     import jax.numpy as jnp
 
@@ -18,22 +19,99 @@ def token_nll(model, trainable, non_trainable, x: dict, y):
     return -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0], non_trainable
 
 
-class NllScorer:
-    """Scores fixed-shape batches with one compiled function; reports steady-state tokens/s."""
+HEAD_CHUNK = 128  # positions per slice of the LM head: bounds the (chunk, vocabulary) logits held at once
+MIN_CAPACITY = 64
+
+
+def capacity(weights: np.ndarray) -> int:
+    """How many positions the loss-position head computes for a batch: the scored ones, rounded up to a power
+    of two (at least MIN_CAPACITY), so the compiled step sees a few shapes only."""
+    needed, size = int(np.count_nonzero(weights)), MIN_CAPACITY
+    while size < needed:
+        size *= 2
+    return size
+
+
+class LossPositionHead:
+    """The NLL of the scored positions only. Gemma's tied head over a 262k vocabulary costs more per position
+    than the whole 270M body, and only response tokens carry loss; so the backbone runs on every position, and
+    the head (logits, soft-cap, log-softmax) on the `capacity` positions that count, in slices of HEAD_CHUNK
+    whose logits are recomputed in the backward pass rather than stored. Same result as `token_nll` where the
+    weights are non-zero (tests/jobs/common/test_lm.py); zero elsewhere."""
 
     def __init__(self, model) -> None:
+        backbone = model.backbone
+        ids = [id(v) for v in model.trainable_variables] + [id(v) for v in model.non_trainable_variables]
+        own = [id(v) for v in backbone.trainable_variables] + [id(v) for v in backbone.non_trainable_variables]
+        if ids != own:  # the causal LM's variables are its backbone's, in the same order (keras-hub's functional model)
+            raise ValueError("the causal LM's variables are not its backbone's; use the full-logits path")
+        self.backbone = backbone
+        embedding = backbone.token_embedding
+        self.embedding_index = next(i for i, v in enumerate([*backbone.trainable_variables, *backbone.non_trainable_variables])
+                                    if v is embedding.embeddings)
+        self.n_trainable = len(backbone.trainable_variables)
+        self.soft_cap = getattr(embedding, "logit_soft_cap", None)
+        self.reverse_dtype = getattr(embedding, "reverse_dtype", None)
+
+    def __call__(self, trainable, non_trainable, x: dict, y, weights, size: int):
+        import jax
+        import jax.numpy as jnp
+
+        hidden, non_trainable = self.backbone.stateless_call(trainable, non_trainable, x)
+        table = ([*trainable, *non_trainable])[self.embedding_index]
+        flat_w = weights.reshape(-1)
+        # The scored positions first (stable: in order), then unscored ones, then (when the capacity exceeds the
+        # batch) repeats of position 0; only picks that are scored positions count.
+        order = jnp.argsort(jnp.where(flat_w > 0, 0, 1), stable=True)
+        picks = jnp.pad(order, (0, max(0, size - order.shape[0])))[:size]
+        counted = (jnp.arange(size) < order.shape[0]) & (flat_w[picks] > 0)
+        h = hidden.reshape(-1, hidden.shape[-1])[picks]
+        targets = y.reshape(-1)[picks]
+        chunks = max(1, size // HEAD_CHUNK)
+        h = h.reshape(chunks, size // chunks, h.shape[-1])
+        targets = targets.reshape(chunks, size // chunks)
+        dtype = self.reverse_dtype
+
+        @jax.checkpoint
+        def slice_nll(args):
+            hs, ts = args
+            # As keras' ReversibleEmbedding: its reverse dtype when set, else the hidden states' (bfloat16 under
+            # mixed precision), so both paths round alike.
+            kernel = table.astype(hs.dtype) if dtype is None else table.astype(dtype)
+            hs = hs if dtype is None else hs.astype(dtype)
+            logits = jnp.matmul(hs, kernel.T)
+            if self.soft_cap is not None:
+                logits = jnp.tanh(logits / self.soft_cap) * self.soft_cap
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            return -jnp.take_along_axis(log_probs, ts[:, None], axis=-1)[:, 0]
+
+        nll = jnp.where(counted, jax.lax.map(slice_nll, (h, targets)).reshape(-1), 0.0)
+        return jnp.zeros(flat_w.shape, jnp.float32).at[picks].add(nll).reshape(weights.shape), non_trainable
+
+
+class NllScorer:
+    """Scores fixed-shape batches with one compiled function per shape; reports steady-state tokens/s. Given the
+    targets' weights, the LM head runs only where they are non-zero (`LossPositionHead`); NLL elsewhere is 0."""
+
+    def __init__(self, model, loss_positions: bool = True) -> None:
         import jax
 
         self.model = model
         self.state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
         self._fn = jax.jit(lambda t, n, x, y: token_nll(model, t, n, x, y)[0])
+        head = LossPositionHead(model) if loss_positions else None
+        self._head_fn = jax.jit(lambda t, n, x, y, w, size: head(t, n, x, y, w, size)[0], static_argnums=(5,)) if head else None
         self.tokens, self.seconds = 0, 0.0
         self._compiled = False  # the first call compiles; throughput counts the calls after it
 
-    def __call__(self, x: np.ndarray, lengths: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, lengths: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         mask = (np.arange(x.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
+        inputs = {"token_ids": x, "padding_mask": mask}
         started = time.perf_counter()
-        nll = np.asarray(self._fn(*self.state, {"token_ids": x, "padding_mask": mask}, y))
+        if self._head_fn is not None and weights is not None:
+            nll = np.asarray(self._head_fn(*self.state, inputs, y, weights, capacity(weights)))
+        else:
+            nll = np.asarray(self._fn(*self.state, inputs, y))
         elapsed = time.perf_counter() - started
         if self._compiled:
             self.tokens += int(mask.sum())

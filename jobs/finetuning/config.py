@@ -49,9 +49,13 @@ class FinetuneConfig:
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", minimum=1)
     eval_every: int = option(0, "evaluate on the eval split every N steps (0: only before and after training)",
                              minimum=0)
-    eval_batches: int = option(0, "cap on eval batches per evaluation (0: the whole split)", minimum=0)
+    eval_batches: int = option(8, "cap on eval batches per evaluation (0: the whole split); a quick signal, since the "
+                                  "benchmark stage scores the whole split and is the authority", minimum=0)
     log_every: int = option(1, "log a progress line every N steps", minimum=1)
     resume: bool = option(True, "continue from the latest complete checkpoint under the output prefix")
+    lm_head: Literal["loss_positions", "all"] = option(
+        "loss_positions", "where the LM head runs: loss_positions (only where the loss is: response tokens) or all "
+                          "(every position; the reference path, same loss)")
     bucket_by_length: bool = option(True, "batch rows of similar length and pad each batch to its length bucket "
                                           "(false: pad all to the sequence length)")
 
@@ -67,6 +71,7 @@ class FinetuneConfig:
     def trajectory(self) -> dict[str, Any]:
         """The fields that change the training trajectory: a checkpoint resumes only when these match."""
         values = asdict(self)
-        for key in ("output", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "log_every", "resume"):
+        for key in ("output", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "log_every", "resume",
+                    "lm_head"):  # the head's two paths compute the same loss
             values.pop(key)
         return values

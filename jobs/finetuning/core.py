@@ -148,7 +148,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     per_epoch = data_lib.steps_per_epoch(len(train.lengths), config.batch_size)
     total_steps = config.max_steps or config.epochs * per_epoch
     optimizer, schedule = make_optimizer(config, total_steps)
-    trainer = Trainer(model, optimizer, distribution)
+    trainer = Trainer(model, optimizer, distribution, config.lm_head)
     trajectory_sha = digest_json(config.trajectory())
 
     start_step, history, evals = 0, [], []
@@ -165,7 +165,9 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     if evaluation is not None and start_step == 0:
         eval_before = trainer.evaluate(evaluation, config.batch_size, config.eval_batches, config.bucket_by_length)
         evals.append({"step": 0, **eval_before})
-        log.info("eval before training: loss=%.4f perplexity=%.3f", eval_before["loss"], eval_before["perplexity"])
+        log.info("eval before training: loss=%.4f perplexity=%.3f (%d response tokens%s)", eval_before["loss"],
+                 eval_before["perplexity"], eval_before["tokens"], ", a quick signal: the benchmark scores them all"
+                 if config.eval_batches else "")
     elif evals:
         eval_before = {k: v for k, v in evals[0].items() if k != "step"}
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common.lm import batches, token_nll
+from jobs.common.lm import LossPositionHead, batches, capacity, token_nll
 from jobs.finetuning import data as data_lib
 from jobs.finetuning.distribution import shard_batch
 
@@ -36,29 +36,37 @@ def make_optimizer(config, total_steps: int):
 
 
 class Trainer:
-    def __init__(self, model, optimizer, distribution) -> None:
+    def __init__(self, model, optimizer, distribution, lm_head: str = "loss_positions") -> None:
         import jax
 
         self.model, self.optimizer, self.distribution = model, optimizer, distribution
+        self.head = LossPositionHead(model) if lm_head == "loss_positions" else None
         optimizer.build(model.trainable_variables)
         self.trainable = [v.value for v in model.trainable_variables]
         self.non_trainable = [v.value for v in model.non_trainable_variables]
         self.opt_vars = [v.value for v in optimizer.variables]
-        self._train_step = jax.jit(self._step, donate_argnums=(0, 2))
-        self._eval_step = jax.jit(self._loss_sums)
+        # `size` (how many positions the head computes) is part of the compiled shape.
+        self._train_step = jax.jit(self._step, donate_argnums=(0, 2), static_argnums=(6,))
+        self._eval_step = jax.jit(self._loss_sums, static_argnums=(5,))
 
-    def _loss_sums(self, trainable, non_trainable, x, y, weights):
+    def _loss_sums(self, trainable, non_trainable, x, y, weights, size):
         import jax.numpy as jnp
 
-        nll, non_trainable = token_nll(self.model, trainable, non_trainable, x, y)
+        if self.head is not None:
+            nll, non_trainable = self.head(trainable, non_trainable, x, y, weights, size)
+        else:
+            nll, non_trainable = token_nll(self.model, trainable, non_trainable, x, y)
         return jnp.sum(nll * weights), jnp.sum(weights), non_trainable
 
-    def _step(self, trainable, non_trainable, opt_vars, x, y, weights):
+    def _size(self, weights) -> int:
+        return capacity(np.asarray(weights)) if self.head is not None else 0
+
+    def _step(self, trainable, non_trainable, opt_vars, x, y, weights, size):
         import jax
         import jax.numpy as jnp
 
         def loss_fn(params):
-            total, count, new_non_trainable = self._loss_sums(params, non_trainable, x, y, weights)
+            total, count, new_non_trainable = self._loss_sums(params, non_trainable, x, y, weights, size)
             return total / jnp.maximum(count, 1.0), (new_non_trainable, count)
 
         (loss, (non_trainable, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -70,9 +78,10 @@ class Trainer:
         return {k: shard_batch(self.distribution, v) for k, v in x.items()}, shard_batch(self.distribution, y), shard_batch(self.distribution, w)
 
     def train_step(self, batch) -> float:
+        size = self._size(batch[2])
         x, y, w = self._device_batch(batch)
         self.trainable, self.non_trainable, self.opt_vars, loss, _ = self._train_step(
-            self.trainable, self.non_trainable, self.opt_vars, x, y, w
+            self.trainable, self.non_trainable, self.opt_vars, x, y, w, size
         )
         return float(loss)
 
@@ -85,7 +94,7 @@ class Trainer:
         for rows, valid in batches(limit, batch_size, split.lengths[:limit] if bucket else None):
             x, y, w = data_lib.make_batch(split, rows, bucket)
             w = w * valid[:, None]  # a short last batch repeats rows, weighted zero
-            sums = self._eval_step(self.trainable, self.non_trainable, *self._device_batch((x, y, w)))
+            sums = self._eval_step(self.trainable, self.non_trainable, *self._device_batch((x, y, w)), self._size(w))
             total, count = total + float(sums[0]), count + float(sums[1])
         loss = total / max(count, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": count}
