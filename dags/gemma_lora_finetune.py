@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-# Named here, though only the stage operator uses it, so that Airflow's DAG processor pre-imports it once
-# ([dag_processor] parsing_pre_import_modules) instead of every parse paying for the provider and kubernetes.
+# Named here, though only the stage operator and `@task` use them, so that Airflow's DAG processor pre-imports
+# them once ([dag_processor] parsing_pre_import_modules) instead of every parse paying for the providers.
 from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartJobOperator  # noqa: F401
+from airflow.providers.standard.decorators.python import python_task  # noqa: F401
 from airflow.sdk import DAG, Param, chain, task, task_group
 from gemma_pipeline import candidates, jobspec, profiles, serving
 from gemma_pipeline.operators import StageJobOperator

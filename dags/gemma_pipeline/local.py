@@ -173,6 +173,8 @@ def process_spec(container: dict[str, Any], scratch: Path) -> tuple[list[str], d
             value = str(scratch) + value[len(SCRATCH_MOUNT):]
         env[item["name"]] = value
     env["GEMMA_PIPELINE_CACHE"] = str(host_cache())
+    # Matplotlib's font list would otherwise be rebuilt in every stage's fresh scratch (seconds per stage).
+    env["MPLCONFIGDIR"] = str(host_cache() / "matplotlib")
     return command, env
 
 

@@ -7,6 +7,7 @@ import sys
 
 # The entry point picks the Keras backend (library modules never do): JAX, as in the stage's image.
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF only tokenizes: no cuInit error on CPU (docs/operations.md)
 
 from jobs.benchmark.config import DESCRIPTION, BenchmarkConfig  # noqa: E402
 from jobs.benchmark.core import run  # noqa: E402

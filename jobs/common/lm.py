@@ -19,24 +19,29 @@ def token_nll(model, trainable, non_trainable, x: dict, y):
     return -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0], non_trainable
 
 
-HEAD_CHUNK = 128  # positions per slice of the LM head: bounds the (chunk, vocabulary) logits held at once
+HEAD_CHUNK = 128  # positions per slice of the LM head when its logits are recomputed in the backward pass
 MIN_CAPACITY = 64
+# Logits of all scored positions up to this size are kept for the backward pass (one slice, no recompute); past
+# it the head runs in HEAD_CHUNK slices whose logits are recomputed, bounding memory at a third more head compute.
+# 512 MiB is 512 positions of Gemma 3's 262k vocabulary in float32.
+HEAD_LOGITS_BUDGET = 512 * 2**20
 
 
 def capacity(weights: np.ndarray) -> int:
-    """How many positions the loss-position head computes for a batch: the scored ones, rounded up to a power
-    of two (at least MIN_CAPACITY), so the compiled step sees a few shapes only."""
+    """How many positions the loss-position head computes for a batch: the scored ones, rounded up to the next
+    of 64, 96, 128, 192, 256, 384, … (powers of two and halfway steps), so the compiled step sees a few shapes
+    only and pads at most a third."""
     needed, size = int(np.count_nonzero(weights)), MIN_CAPACITY
     while size < needed:
-        size *= 2
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
     return size
 
 
 class LossPositionHead:
     """The NLL of the scored positions only. Gemma's tied head over a 262k vocabulary costs more per position
     than the whole 270M body, and only response tokens carry loss; so the backbone runs on every position, and
-    the head (logits, soft-cap, log-softmax) on the `capacity` positions that count, in slices of HEAD_CHUNK
-    whose logits are recomputed in the backward pass rather than stored. Same result as `token_nll` where the
+    the head (logits, soft-cap, log-softmax) on the `capacity` positions that count; past HEAD_LOGITS_BUDGET in
+    slices of HEAD_CHUNK whose logits are recomputed in the backward pass rather than stored. Same result as `token_nll` where the
     weights are non-zero (tests/jobs/common/test_lm.py); zero elsewhere."""
 
     def __init__(self, model) -> None:
@@ -67,12 +72,12 @@ class LossPositionHead:
         counted = (jnp.arange(size) < order.shape[0]) & (flat_w[picks] > 0)
         h = hidden.reshape(-1, hidden.shape[-1])[picks]
         targets = y.reshape(-1)[picks]
-        chunks = max(1, size // HEAD_CHUNK)
+        remat = size * table.shape[0] * 4 > HEAD_LOGITS_BUDGET
+        chunks = max(1, size // HEAD_CHUNK) if remat else 1
         h = h.reshape(chunks, size // chunks, h.shape[-1])
         targets = targets.reshape(chunks, size // chunks)
         dtype = self.reverse_dtype
 
-        @jax.checkpoint
         def slice_nll(args):
             hs, ts = args
             # As keras' ReversibleEmbedding: its reverse dtype when set, else the hidden states' (bfloat16 under
@@ -85,7 +90,8 @@ class LossPositionHead:
             log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
             return -jnp.take_along_axis(log_probs, ts[:, None], axis=-1)[:, 0]
 
-        nll = jnp.where(counted, jax.lax.map(slice_nll, (h, targets)).reshape(-1), 0.0)
+        per_slice = jax.lax.map(jax.checkpoint(slice_nll), (h, targets)) if remat else slice_nll((h[0], targets[0]))[None]
+        nll = jnp.where(counted, per_slice.reshape(-1), 0.0)
         return jnp.zeros(flat_w.shape, jnp.float32).at[picks].add(nll).reshape(weights.shape), non_trainable
 
 

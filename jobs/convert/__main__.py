@@ -9,6 +9,7 @@ import sys
 # writes safetensors one tensor at a time on torch but serializes the whole state dict in memory on JAX, and
 # the parity check runs transformers on torch anyway.
 os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF only tokenizes: no cuInit error on CPU (docs/operations.md)
 
 from jobs.common.cli import main  # noqa: E402
 from jobs.convert.config import DESCRIPTION, ConvertConfig  # noqa: E402

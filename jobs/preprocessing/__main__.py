@@ -7,6 +7,7 @@ import sys
 
 # The entry point picks the Keras backend (library modules never do): JAX, as in the stage's image.
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF only tokenizes: no cuInit error on CPU (docs/operations.md)
 
 from jobs.common.cli import main  # noqa: E402
 from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig  # noqa: E402

@@ -38,6 +38,7 @@ def test_process_spec_is_the_jobs_container_with_scratch_mapped(tmp_path, monkey
     assert env["KERAS_HOME"] == str(tmp_path / "scratch" / ".keras")
     assert env["EXTRA"] == "/tmpfoo"  # only the mount itself is remapped, not a look-alike prefix
     assert env["GEMMA_PIPELINE_CACHE"] == str(tmp_path / "cache")  # the model is prepared once, not per stage
+    assert env["MPLCONFIGDIR"] == str(tmp_path / "cache" / "matplotlib")  # the font list too
     assert env["PYTHONUNBUFFERED"] == "1" and env["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=true"
     assert "AIRFLOW__CORE__SECRET" not in env
 

@@ -79,6 +79,10 @@ def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
     assert "data:image/png;base64," in (prefix / "report.html").read_text()
     # The task log carries the stage's own output, streamed from the subprocess.
     assert "stage finetune finished" in first_run.stdout and "jobs.finetuning" in first_run.stdout
+    # Nothing in a healthy CPU run's log reads like a failure: no CUDA probe errors from TensorFlow, no
+    # missing-XCom errors from the provider's GKE link, no traceback.
+    log = first_run.stdout + first_run.stderr
+    assert [w for w in ("cuInit", "XCom not found", "Traceback") if w in log] == []
     # What the command prints at the end: artifact paths and the summary table.
     assert str(chosen / "convert" / "parity.json") in first_run.stdout
     assert "| perplexity after |" in first_run.stdout and "| finetune | done | tpu-v5e-1 |" in first_run.stdout

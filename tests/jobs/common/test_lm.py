@@ -1,5 +1,5 @@
 """The loss-position head: loss and LoRA gradients equal to the full-logits path (tiny Gemma 3, and Gemma with
-Gemma 2's final-logit soft-cap), whatever the capacity's padding."""
+Gemma 2's final-logit soft-cap), whatever the capacity's padding, with the logits kept or recomputed in slices."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def _soft_capped_gemma():
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=base.preprocessor)
 
 
+@pytest.mark.parametrize("remat", [False, True], ids=["logits-kept", "sliced-recomputed"])
 @pytest.mark.parametrize("kind", ["gemma3", "gemma2-softcap"])
-def test_loss_and_lora_gradients_equal_the_full_logits_path(kind):
+def test_loss_and_lora_gradients_equal_the_full_logits_path(kind, remat, monkeypatch):
     import jax
     import jax.numpy as jnp
 
@@ -39,6 +40,8 @@ def test_loss_and_lora_gradients_equal_the_full_logits_path(kind):
     weights = (mask * (np.arange(t)[None, :] >= 4)).astype("float32")  # a response after a 4-token prompt
     inputs = {"token_ids": x, "padding_mask": mask}
     head = lm.LossPositionHead(model)
+    if remat:  # past the budget: HEAD_CHUNK slices, logits recomputed in the backward pass (a tiny vocabulary never gets there)
+        monkeypatch.setattr(lm, "HEAD_LOGITS_BUDGET", 0)
 
     def full_loss(params):
         nll, _ = lm.token_nll(model, params, non_trainable, inputs, y)
@@ -61,4 +64,7 @@ def test_loss_and_lora_gradients_equal_the_full_logits_path(kind):
 
 def test_capacity_rounds_up_to_few_shapes():
     assert lm.capacity(np.zeros((4, 32))) == lm.MIN_CAPACITY
-    assert lm.capacity(np.ones((4, 32))) == 128 and lm.capacity(np.ones((3, 50))) == 256
+    assert lm.capacity(np.ones((4, 32))) == 128 and lm.capacity(np.ones((3, 50))) == 192
+    sizes = {lm.capacity(np.ones(n)) for n in range(1, 4097)}
+    assert sorted(sizes) == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    assert all(lm.capacity(np.ones(n)) < 1.5 * n for n in range(64, 4097))  # pads less than half again
