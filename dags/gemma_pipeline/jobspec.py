@@ -15,6 +15,7 @@ from gemma_pipeline.profiles import Profile
 from jobs.benchmark.config import BenchmarkConfig
 from jobs.common import code_identity, spec
 from jobs.convert.config import ConvertConfig
+from jobs.finetuning import multihost
 from jobs.finetuning.config import FinetuneConfig
 from jobs.preprocessing.config import PreprocessConfig
 
@@ -158,6 +159,79 @@ def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, 
         "metadata": {"name": name, "namespace": settings.namespace, "labels": job_labels(stage, settings.queue, settings.priority_class)},
         "spec": spec,
     }
+
+
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+REPLICATED_JOB = "hosts"
+COORDINATOR_ANNOTATION = "jobset.sigs.k8s.io/coordinator"
+TOPOLOGY_ANNOTATION = "kueue.x-k8s.io/podset-required-topology"
+DWS_RUN_ANNOTATION = "provreq.kueue.x-k8s.io/maxRunDurationSeconds"
+# What the fine-tune reads to join its processes; the process id comes from the Indexed Job's
+# JOB_COMPLETION_INDEX, which Kubernetes sets in every pod.
+NUM_PROCESSES_ENV, COORDINATOR_ENV = multihost.NUM_PROCESSES_ENV, multihost.COORDINATOR_ENV
+
+
+def multihost_env(profile: Profile) -> list[dict[str, Any]]:
+    """The processes' rendezvous. A multi-host TPU slice needs none: GKE injects TPU_WORKER_HOSTNAMES and
+    TPU_WORKER_ID, from which JAX finds the coordinator itself."""
+    if profile.tpu:
+        return []
+    return [{"name": NUM_PROCESSES_ENV, "value": str(profile.hosts)},
+            {"name": COORDINATOR_ENV, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COORDINATOR_ANNOTATION}']"}}}]
+
+
+def multihost_pod_failure_policy() -> dict[str, Any]:
+    """As for Jobs, exit 2/3/4 fail at once; a disrupted host fails its Job too, so the JobSet restarts the
+    whole group (a lone replacement pod could not rejoin the others' collective)."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(NON_RETRIABLE_EXIT_CODES)}},
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def jobset_failure_policy(max_restarts: int) -> dict[str, Any]:
+    """Read from the failed Job's reason and message (Kubernetes' podFailurePolicy wording): a non-retriable
+    exit fails the JobSet; a disruption restarts the group without counting against `max_restarts`; any other
+    failure (a crash, exit 143 after a checkpoint) restarts the group and counts."""
+    return {"maxRestarts": max_restarts, "restartStrategy": "Recreate", "rules": [
+        {"name": "NonRetriableExit", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+         "onJobFailureMessagePatterns": [f"failed with exit code ({'|'.join(map(str, NON_RETRIABLE_EXIT_CODES))}) matching FailJob rule"]},
+        {"name": "Disruption", "action": "RestartJobSetAndIgnoreMaxRestarts", "onJobFailureReasons": ["PodFailurePolicy"],
+         "onJobFailureMessagePatterns": ["has condition DisruptionTarget matching FailJob rule"]},
+    ]}
+
+
+def jobset_manifest(job: dict[str, Any], profile: Profile, max_run_seconds: int = 86400) -> dict[str, Any]:
+    """A multi-host stage: the single-host Job (`job_manifest`, or the one the DAG's operator built) as the
+    template of one Indexed Job with a pod per host, in a JobSet that Kueue admits as one gang."""
+    import copy
+
+    job = copy.deepcopy(job)
+    spec, template = job["spec"], job["spec"]["template"]
+    template["spec"]["containers"][0]["env"] += multihost_env(profile)
+    if profile.topology_level:
+        template.setdefault("metadata", {}).setdefault("annotations", {})[TOPOLOGY_ANNOTATION] = profile.topology_level
+    ttl = spec.pop("ttlSecondsAfterFinished", None)
+    spec.pop("suspend", None)  # Kueue suspends the JobSet; the child Job follows it
+    max_restarts = spec.get("backoffLimit", 3)
+    spec.update(parallelism=profile.hosts, completions=profile.hosts, completionMode="Indexed", backoffLimit=0,
+                podFailurePolicy=multihost_pod_failure_policy())
+    metadata = {k: v for k, v in job["metadata"].items() if k in ("name", "namespace", "labels", "annotations")}
+    if profile.dws:
+        metadata.setdefault("annotations", {})[DWS_RUN_ANNOTATION] = str(max_run_seconds)
+    jobset_spec: dict[str, Any] = {
+        "suspend": True,
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+        "coordinator": {"replicatedJob": REPLICATED_JOB, "jobIndex": 0, "podIndex": 0},
+        "failurePolicy": jobset_failure_policy(max_restarts),
+        "successPolicy": {"operator": "All"},
+        "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": 1,
+                            "template": {"metadata": {"labels": dict(template.get("metadata", {}).get("labels", {}))},
+                                         "spec": spec}}],
+    }
+    if ttl is not None:
+        jobset_spec["ttlSecondsAfterFinished"] = ttl
+    return {"apiVersion": JOBSET_API, "kind": "JobSet", "metadata": metadata, "spec": jobset_spec}
 
 
 DEFAULT_PROFILES = {"preprocess": "cpu", "finetune": "tpu-v5e-1", "benchmark": "tpu-v5e-1", "convert": "cpu"}

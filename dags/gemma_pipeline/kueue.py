@@ -1,5 +1,7 @@
-"""Kueue objects for the pipeline: ResourceFlavors matching the accelerator profiles, per-team ClusterQueues
-sharing a cohort, LocalQueues and WorkloadPriorityClasses. `python -m gemma_pipeline.kueue write k8s/kueue`
+"""Kueue objects for the pipeline: ResourceFlavors matching the accelerator profiles (accelerator flavors name a
+Topology for topology-aware scheduling of multi-host JobSets), per-team ClusterQueues sharing a cohort, with a
+Dynamic Workload Scheduler (ProvisioningRequest) admission check on the flex-start flavors, LocalQueues and
+WorkloadPriorityClasses. `python -m gemma_pipeline.kueue write k8s/kueue`
 renders the kustomize base and overlays that are checked in (a test fails when they are stale)."""
 
 from __future__ import annotations
@@ -19,16 +21,27 @@ PRIORITIES = {"production": 1000, "development": 100}
 SERVING = {"queue": "serving-cq", "local_queue": "serving-queue", "namespace": "serving", "flavor": "gpu-l4",
            "priority": ("serving", 10000), "quota": {"cpu": "16", "memory": "64Gi", "google.com/tpu": "0", "nvidia.com/gpu": "2"}}
 OVERLAYS = {"dev": 0.25, "production": 4.0}  # quota scale of each k8s/kueue overlay against the base
+# Topologies for topology-aware scheduling: a multi-host TPU slice is one node pool; GPU VMs are placed by the
+# block / sub-block / host hierarchy GKE labels them with. Levels run from the widest to a single node.
+TOPOLOGIES = {
+    "gke-tpu-slice": [profiles.NODEPOOL, "kubernetes.io/hostname"],
+    "gke-gpu": [profiles.GCE_BLOCK, "cloud.google.com/gce-topology-subblock", "cloud.google.com/gce-topology-host",
+                "kubernetes.io/hostname"],
+}
+DWS_CHECK = "dws-prov"
+DWS_CONFIG = "dws-config"
 
 
 def flavor_name(profile: profiles.Profile) -> str:
-    """One flavor per node shape: GPU profiles that differ only in GPU count share a flavor; TPU profiles
-    differ in topology (a node label), so each has its own."""
-    spot = profile.name.endswith("-spot")
-    base = profile.name.removesuffix("-spot")
+    """One flavor per node shape: GPU profiles that differ only in GPU count or host count share a flavor; TPU
+    profiles differ in topology (a node label), so each has its own; spot and flex-start nodes have their own."""
+    suffix = next((s for s in ("-spot", "-dws") if profile.name.endswith(s)), "")
+    base = profile.name.removesuffix(suffix)
     if base.startswith("gpu-"):
         base = "-".join(base.split("-")[:2])
-    return base + ("-spot" if spot else "")
+    elif base.startswith("cpu"):
+        base = "cpu"
+    return base + suffix
 
 
 def flavors() -> dict[str, dict[str, str]]:
@@ -36,6 +49,18 @@ def flavors() -> dict[str, dict[str, str]]:
     for profile in profiles.PROFILES.values():
         out[flavor_name(profile)] = dict(profile.node_selector)
     return out
+
+
+def topology_of(labels: dict[str, str]) -> str | None:
+    if profiles.TPU_ACCELERATOR in labels:
+        return "gke-tpu-slice"
+    if profiles.GPU_ACCELERATOR in labels:
+        return "gke-gpu"
+    return None
+
+
+def dws_flavors() -> list[str]:
+    return sorted({flavor_name(p) for p in profiles.PROFILES.values() if p.dws})
 
 
 def flavor_taints(labels: dict[str, str]) -> list[dict[str, str]]:
@@ -48,6 +73,8 @@ def flavor_taints(labels: dict[str, str]) -> list[dict[str, str]]:
         taints.append({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"})
     if profiles.SPOT in labels:
         taints.append({"key": profiles.SPOT, "value": "true", "effect": "NoSchedule"})
+    if profiles.QUEUED in labels:
+        taints.append({"key": profiles.QUEUED, "value": "true", "effect": "NoSchedule"})
     return taints
 
 
@@ -55,14 +82,34 @@ def resource_flavor(name: str, labels: dict[str, str]) -> dict[str, Any]:
     spec: dict[str, Any] = {"nodeLabels": labels}
     if taints := flavor_taints(labels):
         spec["nodeTaints"] = taints
+    if topology := topology_of(labels):
+        spec["topologyName"] = topology
     return {"apiVersion": API, "kind": "ResourceFlavor", "metadata": {"name": name}, "spec": spec}
+
+
+def topology(name: str, levels: list[str]) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "Topology", "metadata": {"name": name},
+            "spec": {"levels": [{"nodeLabel": label} for label in levels]}}
+
+
+def dws_objects() -> list[dict[str, Any]]:
+    """Flex-start: the admission check asks GKE's queued provisioning for all of a workload's nodes at once."""
+    config = {"apiVersion": API, "kind": "ProvisioningRequestConfig", "metadata": {"name": DWS_CONFIG}, "spec": {
+        "provisioningClassName": "queued-provisioning.gke.io",
+        "managedResources": ["nvidia.com/gpu", "google.com/tpu"],
+        "retryStrategy": {"backoffLimitCount": 2, "backoffBaseSeconds": 60, "backoffMaxSeconds": 1800},
+        "podSetMergePolicy": "IdenticalWorkloadSchedulingRequirements"}}
+    check = {"apiVersion": API, "kind": "AdmissionCheck", "metadata": {"name": DWS_CHECK}, "spec": {
+        "controllerName": "kueue.x-k8s.io/provisioning-request",
+        "parameters": {"apiGroup": "kueue.x-k8s.io", "kind": "ProvisioningRequestConfig", "name": DWS_CONFIG}}}
+    return [config, check]
 
 
 def _quota(flavor: str, scale: float) -> dict[str, Any]:
     """Nominal quota per flavor: chips for accelerators plus the CPU and memory their hosts offer."""
     members = [p for p in profiles.PROFILES.values() if flavor_name(p) == flavor]
-    largest = max(members, key=lambda p: int(p.requests.get(p.accelerator_resource or "cpu", "0")))
-    copies = 1 if largest.accelerator_resource else 4
+    largest = max(members, key=lambda p: p.hosts * int(p.requests.get(p.accelerator_resource or "cpu", "0")))
+    copies = largest.hosts if largest.accelerator_resource else 4  # the largest profile's hosts, all at once
     nominal = {}
     for resource in RESOURCES:
         value = largest.requests.get(resource)
@@ -93,6 +140,7 @@ def cluster_queue(team: str, scale: float) -> dict[str, Any]:
                 "coveredResources": list(RESOURCES),
                 "flavors": _flavor_quotas(scale),
             }],
+            "admissionChecksStrategy": {"admissionChecks": [{"name": DWS_CHECK, "onFlavors": dws_flavors()}]},
         },
     }
 
@@ -120,7 +168,9 @@ def serving_objects() -> list[dict[str, Any]]:
 
 
 def base_objects(scale: float = 1.0) -> list[dict[str, Any]]:
-    objects = [resource_flavor(n, labels) for n, labels in flavors().items()]
+    objects = [topology(n, levels) for n, levels in TOPOLOGIES.items()]
+    objects += [resource_flavor(n, labels) for n, labels in flavors().items()]
+    objects += dws_objects()
     objects += [cluster_queue(team, scale) for team in TEAMS]
     objects += [local_queue(team) for team in TEAMS]
     objects += [priority_class(n, v) for n, v in PRIORITIES.items()]

@@ -7,6 +7,8 @@
 - `components/settings/`: the deployment's settings in one place (namespace, images, bucket and run).
 - `overlays/example/<stage>/`: one overlay per stage (`kubectl apply -k k8s/jobs/overlays/example/preprocess`),
   since a stage may only start once the one before it has written its manifest.
+- `base/finetune-multihost/`: the fine-tune on a multi-host profile, a JobSet (one pod per host) built from the
+  same Job (`jobspec.jobset_manifest`); `overlays/example/finetune-multihost/` applies it instead of `finetune`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ RUN_CONFIGMAP = "gemma-pipeline-run"
 # Env the kubectl Job has and the DAG's Job does not: the DAG renders the prefixes itself.
 RUN_ENV = {"GEMMA_BUCKET": "bucket", "GEMMA_RUN": "run"}
 BASE_PROFILES = {"preprocess": "cpu", "finetune": "tpu-v5e-8", "benchmark": "tpu-v5e-1", "convert": "cpu"}
+MULTIHOST_PROFILE = "tpu-v5e-16"
+JOBSET_CONFIG = "jobset-references.yaml"
 EXAMPLE = {"namespace": "team-a", "queue": "team-a-queue", "bucket": "my-gemma-bucket", "run": "manual-001",
            "registry": "us-central1-docker.pkg.dev/my-project/gemma-lora", "tag": "0.1.0"}
 
@@ -29,9 +33,9 @@ def base_image(stage: str) -> str:
     return f"gemma-lora/{stage}"
 
 
-def base_job(stage: str) -> dict[str, Any]:
+def base_job(stage: str, profile_name: str = "") -> dict[str, Any]:
     """The stage's Job with the run's bucket and name left to the container env, namespace to the overlay."""
-    profile = profiles.get(BASE_PROFILES[stage])
+    profile = profiles.get(profile_name or BASE_PROFILES[stage])
     settings = jobspec.JobSettings(namespace="", queue=EXAMPLE["queue"], service_account="gemma-pipeline",
                                    image=base_image(stage), profile=profile, priority_class="development")
     prefix = candidates.stage_prefixes("gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)")  # the DAG's one-candidate layout
@@ -67,9 +71,25 @@ def render_all() -> dict[str, str]:
             + _yaml({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                      "resources": [f"../../../base/{stage}"], "components": ["../../../components/settings"],
                      "nameSuffix": f"-{EXAMPLE['run']}"}))
+    multihost = profiles.get(MULTIHOST_PROFILE)
+    files["base/finetune-multihost/jobset.yaml"] = (
+        HEADER + f"# Stage 2 of {len(jobspec.STAGES)} on a multi-host profile: finetune (profile {MULTIHOST_PROFILE}, "
+        f"{multihost.hosts} hosts), a JobSet.\n" + _yaml(jobspec.jobset_manifest(base_job("finetune", MULTIHOST_PROFILE), multihost)))
+    files["base/finetune-multihost/kustomization.yaml"] = HEADER + _yaml(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["jobset.yaml"]})
+    files["overlays/example/finetune-multihost/kustomization.yaml"] = (
+        HEADER + "# kubectl apply -k k8s/jobs/overlays/example/finetune-multihost   (after stage 1 finished; needs the "
+        "JobSet controller)\n" + _yaml({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                                        "resources": ["../../../base/finetune-multihost"],
+                                        "components": ["../../../components/settings"], "nameSuffix": f"-{EXAMPLE['run']}"}))
+    # kustomize knows where built-in kinds refer to a ConfigMap, not a JobSet: without this the generated
+    # ConfigMap's hashed name would not reach the JobSet's pods.
+    files[f"components/settings/{JOBSET_CONFIG}"] = HEADER + _yaml({"nameReference": [{"kind": "ConfigMap", "version": "v1", "fieldSpecs": [
+        {"kind": "JobSet", "path": "spec/replicatedJobs/template/spec/template/spec/containers/env/valueFrom/configMapKeyRef/name"}]}]})
     settings = {
         "apiVersion": "kustomize.config.k8s.io/v1alpha1",
         "kind": "Component",
+        "configurations": [JOBSET_CONFIG],
         "namespace": EXAMPLE["namespace"],
         "images": [{"name": base_image(stage), "newName": f"{EXAMPLE['registry']}/{stage}", "newTag": EXAMPLE["tag"]}
                    for stage in jobspec.STAGES],

@@ -1,8 +1,13 @@
 """Accelerator profiles: what a stage asks Kueue for, and how the fine-tune spreads over the devices.
 
-Each profile maps to node selectors, tolerations, container resources, the fine-tune's JAX distribution
-flags and an hourly price in USD used only for cost estimates: rough placeholders, not quoted prices; set
-your own per deployment.
+Each profile maps to node selectors, tolerations, container resources (per host), the fine-tune's JAX
+distribution flags and an hourly price in USD for all its hosts, used only for cost estimates: rough
+placeholders, not quoted prices; set your own per deployment.
+
+A profile with several hosts (a multi-host TPU slice, two 8-GPU nodes) runs its stage as a JobSet, one pod per
+host, admitted by Kueue as one gang and placed by topology-aware scheduling (`topology_level`: the node label
+whose value all hosts must share). `-dws` variants ask for capacity through Dynamic Workload Scheduler
+flex-start (a ProvisioningRequest admission check on their own flavor).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ TPU_ACCELERATOR = "cloud.google.com/gke-tpu-accelerator"
 TPU_TOPOLOGY = "cloud.google.com/gke-tpu-topology"
 GPU_ACCELERATOR = "cloud.google.com/gke-accelerator"
 SPOT = "cloud.google.com/gke-spot"
+NODEPOOL = "cloud.google.com/gke-nodepool"  # a multi-host TPU slice is exactly one node pool
+GCE_BLOCK = "cloud.google.com/gce-topology-block"  # GPU VMs in one block share the fastest network fabric
+QUEUED = "cloud.google.com/gke-queued"  # label and taint of nodes created by queued provisioning (DWS)
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,17 @@ class Profile:
     tolerations: tuple[dict[str, str], ...] = ()
     distribution_args: tuple[str, ...] = ("--distribution", "auto")
     hourly_usd: float = 0.0
+    hosts: int = 1
+    topology_level: str = ""  # Kueue topology-aware scheduling: hosts must share this node label's value
+    dws: bool = False  # capacity from Dynamic Workload Scheduler flex-start
+
+    @property
+    def multihost(self) -> bool:
+        return self.hosts > 1
+
+    @property
+    def tpu(self) -> bool:
+        return "google.com/tpu" in self.requests
 
     @property
     def accelerator_resource(self) -> str | None:
@@ -40,7 +59,9 @@ def _toleration(key: str, value: str | None = None) -> dict[str, str]:
     return {"key": key, "operator": "Equal", "value": value, "effect": "NoSchedule"}
 
 
-def _tpu(name: str, accelerator: str, topology: str, chips: int, cpu: str, memory: str, price: float) -> Profile:
+def _tpu(name: str, accelerator: str, topology: str, chips: int, cpu: str, memory: str, price: float,
+         hosts: int = 1) -> Profile:
+    """`chips` and `cpu`/`memory` per host; `topology` is the whole slice's."""
     return Profile(
         name=name,
         node_selector={TPU_ACCELERATOR: accelerator, TPU_TOPOLOGY: topology},
@@ -48,10 +69,12 @@ def _tpu(name: str, accelerator: str, topology: str, chips: int, cpu: str, memor
         limits={"google.com/tpu": str(chips)},
         tolerations=(_toleration("google.com/tpu"),),
         hourly_usd=price,
+        hosts=hosts,
+        topology_level=NODEPOOL if hosts > 1 else "",
     )
 
 
-def _gpu(name: str, accelerator: str, count: int, cpu: str, memory: str, price: float) -> Profile:
+def _gpu(name: str, accelerator: str, count: int, cpu: str, memory: str, price: float, hosts: int = 1) -> Profile:
     return Profile(
         name=name,
         node_selector={GPU_ACCELERATOR: accelerator},
@@ -59,6 +82,8 @@ def _gpu(name: str, accelerator: str, count: int, cpu: str, memory: str, price: 
         limits={"nvidia.com/gpu": str(count)},
         tolerations=(_toleration("nvidia.com/gpu"),),
         hourly_usd=price,
+        hosts=hosts,
+        topology_level=GCE_BLOCK if hosts > 1 else "",
     )
 
 
@@ -71,6 +96,24 @@ def _spot(profile: Profile, discount: float) -> Profile:
         tolerations=(*profile.tolerations, _toleration(SPOT, "true")),
         distribution_args=profile.distribution_args,
         hourly_usd=round(profile.hourly_usd * discount, 4),
+        hosts=profile.hosts,
+        topology_level=profile.topology_level,
+    )
+
+
+def _dws(profile: Profile) -> Profile:
+    """Flex-start: Kueue admits the workload once a ProvisioningRequest got all its nodes at once."""
+    return Profile(
+        name=profile.name + "-dws",
+        node_selector={**profile.node_selector, QUEUED: "true"},
+        requests=profile.requests,
+        limits=profile.limits,
+        tolerations=(*profile.tolerations, _toleration(QUEUED, "true")),
+        distribution_args=profile.distribution_args,
+        hourly_usd=profile.hourly_usd,
+        hosts=profile.hosts,
+        topology_level=profile.topology_level,
+        dws=True,
     )
 
 
@@ -88,10 +131,20 @@ _ON_DEMAND = [
     _gpu("gpu-a100-1", "nvidia-tesla-a100", 1, "10", "80Gi", 3.67),
     _gpu("gpu-h100-1", "nvidia-h100-80gb", 1, "24", "200Gi", 11.06),
     _gpu("gpu-h100-8", "nvidia-h100-80gb", 8, "200", "1800Gi", 88.49),
+    # Multi-host: data parallel across the hosts (each process feeds its share of every global batch).
+    _tpu("tpu-v5e-16", "tpu-v5-lite-podslice", "4x4", 4, "100", "180Gi", 19.20, hosts=4),
+    _tpu("tpu-v6e-16", "tpu-v6e-slice", "4x4", 4, "160", "680Gi", 43.20, hosts=4),
+    _gpu("gpu-h100-8x2", "nvidia-h100-80gb", 8, "200", "1800Gi", 176.98, hosts=2),
+    # Two CPU hosts: the multi-host path at the price of CPUs (a cluster smoke test; the local backend runs it
+    # as two processes on this machine).
+    Profile(name="cpu-x2", node_selector={"cloud.google.com/machine-family": "n2"},
+            requests={"cpu": "4", "memory": "16Gi"}, limits={"memory": "16Gi"}, hourly_usd=0.38, hosts=2),
 ]
+_DWS = [p for p in _ON_DEMAND if p.accelerator_resource and (p.multihost or p.name == "gpu-h100-8")]
 
 PROFILES: dict[str, Profile] = {p.name: p for p in _ON_DEMAND}
 PROFILES.update({s.name: s for s in (_spot(p, 0.35) for p in _ON_DEMAND)})
+PROFILES.update({d.name: d for d in (_dws(p) for p in _DWS)})
 
 
 def get(name: str) -> Profile:
@@ -103,4 +156,5 @@ def get(name: str) -> Profile:
 
 def as_dict(profile: Profile) -> dict[str, Any]:
     return {"node_selector": profile.node_selector, "requests": profile.requests, "limits": profile.limits,
-            "tolerations": list(profile.tolerations), "hourly_usd": profile.hourly_usd}
+            "tolerations": list(profile.tolerations), "hourly_usd": profile.hourly_usd, "hosts": profile.hosts,
+            "topology_level": profile.topology_level, "dws": profile.dws}

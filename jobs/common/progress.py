@@ -20,8 +20,9 @@ def format_eta(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, output: str, stage: str, total_steps: int, publish_every_s: float = 30.0) -> None:
+    def __init__(self, output: str, stage: str, total_steps: int, publish_every_s: float = 30.0, publish: bool = True) -> None:
         self.uri = storage.join(output, PROGRESS)
+        self.publish = publish  # False on all but one of several processes: they log, one writes
         self.stage, self.total = stage, total_steps
         self.publish_every_s = publish_every_s
         self._last_publish = 0.0
@@ -37,7 +38,7 @@ class Progress:
         line = " ".join(parts)
         log.info(line)
         now = time.time()
-        if force or now - self._last_publish >= self.publish_every_s:
+        if self.publish and (force or now - self._last_publish >= self.publish_every_s):
             self._last_publish = now
             record = {"stage": self.stage, "step": step, "total_steps": self.total, "eta_s": eta if rate else None,
                       "updated_at": now, "line": line, **metrics}

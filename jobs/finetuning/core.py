@@ -16,7 +16,7 @@ from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError, PreemptedError
 from jobs.common.manifest import StageRun, digest_json, upstream_ref
 from jobs.common.progress import Progress
-from jobs.finetuning import checkpoint
+from jobs.finetuning import checkpoint, multihost
 from jobs.finetuning import data as data_lib
 from jobs.finetuning.config import FinetuneConfig
 from jobs.finetuning.distribution import check_model_parallel, setup
@@ -127,7 +127,10 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     stage = StageRun("finetune", config.output, asdict(config), [data_ref, models.model_ref(config.base_model, model_handle)])
     if (done := stage.already_done()) is not None:
         return done
-    stage.invalidate()
+    multihost.initialize(multihost.detect())
+    primary = multihost.is_primary()  # the one process that writes; every process computes every step
+    if primary:
+        stage.invalidate()
     out = local_output_dir(config.output, workdir)
 
     keras.utils.set_random_seed(config.seed)
@@ -157,7 +160,10 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         meta, arrays = resumed
         trainer.restore(arrays)
         start_step, history, evals = meta["step"], meta["history"], meta["evals"]
-        log.info("RESUMED from checkpoint at step %d/%d (data position %d)", start_step, total_steps, meta["data_position"])
+        # The checkpoint holds the global (replicated) state and a global data position, so it resumes on any
+        # number of processes with the same global batch (tests/reliability/test_multihost.py).
+        log.info("RESUMED from checkpoint at step %d/%d (data position %d, saved by %d process(es), resumed by %d)",
+                 start_step, total_steps, meta["data_position"], meta.get("processes", 1), multihost.process_count())
     elif resumed:
         log.warning("ignoring checkpoints under %s: they were made with a different config", config.output)
 
@@ -173,11 +179,13 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
 
     def save_checkpoint(step: int) -> None:
         meta = {"trajectory_sha256": trajectory_sha, "data_position": step * config.batch_size,
-                "history": history, "evals": evals}
-        checkpoint.save(out, config.output, step, trainer.trainable, trainer.opt_vars, meta, config.keep_checkpoints)
+                "history": history, "evals": evals, "processes": multihost.process_count()}
+        if primary:
+            checkpoint.save(out, config.output, step, trainer.trainable, trainer.opt_vars, meta, config.keep_checkpoints)
+        multihost.barrier(f"checkpoint-{step}")  # no process moves on (or exits) before the checkpoint is complete
 
     plan = data_lib.BatchPlan(train.lengths, config.batch_size, config.seed, config.bucket_by_length)
-    progress = Progress(config.output, "finetune", total_steps)
+    progress = Progress(config.output, "finetune", total_steps, publish=primary)
     preemption = _Preemption()
     attempt_started = started = time.time()
     tokens_done, last_saved = 0, start_step
@@ -199,7 +207,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
                 result = trainer.evaluate(evaluation, config.batch_size, config.eval_batches, config.bucket_by_length)
                 evals.append({"step": step + 1, **result})
                 log.info("eval at step %d: loss=%.4f", step + 1, result["loss"])
-            if preemption.requested:
+            if multihost.any_process(preemption.requested):  # every process stops at the same step
                 save_checkpoint(step + 1)
                 raise PreemptedError(f"preempted at step {step + 1}/{total_steps}; checkpoint saved, the next attempt resumes")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
@@ -219,6 +227,11 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         log.info("eval after training: loss=%.4f perplexity=%.3f", eval_after["loss"], eval_after["perplexity"])
 
     trainer.sync_to_model()
+    log.info("final LoRA weights: sha256 %s (process %d of %d)", trainer.trainable_digest(), multihost.process_index(),
+             multihost.process_count())
+    if not primary:
+        multihost.barrier("finetune-published")  # the primary writes and publishes; the others wait for it
+        return {"process": multihost.process_index(), "published_by": 0}
     model.backbone.save_lora_weights(str(out / ADAPTER))
     # Saving a LoRA-enabled model stores merged kernels (kernel + A @ B); the preset reloads as a plain model.
     model.save_to_preset(str(out / MERGED))
@@ -245,4 +258,6 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     if storage.is_gcs(config.output):
         shutil.rmtree(out / checkpoint.CHECKPOINTS, ignore_errors=True)  # uploaded as they were made
     progress.update(total_steps, steps_run, force=True, loss=metrics["final_train_loss"] or 0.0, done=True)
-    return stage.finish(out, metrics)
+    manifest = stage.finish(out, {**metrics, "processes": multihost.process_count()})
+    multihost.barrier("finetune-published")
+    return manifest

@@ -32,6 +32,10 @@ def setup(kind: str, model_parallel: int, batch_size: int):
 
     devices = jax.devices()
     n = len(devices)
+    if jax.process_count() > 1 and (kind == "none" or model_parallel > 1):
+        # Model-parallel variables sharded within a host cannot be saved by process 0 alone yet.
+        raise BadInputError("--distribution", f"{kind} (--model-parallel {model_parallel})", "auto or data with "
+                            f"--model-parallel 1 when the stage runs as {jax.process_count()} processes")
     if kind == "none" or (kind == "auto" and n == 1):
         keras.distribution.set_distribution(None)
         return None
@@ -65,9 +69,16 @@ def check_model_parallel(backbone, model_parallel: int) -> None:
 
 
 def shard_batch(distribution, array):
-    """Place a host batch on the devices as the distribution's data layout says."""
+    """Place a global host batch on the devices as the distribution's data layout says. With several processes,
+    each feeds only its own rows (every process builds the same global batch, so the padded width and the LM
+    head's capacity agree)."""
     import jax
+
+    from jobs.finetuning import multihost
 
     if distribution is None:
         return jax.numpy.asarray(array)
-    return jax.device_put(array, distribution.get_data_layout(array.shape).backend_layout)
+    sharding = distribution.get_data_layout(array.shape).backend_layout
+    if jax.process_count() == 1:
+        return jax.device_put(array, sharding)
+    return jax.make_array_from_process_local_data(sharding, array[multihost.local_rows(sharding, array.shape)], array.shape)

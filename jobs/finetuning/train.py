@@ -99,6 +99,15 @@ class Trainer:
         loss = total / max(count, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": count}
 
+    def trainable_digest(self) -> str:
+        """sha256 over the trainable (LoRA) weights as this process holds them: equal on every process."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for value in self.trainable:
+            digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
+        return digest.hexdigest()
+
     def sync_to_model(self) -> None:
         """Write the functional state back into the keras variables (before saving)."""
         for variable, value in zip(self.model.trainable_variables, self.trainable):

@@ -16,13 +16,18 @@ from gemma_pipeline import jobspec, kueue, manifests, preflight, profiles
 from tests.conftest import ROOT
 
 SCHEMAS = ROOT / "tests" / "data" / "schemas" / "kueue-v0.19.2"
+JOBSET_CRD = ROOT / "tests" / "data" / "schemas" / "jobset-v0.12.0" / "jobset.x-k8s.io_jobsets.yaml"
 K8S_VERSION = "1.31"  # podFailurePolicy is GA here; GKE's regular channel is newer
 
 
 def _closed(schema):
-    """Reject unknown fields the way the API server prunes/refuses them, unless the CRD preserves them."""
+    """Reject unknown fields the way the API server prunes/refuses them, unless the CRD preserves them; Go's
+    regular expressions spelled as Python reads them."""
     if isinstance(schema, dict):
         schema = {k: _closed(v) for k, v in schema.items()}
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str) and "(?i)" in pattern[1:]:  # RE2 takes `^(?i)...`; Python wants flags first
+            schema["pattern"] = "(?i)" + pattern.replace("(?i)", "")
         if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
                 and not schema.get("x-kubernetes-preserve-unknown-fields"):
             schema["additionalProperties"] = False
@@ -33,12 +38,25 @@ def _closed(schema):
 
 
 def _crd_validator(kind: str) -> jsonschema.Validator:
-    plural = {"ResourceFlavor": "resourceflavors", "ClusterQueue": "clusterqueues", "LocalQueue": "localqueues",
-              "WorkloadPriorityClass": "workloadpriorityclasses"}[kind]
-    crd = yaml.safe_load((SCHEMAS / f"kueue.x-k8s.io_{plural}.yaml").read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta2")
+    if kind == "JobSet":
+        crd, version_name = yaml.safe_load(JOBSET_CRD.read_text()), "v1alpha2"
+    else:
+        plural = {"ResourceFlavor": "resourceflavors", "ClusterQueue": "clusterqueues", "LocalQueue": "localqueues",
+                  "WorkloadPriorityClass": "workloadpriorityclasses", "Topology": "topologies",
+                  "AdmissionCheck": "admissionchecks", "ProvisioningRequestConfig": "provisioningrequestconfigs"}[kind]
+        crd, version_name = yaml.safe_load((SCHEMAS / f"kueue.x-k8s.io_{plural}.yaml").read_text()), "v1beta2"
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == version_name)
     schema = _closed(version["schema"]["openAPIV3Schema"])
     return jsonschema.Draft7Validator(schema)
+
+
+def _validate_jobset(jobset):
+    """The JobSet against its CRD (unknown fields refused), and its child Job against Kubernetes' batch/v1."""
+    assert jobset["apiVersion"] == jobspec.JOBSET_API
+    _crd_validator("JobSet").validate(jobset)
+    [replicated] = jobset["spec"]["replicatedJobs"]
+    child = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "child"}, "spec": replicated["template"]["spec"]}
+    kubernetes_validate.validate(child, K8S_VERSION, strict=True)
 
 
 def _validate_kueue(obj):
@@ -109,12 +127,80 @@ def test_every_profile_builds_a_valid_job(profile):
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     if p.accelerator_resource:
         assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][p.accelerator_resource] == p.requests[p.accelerator_resource]
+    if p.multihost:
+        _validate_jobset(jobspec.jobset_manifest(job, p))
+
+
+@pytest.mark.parametrize("profile", sorted(n for n, p in profiles.PROFILES.items() if p.multihost))
+def test_multihost_profiles_build_a_gang_jobset(profile):
+    p = profiles.get(profile)
+    settings = jobspec.JobSettings(namespace="team-a", queue="team-a-queue", service_account="sa", image="img:1.0", profile=p,
+                                   priority_class="production")
+    job = jobspec.job_manifest("finetune", settings, ["--max-steps", "2"], name="ft")
+    jobset = jobspec.jobset_manifest(job, p)
+    _validate_jobset(jobset)
+    assert jobset["metadata"]["labels"][jobspec.QUEUE_LABEL] == "team-a-queue"  # Kueue admits the JobSet as one workload
+    assert jobset["metadata"]["labels"][jobspec.PRIORITY_LABEL] == "production"
+    spec = jobset["spec"]
+    assert spec["suspend"] is True and spec["coordinator"] == {"replicatedJob": "hosts", "jobIndex": 0, "podIndex": 0}
+    assert spec["network"]["enableDNSHostnames"] is True
+    child = spec["replicatedJobs"][0]["template"]["spec"]
+    assert (child["parallelism"], child["completions"], child["completionMode"]) == (p.hosts, p.hosts, "Indexed")
+    assert child["backoffLimit"] == 0 and "suspend" not in child  # the JobSet restarts the whole group
+    pod = child["template"]
+    assert pod["metadata"].get("annotations", {}).get(jobspec.TOPOLOGY_ANNOTATION) == (p.topology_level or None)
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    if p.tpu:  # GKE injects TPU_WORKER_HOSTNAMES / TPU_WORKER_ID; JAX finds the coordinator from them
+        assert jobspec.COORDINATOR_ENV not in env
+    else:
+        assert env[jobspec.NUM_PROCESSES_ENV]["value"] == str(p.hosts)
+        assert jobspec.COORDINATOR_ANNOTATION in env[jobspec.COORDINATOR_ENV]["valueFrom"]["fieldRef"]["fieldPath"]
+    rules = {r["name"]: r for r in spec["failurePolicy"]["rules"]}
+    assert rules["NonRetriableExit"]["action"] == "FailJobSet" and rules["Disruption"]["action"] == "RestartJobSetAndIgnoreMaxRestarts"
+    assert (jobspec.DWS_RUN_ANNOTATION in jobset["metadata"].get("annotations", {})) == p.dws
+
+
+def test_failure_policy_patterns_match_kubernetes_wording():
+    """The JobSet rules read the child Job's failure message; these are the Job controller's own phrasings."""
+    import re
+
+    [exit_rule, disruption_rule] = jobspec.jobset_failure_policy(3)["rules"]
+    exit_message = "Container stage for pod team-a/ft-hosts-0-0-abcde failed with exit code 2 matching FailJob rule at index 0"
+    disrupted = "Pod team-a/ft-hosts-0-1-fghij has condition DisruptionTarget matching FailJob rule at index 1"
+    crashed = "Container stage for pod team-a/ft-hosts-0-0-abcde failed with exit code 143 matching FailJob rule at index 0"
+    assert re.search(exit_rule["onJobFailureMessagePatterns"][0], exit_message)
+    assert not re.search(exit_rule["onJobFailureMessagePatterns"][0], disrupted + crashed.replace("143", "1"))
+    assert re.search(disruption_rule["onJobFailureMessagePatterns"][0], disrupted)
+
+
+def test_a_jobset_with_an_unknown_field_is_rejected():
+    p = profiles.get("gpu-h100-8x2")
+    settings = jobspec.JobSettings(namespace="n", queue="q", service_account="sa", image="img:1.0", profile=p)
+    jobset = jobspec.jobset_manifest(jobspec.job_manifest("finetune", settings, [], name="ft"), p)
+    jobset["spec"]["coordinatorr"] = jobset["spec"].pop("coordinator")
+    with pytest.raises(jsonschema.ValidationError):
+        _crd_validator("JobSet").validate(jobset)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+def test_the_kubectl_multihost_overlay_builds_a_valid_jobset():
+    objects = _kustomize(ROOT / "k8s" / "jobs" / "overlays" / "example" / "finetune-multihost")
+    config = next(o for o in objects if o["kind"] == "ConfigMap")
+    [jobset] = [o for o in objects if o["kind"] == "JobSet"]
+    _validate_jobset(jobset)
+    assert jobset["metadata"]["namespace"] == "team-a"
+    pod = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == f"{manifests.EXAMPLE['registry']}/finetune:{manifests.EXAMPLE['tag']}"
+    refs = [e["valueFrom"]["configMapKeyRef"]["name"] for e in container["env"] if "configMapKeyRef" in e.get("valueFrom", {})]
+    assert refs and set(refs) == {config["metadata"]["name"]}  # the hashed name reached the JobSet's pods
 
 
 def test_kueue_objects_validate_against_crds():
     objects = kueue.base_objects()
     kinds = {o["kind"] for o in objects}
-    assert kinds == {"ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass"}
+    assert kinds == {"ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass", "Topology",
+                     "AdmissionCheck", "ProvisioningRequestConfig"}
     for obj in objects:
         _validate_kueue(obj)
     broken = copy.deepcopy(next(o for o in objects if o["kind"] == "ClusterQueue"))
@@ -138,6 +224,30 @@ def test_flavors_match_profiles_and_teams_share_a_cohort():
     assert "cohortName" not in serving["spec"] and "preemption" not in serving["spec"]
     values = {o["metadata"]["name"]: o["value"] for o in objects if o["kind"] == "WorkloadPriorityClass"}
     assert values["serving"] > max(v for k, v in values.items() if k != "serving")
+
+
+def test_multihost_and_flex_start_flavors():
+    """Each multi-host profile's flavor names a Topology that has the profile's placement level; the flex-start
+    flavors, and only they, carry the ProvisioningRequest admission check."""
+    objects = kueue.base_objects()
+    flavors = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ResourceFlavor"}
+    topologies = {o["metadata"]["name"]: [lvl["nodeLabel"] for lvl in o["spec"]["levels"]] for o in objects if o["kind"] == "Topology"}
+    for profile in profiles.PROFILES.values():
+        flavor = flavors[kueue.flavor_name(profile)]
+        assert flavor["spec"]["nodeLabels"] == profile.node_selector
+        if profile.topology_level:
+            assert profile.topology_level in topologies[flavor["spec"]["topologyName"]], profile.name
+    dws = {kueue.flavor_name(p) for p in profiles.PROFILES.values() if p.dws}
+    queues = [o for o in objects if o["kind"] == "ClusterQueue" and "cohortName" in o["spec"]]
+    for queue in queues:
+        [check] = queue["spec"]["admissionChecksStrategy"]["admissionChecks"]
+        assert check["name"] == kueue.DWS_CHECK and set(check["onFlavors"]) == dws
+    assert all({"key": profiles.QUEUED, "value": "true", "effect": "NoSchedule"} in flavors[f]["spec"]["nodeTaints"] for f in dws)
+    check = next(o for o in objects if o["kind"] == "AdmissionCheck")
+    assert check["spec"]["parameters"]["name"] == next(o for o in objects if o["kind"] == "ProvisioningRequestConfig")["metadata"]["name"]
+    # Quota holds the largest profile of a flavor whole: all hosts at once.
+    quota = {r["name"]: r["nominalQuota"] for r in kueue._quota("tpu-v5e-16", 1.0)["resources"]}
+    assert quota["google.com/tpu"] == "16"
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
