@@ -30,7 +30,7 @@ CANDIDATE_LABEL = "gemma-lora-pipeline/candidate"
 def field_schemas() -> dict[str, dict[str, Any]]:
     options = jobspec.param_options()
     schemas = {name: options[name].json_schema() for name in FIELDS if name in options}
-    schemas["finetune_profile"] = {"enum": sorted(profiles.PROFILES), "description": "accelerator profile of the fine-tune Job"}
+    schemas["finetune_profile"] = {"enum": profiles.names_for("finetune"), "description": "accelerator profile of the fine-tune Job"}
     return schemas
 
 

@@ -169,6 +169,7 @@ DWS_RUN_ANNOTATION = "provreq.kueue.x-k8s.io/maxRunDurationSeconds"
 # What the fine-tune reads to join its processes; the process id comes from the Indexed Job's
 # JOB_COMPLETION_INDEX, which Kubernetes sets in every pod.
 NUM_PROCESSES_ENV, COORDINATOR_ENV = multihost.NUM_PROCESSES_ENV, multihost.COORDINATOR_ENV
+COORDINATOR_FIELD = f"metadata.annotations['{COORDINATOR_ANNOTATION}']"
 
 
 def multihost_env(profile: Profile) -> list[dict[str, Any]]:
@@ -177,7 +178,7 @@ def multihost_env(profile: Profile) -> list[dict[str, Any]]:
     if profile.tpu:
         return []
     return [{"name": NUM_PROCESSES_ENV, "value": str(profile.hosts)},
-            {"name": COORDINATOR_ENV, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COORDINATOR_ANNOTATION}']"}}}]
+            {"name": COORDINATOR_ENV, "valueFrom": {"fieldRef": {"fieldPath": COORDINATOR_FIELD}}}]
 
 
 def multihost_pod_failure_policy() -> dict[str, Any]:

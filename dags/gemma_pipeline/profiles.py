@@ -147,6 +147,14 @@ PROFILES.update({s.name: s for s in (_spot(p, 0.35) for p in _ON_DEMAND)})
 PROFILES.update({d.name: d for d in (_dws(p) for p in _DWS)})
 
 
+MULTIHOST_STAGES = ("finetune",)  # the stages that run as several cooperating processes
+
+
+def names_for(stage: str) -> list[str]:
+    """The profiles a stage may use: multi-host ones only for the stages written for several processes."""
+    return sorted(n for n, p in PROFILES.items() if stage in MULTIHOST_STAGES or not p.multihost)
+
+
 def get(name: str) -> Profile:
     try:
         return PROFILES[name]

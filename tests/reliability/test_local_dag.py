@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +41,9 @@ def _local_run(root, conf: dict, timeout: float = 420) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
-CANDIDATES = [{}, {"lora_rank": 8, "learning_rate": 0.001}]
+# The second candidate fine-tunes on a two-host profile: its Job becomes a JobSet, run as two processes that
+# train together on jax.distributed (the multi-host path, for real, on this machine).
+CANDIDATES = [{}, {"lora_rank": 8, "learning_rate": 0.001, "finetune_profile": "cpu-x2"}]
 
 
 def _conf(tiny_gemma3, **overrides) -> dict:
@@ -79,20 +82,24 @@ def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
     assert "data:image/png;base64," in (prefix / "report.html").read_text()
     # The task log carries the stage's own output, streamed from the subprocess.
     assert "stage finetune finished" in first_run.stdout and "jobs.finetuning" in first_run.stdout
+    assert "as 2 processes of" in first_run.stdout and "[host 1]" in first_run.stdout  # the JobSet's two hosts
+    assert "process 1 of 2 joined" in first_run.stdout
     # Nothing in a healthy CPU run's log reads like a failure: no CUDA probe errors from TensorFlow, no
     # missing-XCom errors from the provider's GKE link, no traceback.
     log = first_run.stdout + first_run.stderr
     assert [w for w in ("cuInit", "XCom not found", "Traceback") if w in log] == []
     # What the command prints at the end: artifact paths and the summary table.
     assert str(chosen / "convert" / "parity.json") in first_run.stdout
-    assert "| perplexity after |" in first_run.stdout and "| finetune | done | tpu-v5e-1 |" in first_run.stdout
+    profile = best.get("overrides", {}).get("finetune_profile", "tpu-v5e-1")  # the champion's fine-tune
+    assert "| perplexity after |" in first_run.stdout and f"| finetune | done | {profile} |" in first_run.stdout
 
 
 def test_the_same_run_name_again_skips_every_finished_stage(first_run, root, tiny_gemma3):
     assert first_run.returncode == 0
     again = _local_run(root, _conf(tiny_gemma3))
     assert again.returncode == 0, again.stdout[-4000:]
-    assert again.stdout.count("SKIPPED: gs://local-gemma-bucket/runs/ci/") == 6  # 1 + 2 x 2 + 1
+    skipped = set(re.findall(r"SKIPPED: (gs://local-gemma-bucket/runs/ci/\S+) already", again.stdout))
+    assert len(skipped) == 6  # 1 + 2 x 2 + 1 (each host of the two-host fine-tune says so)
     report = json.loads((root / "gcs" / BUCKET / "runs" / "ci" / "report.json").read_text())
     # The report keeps the times of the run that did the work, and says the stages were reused.
     assert all(s["skipped"] for s in report["stages"]) and "| finetune | reused (skipped) |" in again.stdout
