@@ -128,6 +128,15 @@ class StageJobOperator(GKEStartJobOperator):
         check_conf(context)
         if local.backend() == "local":
             return self.execute_local(context)
+        self._apply_plan()
+        profile = profiles.get(str(self.profile_name))
+        if profile.multihost:
+            # Submitting, admitting and waiting on a JobSet from Airflow is not built yet; a plain Job would
+            # start one host of the slice and hang, so refuse before anything is created.
+            raise AirflowFailException(
+                f"profile {profile.name} ({profile.hosts} hosts) needs a JobSet, which this operator cannot submit to GKE "
+                "yet: run the stage with `kubectl apply -k k8s/jobs/overlays/example/finetune-multihost`, or use a "
+                "single-host profile")
         try:
             result = super().execute(context)
         except AirflowException as err:

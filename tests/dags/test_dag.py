@@ -9,7 +9,7 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
-from gemma_pipeline import candidates, jobspec
+from gemma_pipeline import candidates, jobspec, profiles
 
 from tests.conftest import ROOT
 
@@ -167,3 +167,21 @@ def test_dag_module_imports_no_ml_frameworks():
             "print(sorted(m for m in ('keras', 'jax', 'torch', 'tensorflow', 'keras_hub') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_multihost_profiles_only_for_the_fine_tune_and_refused_on_gke_until_the_jobset_operator(dag, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    assert dag.params.get_param("benchmark_profile").schema["enum"] == \
+        sorted(n for n, p in profiles.PROFILES.items() if not p.multihost)
+    assert "cpu-x2" in dag.params.get_param("finetune_profile").schema["enum"]
+    # A multi-host profile on GKE: refused before anything is submitted (a plain Job would start one host and hang).
+    monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
+    task, context = _render_fields(stage_task(dag, "finetune", {"finetune_profile": "cpu-x2"}), dag, {"finetune_profile": "cpu-x2"})
+    with pytest.raises(AirflowFailException, match="needs a JobSet"):
+        task.execute({**context, "dag_run": None})
+    # And on any backend a multi-host profile for a stage written for one process.
+    benchmark = copy.deepcopy(stage_task(dag, "benchmark"))
+    benchmark.plan = {**benchmark.plan, "profile_name": "cpu-x2"}
+    with pytest.raises(AirflowFailException, match="single-host profile"):
+        _render(benchmark, dag)
