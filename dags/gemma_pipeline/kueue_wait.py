@@ -45,23 +45,49 @@ def wait_for_admission(
 ) -> float:
     """Block until the Job is unsuspended; return the seconds waited. Raises QueueTimeout with the
     Workload's conditions when `timeout_s` passes first."""
+
+    def read() -> tuple[bool, str]:
+        job = batch_api.read_namespaced_job(name=name, namespace=namespace)
+        return bool(job.spec.suspend), job.metadata.uid
+
+    return wait_until_admitted(read, custom_api, f"Job {namespace}/{name}", namespace, timeout_s, poll_s, log, clock, sleep)
+
+
+def jobset_suspension(jobset: dict[str, Any]) -> tuple[bool, str]:
+    """(suspended, uid) of a JobSet read from the custom objects API: Kueue admits it by unsuspending it."""
+    return bool((jobset.get("spec") or {}).get("suspend")), (jobset.get("metadata") or {}).get("uid", "")
+
+
+def wait_until_admitted(
+    read: Callable[[], tuple[bool, str]],
+    custom_api: Any,
+    what: str,
+    namespace: str,
+    timeout_s: float,
+    poll_s: float = 10.0,
+    log: Callable[[str], None] = print,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> float:
+    """The wait for any Kueue-managed object (a Job, a JobSet): `read` says whether it is still suspended and
+    its uid, which labels its Workload."""
     clock, sleep = clock or time.monotonic, sleep or time.sleep
     started = clock()
     last_report = ""
     while True:
-        job = batch_api.read_namespaced_job(name=name, namespace=namespace)
-        if not job.spec.suspend:
+        suspended, uid = read()
+        if not suspended:
             waited = clock() - started
-            log(f"Job {namespace}/{name} admitted by Kueue after {waited:.0f} s")
+            log(f"{what} admitted by Kueue after {waited:.0f} s")
             return waited
-        conditions = workload_conditions(custom_api, namespace, job.metadata.uid)
+        conditions = workload_conditions(custom_api, namespace, uid)
         report = describe(conditions)
         if report != last_report:
-            log(f"Job {namespace}/{name} is queued in Kueue: {report}")
+            log(f"{what} is queued in Kueue: {report}")
             last_report = report
         if clock() - started >= timeout_s:
             raise QueueTimeout(
-                f"Job {namespace}/{name} was not admitted by Kueue within {timeout_s:.0f} s; Workload: {report}. "
+                f"{what} was not admitted by Kueue within {timeout_s:.0f} s; Workload: {report}. "
                 "Run `python -m gemma_pipeline.preflight` for the stage's profile and queue to see whether it can ever fit."
             )
         sleep(poll_s)

@@ -30,10 +30,17 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
 from gemma_pipeline import jobspec, local, profiles
-from gemma_pipeline.kueue_wait import QueueTimeout, wait_for_admission, wait_for_pods
-from gemma_pipeline.triggers import ProgressGKEJobTrigger
+from gemma_pipeline.kueue_wait import (
+    QueueTimeout,
+    jobset_suspension,
+    wait_for_admission,
+    wait_for_pods,
+    wait_until_admitted,
+)
+from gemma_pipeline.triggers import JOBSET, JobSetTrigger, ProgressGKEJobTrigger
 
 NON_RETRIABLE_REASON = "PodFailurePolicy"
+JOBSET_FAIL_ACTION_REASON = "FailJobSetFailurePolicyAction"  # the JobSet controller's reason for a FailJobSet rule
 POD_START_TIMEOUT_S = 600
 
 
@@ -131,12 +138,7 @@ class StageJobOperator(GKEStartJobOperator):
         self._apply_plan()
         profile = profiles.get(str(self.profile_name))
         if profile.multihost:
-            # Submitting, admitting and waiting on a JobSet from Airflow is not built yet; a plain Job would
-            # start one host of the slice and hang, so refuse before anything is created.
-            raise AirflowFailException(
-                f"profile {profile.name} ({profile.hosts} hosts) needs a JobSet, which this operator cannot submit to GKE "
-                "yet: run the stage with `kubectl apply -k k8s/jobs/overlays/example/finetune-multihost`, or use a "
-                "single-host profile")
+            return self.execute_jobset(context, profile)
         try:
             result = super().execute(context)
         except AirflowException as err:
@@ -156,6 +158,47 @@ class StageJobOperator(GKEStartJobOperator):
             raise
         self._push_usage(context, job_seconds(event.get("job") or {}))
         return result
+
+    def execute_jobset(self, context: Any, profile: profiles.Profile) -> None:
+        """A multi-host stage on GKE: the JobSet around the Job this task builds (`jobspec.jobset_manifest`, as
+        `k8s/jobs`), created through the provider's hook, waited on for Kueue admission, then deferred until it
+        reaches a terminal state. The provider has no JobSet operator that waits."""
+        job = self.build_job_request_obj(context)
+        body = jobspec.jobset_manifest(_api_client().sanitize_for_serialization(job), profile)
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        group, version, plural = JOBSET
+        custom = self.hook.custom_object_client
+        custom.create_namespaced_custom_object(group, version, namespace, plural, body)
+        self.log.info("created JobSet %s/%s: %d hosts of profile %s", namespace, name, profile.hosts, profile.name)
+
+        def read() -> tuple[bool, str]:
+            return jobset_suspension(custom.get_namespaced_custom_object(group, version, namespace, plural, name))
+
+        try:
+            wait_until_admitted(read, custom, f"JobSet {namespace}/{name}", namespace, float(self.queue_timeout_s),
+                                log=self.log.info)
+        except QueueTimeout as err:
+            self.log.error("%s", err)
+            custom.delete_namespaced_custom_object(group, version, namespace, plural, name, propagation_policy="Foreground")
+            raise AirflowFailException(str(err)) from err
+        self.defer(trigger=JobSetTrigger(name=name, namespace=namespace, cluster_url=self.cluster_url,
+                                         ssl_ca_cert=self.ssl_ca_cert, gcp_conn_id=self.gcp_conn_id,
+                                         impersonation_chain=self.impersonation_chain,
+                                         use_dns_endpoint=self.use_dns_endpoint,
+                                         poll_interval=float(self.job_poll_interval), progress_uri=self.progress_uri),
+                   method_name="execute_jobset_complete")
+
+    def execute_jobset_complete(self, context: Any, event: dict) -> None:
+        jobset = event.get("jobset") or {}
+        if event.get("status") != "success":
+            conditions = (jobset.get("status") or {}).get("conditions") or []
+            failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), {})
+            message = f"{event.get('message')}: {failed.get('reason', '')} {failed.get('message', '')}".strip()
+            if failed.get("reason") == JOBSET_FAIL_ACTION_REASON:  # the NonRetriableExit rule: exit 2, 3 or 4
+                raise AirflowFailException(f"{message} (a host exited with a non-retriable code: 2 bad input, "
+                                           "3 quality gate, 4 export mismatch; see the pod logs)")
+            raise AirflowException(message)
+        self._push_usage(context, jobset_seconds(jobset))
 
     def _push_usage(self, context: Any, seconds: float | None, backend: str = "gke") -> None:
         context["ti"].xcom_push(key="usage", value={"backend": backend, "profile": str(self.profile_name),
@@ -263,6 +306,18 @@ def job_seconds(job: dict[str, Any]) -> float | None:
         return None
     start, end = (t if isinstance(t, datetime) else datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in (start, end))
     return round((end.astimezone(UTC) - start.astimezone(UTC)).total_seconds(), 1)
+
+
+def jobset_seconds(jobset: dict[str, Any]) -> float | None:
+    """Seconds from a JobSet's creation to its terminal condition: the JobSet keeps no start time, so the
+    admission wait is included and this is an upper bound on how long it held its hosts."""
+    start = (jobset.get("metadata") or {}).get("creationTimestamp")
+    end = next((c.get("lastTransitionTime") for c in (jobset.get("status") or {}).get("conditions") or []
+                if c.get("type") in ("Completed", "Failed") and c.get("status") == "True"), None)
+    if not start or not end:
+        return None
+    start, end = (datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in (start, end))
+    return round((end - start).total_seconds(), 1)
 
 
 def failed_by_pod_failure_policy(job: Any) -> bool:

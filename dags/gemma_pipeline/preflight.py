@@ -1,6 +1,8 @@
 """Preflight: would Kueue ever admit this stage's Job? The usual reason a Job sits suspended forever is a
 queue whose ClusterQueue has no ResourceFlavor matching the Job's node selectors, or a request larger than
-that flavor's nominal quota (plus what the cohort could lend).
+that flavor's nominal quota (plus what the cohort could lend). For a multi-host profile the request is all its
+hosts at once (one gang), its flavor must name a Topology with the profile's placement level, and a flex-start
+(`-dws`) profile's flavor must carry a ProvisioningRequest admission check in the ClusterQueue.
 
 `python -m gemma_pipeline.preflight --profile tpu-v5e-8 --namespace team-a --queue team-a-queue --kueue k8s/kueue/overlays/dev`
 """
@@ -61,7 +63,7 @@ def check(profile_name: str, namespace: str, queue: str, objects: list[dict[str,
     if cq is None:
         return Result(False, f"LocalQueue {namespace}/{queue} points at ClusterQueue {cq_name}, which does not exist")
     flavors = {name: obj.get("spec", {}) for (_, name), obj in by_kind.get("ResourceFlavor", {}).items()}
-    request = {k: quantity(v) for k, v in profile.requests.items()}
+    request = {k: quantity(v) * profile.hosts for k, v in profile.requests.items()}  # the gang, all hosts
     reasons = []
     for group in cq["spec"].get("resourceGroups", []):
         missing = [r for r in request if r not in group.get("coveredResources", [])]
@@ -81,13 +83,48 @@ def check(profile_name: str, namespace: str, queue: str, objects: list[dict[str,
             quota = {r["name"]: quantity(r["nominalQuota"]) for r in entry["resources"]}
             if profile.accelerator_resource and not quota.get(profile.accelerator_resource):
                 continue  # offers none of the accelerator this profile needs
-            short = [f"{r} needs {profile.requests[r]} but nominal quota is {quota_repr(entry, r)}" for r in request if request[r] > quota.get(r, 0)]
+            short = [f"{r} needs {gang(profile, r)} but nominal quota is {quota_repr(entry, r)}" for r in request if request[r] > quota.get(r, 0)]
             if short:
                 reasons.append(f"{name}: " + "; ".join(short))
+                continue
+            if problem := placement_problem(profile, flavor, cq, by_kind):
+                reasons.append(f"{name}: {problem}")
                 continue
             return Result(True, f"profile {profile.name} fits flavor {name} of ClusterQueue {cq_name}", name)
     detail = "; ".join(reasons) if reasons else "no ResourceFlavor has node labels compatible with " + str(profile.node_selector)
     return Result(False, f"profile {profile.name} can never be admitted by ClusterQueue {cq_name} (queue {namespace}/{queue}): {detail}")
+
+
+def gang(profile: profiles.Profile, resource: str) -> str:
+    per_host = profile.requests[resource]
+    return per_host if profile.hosts == 1 else f"{profile.hosts} x {per_host}"
+
+
+def placement_problem(profile: profiles.Profile, flavor: dict[str, Any], cq: dict[str, Any],
+                      by_kind: dict[str, dict[tuple[str, str], dict[str, Any]]]) -> str | None:
+    """What keeps a multi-host or flex-start profile off a flavor whose quota fits, or None."""
+    if profile.topology_level:
+        topology_name = flavor.get("topologyName")
+        topology = by_kind.get("Topology", {}).get(("", topology_name or ""))
+        if topology is None:
+            return (f"profile {profile.name} asks for hosts placed within one {profile.topology_level}, but the flavor "
+                    f"names {'no Topology' if not topology_name else f'Topology {topology_name}, which does not exist'}")
+        levels = [level.get("nodeLabel") for level in topology.get("spec", {}).get("levels", [])]
+        if profile.topology_level not in levels:
+            return f"Topology {topology_name} has no level {profile.topology_level} (levels: {', '.join(levels)})"
+    if profile.dws:
+        name = next((n for (_, n), f in by_kind.get("ResourceFlavor", {}).items() if f.get("spec") == flavor), "")
+        strategy = cq["spec"].get("admissionChecksStrategy", {}).get("admissionChecks", [])
+        checks = [c["name"] for c in strategy if not c.get("onFlavors") or name in c["onFlavors"]]
+        for check_name in checks:
+            check = by_kind.get("AdmissionCheck", {}).get(("", check_name), {}).get("spec", {})
+            if check.get("controllerName") == "kueue.x-k8s.io/provisioning-request":
+                config = check.get("parameters", {}).get("name", "")
+                if ("", config) not in by_kind.get("ProvisioningRequestConfig", {}):
+                    return f"AdmissionCheck {check_name} names ProvisioningRequestConfig {config}, which does not exist"
+                return None
+        return f"profile {profile.name} is flex-start, but the ClusterQueue has no ProvisioningRequest admission check on this flavor"
+    return None
 
 
 def tolerates(tolerations: tuple[dict[str, str], ...], taint: dict[str, str]) -> bool:

@@ -169,18 +169,88 @@ def test_dag_module_imports_no_ml_frameworks():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_multihost_profiles_only_for_the_fine_tune_and_refused_on_gke_until_the_jobset_operator(dag, monkeypatch):
+class _FakeCustomObjects:
+    """The custom objects API as the operator uses it for a JobSet (and Kueue's Workloads while it queues)."""
+
+    def __init__(self, suspended: bool) -> None:
+        self.suspended, self.created, self.deleted = suspended, [], []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.created.append((group, version, namespace, plural, body))
+        return body
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        return {"metadata": {"name": name, "uid": "uid-1"}, "spec": {"suspend": self.suspended}}
+
+    def list_namespaced_custom_object(self, *args, **kwargs):
+        return {"items": [{"status": {"conditions": [{"type": "QuotaReserved", "status": "False", "reason": "Pending",
+                                                        "message": "insufficient quota for google.com/tpu"}]}}]}
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
+        self.deleted.append(name)
+
+
+def _jobset_task(dag, monkeypatch, suspended: bool, timeout: int = 60):
+    monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
+    overrides = {"finetune_profile": "gpu-h100-8x2", "queue_timeout_minutes": 1}
+    task, context = _render_fields(stage_task(dag, "finetune", overrides), dag, overrides)
+    fake = _FakeCustomObjects(suspended)
+    task.__dict__["hook"] = SimpleNamespace(is_in_cluster=False, custom_object_client=fake)
+    task.__dict__["cluster_info"] = ("https://10.0.0.1", "ca-cert")
+    task.queue_timeout_s = timeout
+    pushed = {}
+    ti = SimpleNamespace(**vars(context["ti"]), xcom_push=lambda key, value: pushed.__setitem__(key, value))
+    return task, {**context, "dag_run": None, "ti": ti}, fake, pushed
+
+
+def test_a_multihost_profile_submits_a_jobset_and_defers_until_it_ends(dag, monkeypatch):
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
+    from gemma_pipeline import triggers
+
+    task, context, fake, pushed = _jobset_task(dag, monkeypatch, suspended=False)
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute(context)
+    [(group, version, namespace, plural, body)] = fake.created
+    assert (group, version, plural) == triggers.JOBSET and body["kind"] == "JobSet"
+    assert body["metadata"]["labels"][jobspec.QUEUE_LABEL] and body["spec"]["suspend"] is True
+    child = body["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert child["parallelism"] == 2 and child["completionMode"] == "Indexed"
+    args = child["template"]["spec"]["containers"][0]["args"]
+    assert "--distribution" in args and "--max-steps" in args  # the same arguments as the single-host Job
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, triggers.JobSetTrigger) and trigger.name == body["metadata"]["name"]
+    assert trigger.cluster_url == "https://10.0.0.1" and trigger.progress_uri.endswith("/finetune/_progress.json")
+    assert deferred.value.method_name == "execute_jobset_complete"
+
+    done = {"metadata": {"creationTimestamp": "2026-11-24T10:00:00Z"},
+            "status": {"conditions": [{"type": "Completed", "status": "True", "lastTransitionTime": "2026-11-24T10:30:00Z"}]}}
+    task.execute_jobset_complete(context, {"status": "success", "jobset": done})
+    assert pushed["usage"]["seconds"] == 1800.0 and pushed["usage"]["profile"] == "gpu-h100-8x2"
+    non_retriable = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "FailJobSetFailurePolicyAction",
+                                                "message": "applying FailJobSet failure policy action"}]}}
+    with pytest.raises(AirflowFailException, match="non-retriable"):
+        task.execute_jobset_complete(context, {"status": "error", "jobset": non_retriable, "message": "JobSet failed"})
+    restarts_spent = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "ReachedMaxRestarts"}]}}
+    with pytest.raises(AirflowException) as retriable:
+        task.execute_jobset_complete(context, {"status": "error", "jobset": restarts_spent, "message": "JobSet failed"})
+    assert not isinstance(retriable.value, AirflowFailException)
+
+
+def test_a_jobset_kueue_never_admits_is_deleted_and_fails_once(dag, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    task, context, fake, _ = _jobset_task(dag, monkeypatch, suspended=True, timeout=0)
+    with pytest.raises(AirflowFailException, match="insufficient quota for google.com/tpu"):
+        task.execute(context)
+    assert fake.deleted == [fake.created[0][4]["metadata"]["name"]]
+
+
+def test_multihost_profiles_only_for_the_fine_tune(dag):
     from airflow.sdk.exceptions import AirflowFailException
 
     assert dag.params.get_param("benchmark_profile").schema["enum"] == \
         sorted(n for n, p in profiles.PROFILES.items() if not p.multihost)
     assert "cpu-x2" in dag.params.get_param("finetune_profile").schema["enum"]
-    # A multi-host profile on GKE: refused before anything is submitted (a plain Job would start one host and hang).
-    monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
-    task, context = _render_fields(stage_task(dag, "finetune", {"finetune_profile": "cpu-x2"}), dag, {"finetune_profile": "cpu-x2"})
-    with pytest.raises(AirflowFailException, match="needs a JobSet"):
-        task.execute({**context, "dag_run": None})
-    # And on any backend a multi-host profile for a stage written for one process.
     benchmark = copy.deepcopy(stage_task(dag, "benchmark"))
     benchmark.plan = {**benchmark.plan, "profile_name": "cpu-x2"}
     with pytest.raises(AirflowFailException, match="single-host profile"):

@@ -299,6 +299,24 @@ def test_preflight():
     assert "expected one of" in preflight.check("tpu-v9-1", "team-a", "team-a-queue", objects).message
 
 
+def test_preflight_for_multihost_and_flex_start_profiles():
+    objects = kueue.base_objects()
+    assert preflight.check("gpu-h100-8x2", "team-a", "team-a-queue", objects).flavor == "gpu-h100"
+    assert preflight.check("tpu-v5e-16-dws", "team-a", "team-a-queue", objects).flavor == "tpu-v5e-16-dws"
+    small = [o for o in objects if o["kind"] != "ClusterQueue"] + [kueue.cluster_queue(t, 0.25) for t in kueue.TEAMS]
+    gang = preflight.check("tpu-v5e-16", "team-a", "team-a-queue", small)  # 4 hosts x 4 chips against quota 4
+    assert not gang.ok and "google.com/tpu needs 4 x 4 but nominal quota is 4" in gang.message
+    no_level = [o for o in objects if o["kind"] != "Topology"] + [
+        kueue.topology("gke-tpu-slice", ["kubernetes.io/hostname"]), kueue.topology("gke-gpu", ["kubernetes.io/hostname"])]
+    level = preflight.check("tpu-v6e-16", "team-a", "team-a-queue", no_level)
+    assert not level.ok and "Topology gke-tpu-slice has no level cloud.google.com/gke-nodepool" in level.message
+    no_check = [o for o in objects if o["kind"] != "ClusterQueue"] + [
+        {**q, "spec": {k: v for k, v in q["spec"].items() if k != "admissionChecksStrategy"}}
+        for q in objects if q["kind"] == "ClusterQueue"]
+    dws = preflight.check("gpu-h100-8x2-dws", "team-a", "team-a-queue", no_check)
+    assert not dws.ok and "no ProvisioningRequest admission check" in dws.message
+
+
 def test_quantities():
     assert preflight.quantity("16Gi") == 16 * 2**30 and preflight.quantity("500m") == 0.5 and preflight.quantity(8) == 8
     with pytest.raises(ValueError):
