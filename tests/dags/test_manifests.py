@@ -385,3 +385,34 @@ def test_the_dag_task_submits_the_kubectl_manifest(stage):
     ours = _comparable(kubectl_job, registry_image, "gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)")
     theirs = _comparable(dag_job, task.image, "gs://bkt/runs/r1")
     assert theirs == ours
+
+
+def test_the_dag_task_submits_the_kubectl_jobset():
+    """The multi-host door too: the JobSet the DAG's task would create (its Job wrapped by jobset_manifest)
+    equals k8s/jobs' finetune-multihost one apart from the run-time fields."""
+    from airflow.dag_processing.dagbag import DagBag
+    from kubernetes.client import ApiClient
+
+    from tests.dags.test_dag import _render, stage_task
+
+    bag_dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
+    overrides = {f"{s}_profile": p for s, p in manifests.BASE_PROFILES.items()}
+    overrides.update(finetune_profile=manifests.MULTIHOST_PROFILE, bucket="bkt", run_name="r1", queue=manifests.EXAMPLE["queue"])
+    task = stage_task(bag_dag, "finetune", overrides)
+    dag_job = ApiClient().sanitize_for_serialization(_render(task, bag_dag, overrides))
+    dag_jobset = jobspec.jobset_manifest(dag_job, profiles.get(manifests.MULTIHOST_PROFILE))
+    [kubectl_jobset] = [o for o in _kustomize(ROOT / "k8s" / "jobs" / "overlays" / "example" / "finetune-multihost")
+                        if o["kind"] == "JobSet"]
+
+    def split(jobset: dict, image: str, prefix: str) -> tuple[dict, dict]:
+        """The JobSet without its child Job, and the child Job made comparable as a Job."""
+        jobset = copy.deepcopy(jobset)
+        [replicated] = jobset["spec"].pop("replicatedJobs")
+        meta = jobset.pop("metadata")
+        child = {"metadata": {"name": "x", "labels": meta["labels"]}, "spec": replicated["template"]["spec"]}
+        return jobset, _comparable(child, image, prefix)
+
+    registry_image = f"{manifests.EXAMPLE['registry']}/finetune:{manifests.EXAMPLE['tag']}"
+    ours = split(kubectl_jobset, registry_image, "gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)")
+    theirs = split(dag_jobset, task.image, "gs://bkt/runs/r1")
+    assert theirs == ours
