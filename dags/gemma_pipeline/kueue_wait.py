@@ -32,25 +32,15 @@ def describe(conditions: list[dict[str, Any]]) -> str:
     return "; ".join(f"{c.get('type')}={c.get('status')} ({c.get('reason', '')}: {c.get('message', '')})" for c in conditions)
 
 
-def wait_for_admission(
-    batch_api: Any,
-    custom_api: Any,
-    name: str,
-    namespace: str,
-    timeout_s: float,
-    poll_s: float = 10.0,
-    log: Callable[[str], None] = print,
-    clock: Callable[[], float] | None = None,
-    sleep: Callable[[float], None] | None = None,
-) -> float:
+def wait_for_admission(batch_api: Any, custom_api: Any, name: str, namespace: str, timeout_s: float, **wait: Any) -> float:
     """Block until the Job is unsuspended; return the seconds waited. Raises QueueTimeout with the
-    Workload's conditions when `timeout_s` passes first."""
+    Workload's conditions when `timeout_s` passes first. `wait`: poll_s, log, clock, sleep."""
 
     def read() -> tuple[bool, str]:
         job = batch_api.read_namespaced_job(name=name, namespace=namespace)
         return bool(job.spec.suspend), job.metadata.uid
 
-    return wait_until_admitted(read, custom_api, f"Job {namespace}/{name}", namespace, timeout_s, poll_s, log, clock, sleep)
+    return wait_until_admitted(read, custom_api, f"Job {namespace}/{name}", namespace, timeout_s, **wait)
 
 
 def jobset_suspension(jobset: dict[str, Any]) -> tuple[bool, str]:

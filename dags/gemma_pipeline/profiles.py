@@ -12,7 +12,7 @@ flex-start (a ProvisioningRequest admission check on their own flavor).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 TPU_ACCELERATOR = "cloud.google.com/gke-tpu-accelerator"
@@ -88,33 +88,15 @@ def _gpu(name: str, accelerator: str, count: int, cpu: str, memory: str, price: 
 
 
 def _spot(profile: Profile, discount: float) -> Profile:
-    return Profile(
-        name=profile.name + "-spot",
-        node_selector={**profile.node_selector, SPOT: "true"},
-        requests=profile.requests,
-        limits=profile.limits,
-        tolerations=(*profile.tolerations, _toleration(SPOT, "true")),
-        distribution_args=profile.distribution_args,
-        hourly_usd=round(profile.hourly_usd * discount, 4),
-        hosts=profile.hosts,
-        topology_level=profile.topology_level,
-    )
+    return replace(profile, name=profile.name + "-spot", node_selector={**profile.node_selector, SPOT: "true"},
+                   tolerations=(*profile.tolerations, _toleration(SPOT, "true")),
+                   hourly_usd=round(profile.hourly_usd * discount, 4))
 
 
 def _dws(profile: Profile) -> Profile:
     """Flex-start: Kueue admits the workload once a ProvisioningRequest got all its nodes at once."""
-    return Profile(
-        name=profile.name + "-dws",
-        node_selector={**profile.node_selector, QUEUED: "true"},
-        requests=profile.requests,
-        limits=profile.limits,
-        tolerations=(*profile.tolerations, _toleration(QUEUED, "true")),
-        distribution_args=profile.distribution_args,
-        hourly_usd=profile.hourly_usd,
-        hosts=profile.hosts,
-        topology_level=profile.topology_level,
-        dws=True,
-    )
+    return replace(profile, name=profile.name + "-dws", node_selector={**profile.node_selector, QUEUED: "true"},
+                   tolerations=(*profile.tolerations, _toleration(QUEUED, "true")), dws=True)
 
 
 _ON_DEMAND = [
