@@ -41,8 +41,8 @@ class LossPositionHead:
     """The NLL of the scored positions only. Gemma's tied head over a 262k vocabulary costs more per position
     than the whole 270M body, and only response tokens carry loss; so the backbone runs on every position, and
     the head (logits, soft-cap, log-softmax) on the `capacity` positions that count; past HEAD_LOGITS_BUDGET in
-    slices of HEAD_CHUNK whose logits are recomputed in the backward pass rather than stored. Same result as `token_nll` where the
-    weights are non-zero (tests/jobs/common/test_lm.py); zero elsewhere."""
+    slices of HEAD_CHUNK whose logits are recomputed in the backward pass rather than stored. Same result as
+    `token_nll` where the weights are non-zero (tests/jobs/common/test_lm.py); zero elsewhere."""
 
     def __init__(self, model) -> None:
         backbone = model.backbone

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from jobs.common.errors import BadInputError
+from jobs.finetuning import multihost
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ def shard_batch(distribution, array):
     each feeds only its own rows (every process builds the same global batch, so the padded width and the LM
     head's capacity agree)."""
     import jax
-
-    from jobs.finetuning import multihost
 
     if distribution is None:
         return jax.numpy.asarray(array)
