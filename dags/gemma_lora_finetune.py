@@ -30,7 +30,6 @@ IMAGES = jobspec.images(REGISTRY, IMAGE_TAG)  # what docker/cloudbuild.yaml push
 RUN_KEY = "{{ run_key(params.run_name, run_id) }}"
 PREFIX = "gs://{{ params.bucket }}/runs/" + RUN_KEY
 PREFIXES = {stage: f"{PREFIX}/{stage}" for stage in jobspec.STAGES}
-PROFILE_NAMES = profiles.names_for  # multi-host profiles (a JobSet) only where the stage runs as several processes
 # Stage options: declared once in each stage's config (jobs/<stage>/config.py); the Params derive from there.
 STAGE_PARAMS = jobspec.param_options()
 PARAM_TEMPLATES = jobspec.param_templates()
@@ -42,7 +41,7 @@ params = {
                       description="artifacts go to gs://BUCKET/runs/RUN_NAME/ (empty: the Airflow run id); "
                                   "reusing a name resumes that run, skipping the stages already finished"),
     **{name: Param(opt.param_default, **opt.json_schema()) for name, opt in STAGE_PARAMS.items()},
-    **{f"{stage}_profile": Param(default, enum=PROFILE_NAMES(stage), description=f"accelerator profile of the {stage} Job")
+    **{f"{stage}_profile": Param(default, enum=profiles.names_for(stage), description=f"accelerator profile of the {stage} Job")
        for stage, default in jobspec.DEFAULT_PROFILES.items()},
     "candidates": Param([{}], **candidates.schema()),
     "serve": Param("none", enum=list(serving.MODES),

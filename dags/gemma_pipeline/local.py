@@ -224,8 +224,8 @@ def run_group(specs: list[tuple[list[str], dict[str, str], Path]], log: Callable
         reader.start()
     failed: int | None = None
     try:
-        while any(p.poll() is None for p in processes):
-            failed = next((p.returncode for p in processes if p.returncode not in (None, 0)), None)
+        while None in (codes := [p.poll() for p in processes]):  # every process polled: any() would stop early
+            failed = next((code for code in codes if code not in (None, 0)), None)
             if failed is not None:
                 for p in processes:
                     terminate(p)

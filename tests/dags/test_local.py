@@ -123,3 +123,15 @@ def test_a_configured_emulator_that_does_not_answer_fails_at_once(tmp_path, monk
     monkeypatch.setenv(local.EMULATOR_ENV, "http://127.0.0.1:1")
     with pytest.raises(RuntimeError, match=r"STORAGE_EMULATOR_HOST=http://127.0.0.1:1 does not answer.*unset"):
         local.Emulator(tmp_path).__enter__()
+
+
+def test_a_failing_host_stops_the_group_at_once(tmp_path):
+    """As a JobSet fails its whole group: a host that exits non-zero stops the others (here one that would
+    otherwise run for a minute), whichever index it has."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    failing = [sys.executable, "-c", "import sys; print('bad input'); sys.exit(2)"]
+    started = time.monotonic()
+    lines = []
+    code = local.run_group([(sleeper, {}, tmp_path), (failing, {}, tmp_path)], lines.append)
+    assert code == 2 and time.monotonic() - started < 30
+    assert "[host 1] bad input" in lines
