@@ -99,6 +99,7 @@ def plan(params: dict[str, Any], run_key: str) -> list[dict[str, Any]]:
         values = {**params, **overrides, "require_improvement": 0.0}
         profile = {"finetune": overrides.get("finetune_profile", params["finetune_profile"]),
                    "benchmark": params["benchmark_profile"], "convert": params["convert_profile"]}
+        profiles.check_model_parallel(profiles.get(profile["finetune"]), int(values.get("model_parallel", 1)))
         entries.append({
             "index": index, "key": key, "overrides": overrides, "prefixes": prefixes,
             **{stage: stage_job(stage, values, prefixes, profile[stage], key) for stage in ("finetune", "benchmark")},

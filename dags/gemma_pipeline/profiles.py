@@ -53,6 +53,21 @@ class Profile:
         return None
 
 
+    @property
+    def devices_per_host(self) -> int:
+        """Accelerator chips per host (a CPU host is one JAX device)."""
+        resource = self.accelerator_resource
+        return int(self.requests[resource]) if resource else 1
+
+
+def check_model_parallel(profile: Profile, model_parallel: int) -> None:
+    """Model parallel stays within one host, so it must divide that host's devices (checked before any Job)."""
+    if model_parallel > 1 and (profile.distribution_args == ("--distribution", "none")
+                               or profile.devices_per_host % model_parallel):
+        raise ValueError(f"model_parallel: got {model_parallel}; expected a divisor of the {profile.devices_per_host} "
+                         f"device(s) per host of profile {profile.name!r} (model parallel stays within one host)")
+
+
 def _toleration(key: str, value: str | None = None) -> dict[str, str]:
     if value is None:
         return {"key": key, "operator": "Exists", "effect": "NoSchedule"}

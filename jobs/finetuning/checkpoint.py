@@ -27,6 +27,7 @@ _NAME = re.compile(r"^step-(\d{8})$")
 
 
 def save(local_root: Path, output: str, step: int, trainable: list, optimizer_vars: list, meta: dict[str, Any], keep: int) -> None:
+    """Takes host arrays (`multihost.to_host`), so the caller gathers sharded state on every process first."""
     name = f"step-{step:08d}"
     local = local_root / CHECKPOINTS / name
     shutil.rmtree(local, ignore_errors=True)

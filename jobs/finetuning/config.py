@@ -42,9 +42,11 @@ class FinetuneConfig:
                                      param="max_train_examples")
     mixed_precision: bool = option(False, "compute in bfloat16 with float32 weights", param="mixed_precision")
     distribution: Literal["auto", "none", "data", "model"] = option(
-        "auto", "auto (data parallel when several devices), none, data, or model (needs model parallel > 1); "
-                "the DAG sets it from the accelerator profile")
-    model_parallel: int = option(1, "devices along the model axis for distribution 'model'", minimum=1)
+        "auto", "auto (model parallel when --model-parallel > 1, else data parallel when several devices), none, "
+                "data, or model (needs model parallel > 1); the DAG sets it from the accelerator profile")
+    model_parallel: int = option(1, "devices of one host along the model axis, for a model too big for one device "
+                                    "(1: data parallel only; hosts are always data parallel)", minimum=1, maximum=256,
+                                 param="model_parallel")
     checkpoint_every: int = option(50, "save a checkpoint every N steps (0: only at the end and on SIGTERM)", minimum=0)
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", minimum=1)
     eval_every: int = option(0, "evaluate on the eval split every N steps (0: only before and after training)",
@@ -63,8 +65,9 @@ class FinetuneConfig:
         spec.validate(self)
         if self.max_steps == 0 and self.epochs == 0:
             raise BadInputError("--epochs", self.epochs, "a positive integer when --max-steps is 0")
-        if self.model_parallel > 1 and self.distribution != "model":
-            raise BadInputError("--model-parallel", self.model_parallel, "1 unless --distribution model")
+        if self.model_parallel > 1 and self.distribution not in ("auto", "model"):
+            raise BadInputError("--model-parallel", self.model_parallel, f"1 with --distribution {self.distribution} "
+                                "(model parallel needs --distribution model or auto)")
         if not self.lora_targets:
             raise BadInputError("--lora-targets", "", "at least one layer name, e.g. query,value")
 

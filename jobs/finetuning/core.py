@@ -180,8 +180,9 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     def save_checkpoint(step: int) -> None:
         meta = {"trajectory_sha256": trajectory_sha, "data_position": step * config.batch_size,
                 "history": history, "evals": evals, "processes": multihost.process_count()}
+        trainable, opt_vars = multihost.to_host(trainer.trainable), multihost.to_host(trainer.opt_vars)
         if primary:
-            checkpoint.save(out, config.output, step, trainer.trainable, trainer.opt_vars, meta, config.keep_checkpoints)
+            checkpoint.save(out, config.output, step, trainable, opt_vars, meta, config.keep_checkpoints)
         multihost.barrier(f"checkpoint-{step}")  # no process moves on (or exits) before the checkpoint is complete
 
     plan = data_lib.BatchPlan(train.lengths, config.batch_size, config.seed, config.bucket_by_length)
@@ -227,6 +228,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         log.info("eval after training: loss=%.4f perplexity=%.3f", eval_after["loss"], eval_after["perplexity"])
 
     trainer.sync_to_model()
+    multihost.localize(model.variables)  # model parallel across hosts: process 0 needs every shard to save
     log.info("final LoRA weights: sha256 %s (process %d of %d)", trainer.trainable_digest(), multihost.process_index(),
              multihost.process_count())
     if not primary:

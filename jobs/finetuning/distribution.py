@@ -31,12 +31,19 @@ def setup(kind: str, model_parallel: int, batch_size: int):
     import jax
     import keras
 
-    devices = jax.devices()
+    # Process-major order, so each row of the mesh (one model-parallel group) lies within one host: the model
+    # axis then needs no cross-host traffic and only gradients cross hosts (data parallel between them).
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     n = len(devices)
-    if jax.process_count() > 1 and (kind == "none" or model_parallel > 1):
-        # Model-parallel variables sharded within a host cannot be saved by process 0 alone yet.
-        raise BadInputError("--distribution", f"{kind} (--model-parallel {model_parallel})", "auto or data with "
-                            f"--model-parallel 1 when the stage runs as {jax.process_count()} processes")
+    if jax.process_count() > 1:
+        if kind == "none":
+            raise BadInputError("--distribution", kind, f"auto, data or model when the stage runs as "
+                                f"{jax.process_count()} processes")
+        if kind == "model" and jax.local_device_count() % model_parallel:
+            raise BadInputError("--model-parallel", model_parallel, f"a divisor of the {jax.local_device_count()} "
+                                "devices of one host (model parallel stays within a host; hosts are data parallel)")
+    if kind == "auto" and model_parallel > 1:
+        kind = "model"
     if kind == "none" or (kind == "auto" and n == 1):
         keras.distribution.set_distribution(None)
         return None

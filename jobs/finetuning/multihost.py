@@ -129,6 +129,38 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def to_host(values: list) -> list:
+    """Host (numpy) copies of arrays that may be sharded over other hosts' devices. A collective when any is: every
+    process calls it at the same point, with the same arrays."""
+    import numpy as np
+
+    if process_count() == 1 or all(_local(v) for v in values):
+        return [np.asarray(v) for v in values]
+    from jax.experimental import multihost_utils
+
+    return [np.asarray(v) if _local(v) else np.asarray(multihost_utils.process_allgather(v, tiled=True)) for v in values]
+
+
+def _local(value: Any) -> bool:
+    return getattr(value, "is_fully_addressable", True) or getattr(value, "is_fully_replicated", False)
+
+
+def localize(variables: list) -> None:
+    """Give keras variables sharded across hosts (model parallel) a host-local value, so process 0 can save them
+    with keras' own writers. A collective. Keras has no public way to detach a variable from its distribution
+    layout: this clears `_layout`, and tests/reliability/test_multihost.py fails if that stops working."""
+    if process_count() == 1 or all(_local(v.value) for v in variables):
+        return
+    import jax
+
+    hosts = to_host([v.value for v in variables])
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # not one accelerator: the whole model may not fit
+        for variable, value in zip(variables, hosts):
+            if not _local(variable.value):
+                variable._layout = None
+                variable.assign(value)
+
+
 def local_rows(sharding: Any, shape: tuple[int, ...]) -> slice:
     """The rows of a global batch that this process's devices hold under `sharding` (a contiguous block)."""
     starts, stops = [], []

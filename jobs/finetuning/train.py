@@ -12,6 +12,7 @@ import numpy as np
 
 from jobs.common.lm import LossPositionHead, batches, capacity, token_nll
 from jobs.finetuning import data as data_lib
+from jobs.finetuning import multihost
 from jobs.finetuning.distribution import shard_batch
 
 
@@ -104,8 +105,8 @@ class Trainer:
         import hashlib
 
         digest = hashlib.sha256()
-        for value in self.trainable:
-            digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
+        for value in multihost.to_host(self.trainable):
+            digest.update(np.ascontiguousarray(value).tobytes())
         return digest.hexdigest()
 
     def sync_to_model(self) -> None:

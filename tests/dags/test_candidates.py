@@ -72,6 +72,15 @@ def test_the_plan_shares_preprocessing_and_gives_each_candidate_its_own_folders(
     assert ranked["finetune"]["profile_name"] == "cpu" and default["finetune"]["profile_name"] == "tpu-v5e-1"
 
 
+def test_model_parallel_must_divide_each_candidates_devices_per_host_before_any_job():
+    entry = candidates.plan({**PARAMS, "model_parallel": 4, "finetune_profile": "tpu-v5e-16"}, "r1")[0]
+    assert _args(entry, "finetune")["--model-parallel"] == "4"  # 4 chips per host: the model spans one host
+    for profile, devices in (("gpu-h100-8x2", 8), ("cpu", 1)):
+        with pytest.raises(AirflowFailException, match=f"model_parallel: got 3; expected a divisor of the {devices} "
+                                                       f"device\\(s\\) per host of profile '{profile}'"):
+            candidates.plan_task({**PARAMS, "model_parallel": 3, "finetune_profile": profile}, "r1")
+
+
 def _report(ppl, low, high, base=300.0, digest="abc"):
     split = lambda p, lo, hi: {"eval": {"perplexity": p, "ci95_low": lo, "ci95_high": hi, "tokens": 100,  # noqa: E731
                                         "tokens_sha256": digest}}

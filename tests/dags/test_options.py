@@ -71,7 +71,8 @@ def test_every_optional_param_is_nullable_or_has_a_default(dag):  # noqa: F811
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_job_arguments_parse_back_to_the_params(dag, stage):  # noqa: F811
     """The Job the DAG task submits carries every param its stage takes, and the stage CLI reads each back."""
-    settings = {**PROBES, "bucket": "bkt", "run_name": "probe"}
+    # A profile with 4 chips per host, which the probed model_parallel (4) must divide.
+    settings = {**PROBES, "bucket": "bkt", "run_name": "probe", "finetune_profile": "tpu-v5e-4"}
     job = _render(stage_task(dag, stage, settings), dag, settings)
     args = job.spec.template.spec.containers[0].args
     parsed = cli.parser_for(jobspec.STAGE_CONFIGS[stage], "").parse_args(args)

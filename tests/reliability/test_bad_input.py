@@ -26,7 +26,7 @@ error, a message naming the field, the value and what was expected, and no outpu
 | F06 | finetune | `--lora-targets nothing` | `--lora-targets`, `nothing` |
 | F07 | finetune | `--batch-size 0` | `--batch-size` |
 | F08 | finetune | `--learning-rate 0` | `--learning-rate`, `(0, 1)` |
-| F09 | finetune | `--model-parallel 2` without `--distribution model` | `--model-parallel` |
+| F09 | finetune | `--model-parallel 2` with `--distribution data` | `--model-parallel` |
 | F10 | finetune | an unknown base model | `--base-model` |
 | B01 | benchmark | `--require-improvement 1.5` | `--require-improvement`, `[0, 1)` |
 | B02 | benchmark | `--finetune` prefix without a manifest | `--finetune`, `_manifest.json` |
@@ -98,7 +98,7 @@ CASES = [
     Case("F06", "finetune", ["--data", "{pre}", "--lora-targets", "nothing"], ["--lora-targets", "'nothing'"]),
     Case("F07", "finetune", ["--data", "{pre}", "--batch-size", "0"], ["--batch-size", "got 0"]),
     Case("F08", "finetune", ["--data", "{pre}", "--learning-rate", "0"], ["--learning-rate", "got 0", "(0, 1)"]),
-    Case("F09", "finetune", ["--data", "{pre}", "--model-parallel", "2"], ["--model-parallel", "got 2", "--distribution model"]),
+    Case("F09", "finetune", ["--data", "{pre}", "--distribution", "data", "--model-parallel", "2"], ["--model-parallel", "got 2", "--distribution model"]),
     Case("F10", "finetune", ["--data", "{pre}", "--base-model", "not-a-real-preset"], ["--base-model", "not-a-real-preset"]),
     Case("B01", "benchmark", ["--data", "{pre}", "--finetune", "{ft}", "--require-improvement", "1.5"], ["--require-improvement", "1.5", "[0, 1)"]),
     Case("B02", "benchmark", ["--data", "{pre}", "--finetune", "{files}"], ["--finetune", MANIFEST]),

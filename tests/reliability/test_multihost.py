@@ -1,6 +1,6 @@
 """The fine-tune as several processes on JAX's multi-process runtime (what a JobSet runs, one process per host),
 for real on localhost: 2 processes x 1 CPU device end with the LoRA weights of 1 process x 2 devices (within
-1e-6), the same on both processes; a SIGTERM to one process stops both at one checkpointed step, and the resume
+1e-6), the same on both processes, and so do 2 processes x 2 devices with the model sharded within each; a SIGTERM to one process stops both at one checkpointed step, and the resume
 (on 2 processes, or on 1 process with the same global batch) ends with the same weights."""
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import pytest
 from jobs.common.errors import EXIT_PREEMPTED
 from jobs.common.manifest import MANIFEST
 from jobs.finetuning import checkpoint
-from jobs.finetuning.core import ADAPTER
+from jobs.finetuning.core import ADAPTER, MERGED
 from tests.conftest import ROOT
 from tests.jobs.finetuning.test_finetuning import _adapter_arrays
 from tests.pipeline import tiny_pipeline
 
 STEPS = 8
 FLAGS = ["--max-steps", str(STEPS), "--batch-size", "4", "--sequence-length", "48", "--learning-rate", "0.005",
-         "--checkpoint-every", "100", "--warmup-fraction", "0.1", "--distribution", "data"]
+         "--checkpoint-every", "100", "--warmup-fraction", "0.1"]
 
 
 def _free_port() -> int:
@@ -44,8 +44,9 @@ def _env(root: Path, name: str, devices: int, cluster: dict[str, str]) -> dict[s
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **cluster}
 
 
-def _start(setup: dict, out: Path, processes: int, devices_each: int) -> list[subprocess.Popen]:
-    args = ["--data", str(setup["data"]), "--base-model", str(setup["model"]), *FLAGS, "--output", str(out)]
+def _start(setup: dict, out: Path, processes: int, devices_each: int, flags: tuple[str, ...] = ("--distribution", "data")
+           ) -> list[subprocess.Popen]:
+    args = ["--data", str(setup["data"]), "--base-model", str(setup["model"]), *FLAGS, *flags, "--output", str(out)]
     port = _free_port()
     started = []
     for i in range(processes):
@@ -133,3 +134,29 @@ def test_sigterm_on_one_process_stops_both_at_one_checkpoint_and_the_resume_ends
     [(code, log)] = _finish(_start(setup, across, processes=1, devices_each=2))
     assert code == 0 and "saved by 2 process(es), resumed by 1" in log, log[-3000:]
     _assert_same_weights(across, setup["reference"])
+
+
+def test_model_parallel_within_each_host_and_data_parallel_across_hosts(setup):
+    """Two hosts x 2 devices, the model sharded over each host's devices: sharded variables are gathered for
+    process 0's save, and the weights are those of the data-parallel reference."""
+    out = setup["root"] / "model-parallel"
+    results = _finish(_start(setup, out, processes=2, devices_each=2, flags=["--distribution", "model",
+                                                                              "--model-parallel", "2"]))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert "ModelParallel over 4 cpu devices" in results[0][1]
+    digests = _digests(results)
+    assert len(digests) == 2 and digests[0] == digests[1]
+    _assert_same_weights(out, setup["reference"])
+    merged, reference = _h5_arrays(out / MERGED / "model.weights.h5"), _h5_arrays(setup["root"] / "one-process" / MERGED / "model.weights.h5")
+    assert merged.keys() == reference.keys() and merged
+    for key, expected in reference.items():  # the merged model was saved whole, from every host's shards
+        np.testing.assert_allclose(merged[key], expected, atol=1e-6, rtol=0)
+
+
+def _h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return arrays
