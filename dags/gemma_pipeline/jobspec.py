@@ -164,6 +164,8 @@ def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, 
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "hosts"
 COORDINATOR_ANNOTATION = "jobset.sigs.k8s.io/coordinator"
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # set by the JobSet controller on every pod it creates
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # an Indexed Job's pod: its host (process) number
 TOPOLOGY_ANNOTATION = "kueue.x-k8s.io/podset-required-topology"
 DWS_RUN_ANNOTATION = "provreq.kueue.x-k8s.io/maxRunDurationSeconds"
 # What the fine-tune reads to join its processes; the process id comes from the Indexed Job's

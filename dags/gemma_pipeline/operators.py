@@ -190,6 +190,8 @@ class StageJobOperator(GKEStartJobOperator):
 
     def execute_jobset_complete(self, context: Any, event: dict) -> None:
         jobset = event.get("jobset") or {}
+        if self.get_logs and event.get("name"):
+            self._write_jobset_logs(event["name"], event.get("namespace") or self.namespace)
         if event.get("status") != "success":
             conditions = (jobset.get("status") or {}).get("conditions") or []
             failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), {})
@@ -266,6 +268,21 @@ class StageJobOperator(GKEStartJobOperator):
                 local.terminate(process)  # SIGTERM first: the fine-tune checkpoints, as on preemption
             return
         super().on_kill()
+
+    def _write_jobset_logs(self, name: str, namespace: str) -> None:
+        """Every host's pod log, host by host, into the task log (as the provider does for a Job's pod)."""
+        try:
+            pods = self.client.list_namespaced_pod(namespace, label_selector=f"{jobspec.JOBSET_NAME_LABEL}={name}").items
+        except Exception as err:  # logs are a courtesy; the JobSet's outcome below is what matters
+            self.log.warning("could not list the pods of JobSet %s: %s", name, err)
+            return
+        for pod in sorted(pods, key=lambda p: int((p.metadata.annotations or {}).get(jobspec.COMPLETION_INDEX, 0))):
+            self.log.info("---- log of host %s (pod %s) ----",
+                          (pod.metadata.annotations or {}).get(jobspec.COMPLETION_INDEX, "?"), pod.metadata.name)
+            try:
+                self._write_logs(pod)
+            except Exception as err:
+                self.log.warning("could not fetch logs of pod %s: %s", pod.metadata.name, err)
 
     def _show_failed_pod_logs(self, event: dict) -> None:
         namespace = event.get("pod_namespace") or event.get("namespace")

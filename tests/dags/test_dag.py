@@ -9,6 +9,7 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
+from kubernetes.client import models as k8s
 from gemma_pipeline import candidates, jobspec, profiles
 
 from tests.conftest import ROOT
@@ -190,12 +191,29 @@ class _FakeCustomObjects:
         self.deleted.append(name)
 
 
+class _FakeCore:
+    """Pods of a JobSet and their logs, as the core API returns them (listed out of host order)."""
+
+    def __init__(self) -> None:
+        self.selectors = []
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        self.selectors.append(label_selector)
+        pod = lambda i: k8s.V1Pod(metadata=k8s.V1ObjectMeta(  # noqa: E731
+            name=f"js-w-0-{i}", namespace=namespace, annotations={jobspec.COMPLETION_INDEX: str(i)}))
+        return SimpleNamespace(items=[pod(1), pod(0)])
+
+    def read_namespaced_pod_log(self, name, **kwargs):
+        return [f"line from {name}\n".encode()]
+
+
 def _jobset_task(dag, monkeypatch, suspended: bool, timeout: int = 60):
     monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
     overrides = {"finetune_profile": "gpu-h100-8x2", "queue_timeout_minutes": 1}
     task, context = _render_fields(stage_task(dag, "finetune", overrides), dag, overrides)
     fake = _FakeCustomObjects(suspended)
     task.__dict__["hook"] = SimpleNamespace(is_in_cluster=False, custom_object_client=fake)
+    task.__dict__["client"] = _FakeCore()
     task.__dict__["cluster_info"] = ("https://10.0.0.1", "ca-cert")
     task.queue_timeout_s = timeout
     pushed = {}
@@ -203,7 +221,7 @@ def _jobset_task(dag, monkeypatch, suspended: bool, timeout: int = 60):
     return task, {**context, "dag_run": None, "ti": ti}, fake, pushed
 
 
-def test_a_multihost_profile_submits_a_jobset_and_defers_until_it_ends(dag, monkeypatch):
+def test_a_multihost_profile_submits_a_jobset_and_defers_until_it_ends(dag, monkeypatch, capsys):
     from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
     from gemma_pipeline import triggers
 
@@ -224,8 +242,14 @@ def test_a_multihost_profile_submits_a_jobset_and_defers_until_it_ends(dag, monk
 
     done = {"metadata": {"creationTimestamp": "2026-11-24T10:00:00Z"},
             "status": {"conditions": [{"type": "Completed", "status": "True", "lastTransitionTime": "2026-11-24T10:30:00Z"}]}}
-    task.execute_jobset_complete(context, {"status": "success", "jobset": done})
+    capsys.readouterr()
+    task.execute_jobset_complete(context, {"status": "success", "jobset": done, "name": trigger.name, "namespace": namespace})
     assert pushed["usage"]["seconds"] == 1800.0 and pushed["usage"]["profile"] == "gpu-h100-8x2"
+    assert task.client.selectors == [f"jobset.sigs.k8s.io/jobset-name={trigger.name}"]
+    shown = capsys.readouterr().out  # every host's log, in host order
+    order = [shown.index(s) for s in ("log of host 0 (pod js-w-0-0)", "line from js-w-0-0", "log of host 1 (pod js-w-0-1)",
+                                      "line from js-w-0-1")]
+    assert order == sorted(order)
     non_retriable = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "FailJobSetFailurePolicyAction",
                                                 "message": "applying FailJobSet failure policy action"}]}}
     with pytest.raises(AirflowFailException, match="non-retriable"):
