@@ -22,7 +22,7 @@ from gemma_pipeline import jobspec, profiles
 
 # What a candidate may override: fine-tune Params only (see the module docstring for why not preprocessing's).
 FIELDS = ("lora_rank", "learning_rate", "max_steps", "epochs", "batch_size", "max_train_examples", "seed",
-          "finetune_profile")
+          "base_quantization", "model_parallel", "finetune_profile")
 MAX_CANDIDATES = 16
 CANDIDATE_LABEL = "gemma-lora-pipeline/candidate"
 

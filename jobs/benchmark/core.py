@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ from jobs.benchmark.config import BenchmarkConfig
 from jobs.common import lm, models, storage
 from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError, QualityGateError
-from jobs.common.manifest import StageRun, upstream_ref
+from jobs.common.manifest import StageRun, read_manifest, upstream_ref
 from jobs.finetuning import data as data_lib
 
 log = logging.getLogger(__name__)
+
+ADAPTER = "adapter.lora.h5"  # what the fine-tune writes
 
 
 def eval_windows(config: BenchmarkConfig, rows: list[dict[str, str]], tokenizer) -> tuple[ppl.Windows, int]:
@@ -77,6 +80,21 @@ def chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _tuned(config: BenchmarkConfig, workdir: Path) -> tuple[str, Callable[[], Any]]:
+    """The tuned model: the fine-tune's merged preset, or, when it trained on a quantized base (its product is the
+    adapter), the adapter applied to the full-precision base (the report's uri says which)."""
+    settings = (read_manifest(config.finetune) or {}).get("config", {})
+    if not models.adapter_only(settings):
+        local = str(storage.stage_in(storage.join(config.finetune, "model"), workdir / "tuned", name="model"))
+        return storage.join(config.finetune, "model"), lambda: models.load_causal_lm(local, workdir, field="--finetune")
+    adapter = storage.join(config.finetune, ADAPTER)
+    log.info("the fine-tune trained on a %s base: scoring its adapter on the full-precision base %s",
+             settings["base_quantization"], config.base_model)
+    return (f"{adapter} on {config.base_model} (full precision; trained on a {settings['base_quantization']} base)",
+            lambda: models.load_with_adapter(config.base_model, adapter, settings["lora_rank"],
+                                             list(settings["lora_targets"]), workdir, field="--finetune"))
+
+
 def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     inputs = [upstream_ref(config.data, "--data")]
     if config.finetune:
@@ -100,21 +118,22 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
         text = storage.stage_in(config.ood_text, workdir / "ood").read_text(encoding="utf-8")
         ood_docs = [d for d in text.split("\n\n") if d.strip()]
 
-    candidates = {"base": config.base_model}
+    candidates: dict[str, tuple[str, Callable[[], Any]]] = {
+        "base": (config.base_model, lambda: models.load_causal_lm(config.base_model, workdir))}
     if config.finetune:
-        candidates["tuned"] = str(storage.stage_in(storage.join(config.finetune, "model"), workdir / "tuned", name="model"))
+        candidates["tuned"] = _tuned(config, workdir)
 
     report: dict[str, Any] = {"mode": config.mode, "max_length": config.max_length, "stride": config.stride,
                               "separator": config.separator, "models": {}}
-    for name, uri in candidates.items():
-        model = models.load_causal_lm(uri, workdir, field="--finetune" if name == "tuned" else "--base-model")
+    for name, (uri, load) in candidates.items():
+        model = load()
         tokenizer = model.preprocessor.tokenizer
         scorer = lm.NllScorer(model)
         windows, n_docs = eval_windows(config, rows, tokenizer)
         splits = {"eval": windows}
         if ood_docs:
             splits["ood"] = text_windows(config, ood_docs, tokenizer)
-        result: dict[str, Any] = {"uri": uri if name == "base" else storage.join(config.finetune, "model"), "splits": {}}
+        result: dict[str, Any] = {"uri": uri, "splits": {}}
         for split, win in splits.items():
             nll = score(scorer, win, config.batch_size)
             sums, counts = ppl.per_document(win, nll, n_docs if split == "eval" else len(ood_docs))

@@ -10,7 +10,7 @@ from jobs.common.errors import BadInputError
 from jobs.common.sources import EXPECTED, model_ref
 from jobs.demo_model.weights import model_dir
 
-__all__ = ["EXPECTED", "SUPPORTED_CLASSES", "load_causal_lm", "model_ref", "resolve"]
+__all__ = ["EXPECTED", "SUPPORTED_CLASSES", "load_causal_lm", "load_with_adapter", "model_ref", "resolve"]
 
 SUPPORTED_CLASSES = ("GemmaCausalLM", "Gemma3CausalLM")
 
@@ -32,3 +32,24 @@ def load_causal_lm(uri: str, workdir: Path, field: str = "--base-model", **kwarg
     return model
 
 
+
+
+def load_with_adapter(base_uri: str, adapter_uri: str, rank: int, targets: list[str], workdir: Path,
+                      field: str = "--adapter"):
+    """The full-precision base with a keras-hub LoRA adapter enabled and loaded (the delta not merged): how a
+    fine-tune on a quantized base is scored and exported."""
+    from jobs.common import storage
+
+    model = load_causal_lm(base_uri, workdir)
+    model.backbone.enable_lora(rank, target_layer_names=targets)
+    adapter = storage.stage_in(adapter_uri, workdir / "adapter")
+    try:
+        model.backbone.load_lora_weights(str(adapter))
+    except (ValueError, OSError, KeyError) as err:
+        raise BadInputError(field, adapter_uri, f"a LoRA adapter of rank {rank} on {targets} for {base_uri}", str(err)) from err
+    return model
+
+
+def adapter_only(finetune_settings: dict[str, Any]) -> bool:
+    """True when a fine-tune's product is its adapter alone (it trained on a quantized base)."""
+    return finetune_settings.get("base_quantization", "none") != "none"

@@ -53,27 +53,25 @@ def adapter_uri(config: ConvertConfig) -> str:
     return config.adapter or (storage.join(config.finetune, ADAPTER) if config.finetune else "")
 
 
+def from_adapter(config: ConvertConfig) -> bool:
+    """Export base + adapter (an adapter given, or a fine-tune on a quantized base, whose product is the adapter)
+    rather than the fine-tune's merged preset."""
+    return bool(config.adapter) or (bool(config.finetune) and models.adapter_only(_finetune_settings(config)))
+
+
 def load_reference(config: ConvertConfig, workdir: Path):
-    """The Keras model the export must reproduce: the merged preset, or the base model with the adapter."""
-    if not config.adapter:
+    """The Keras model the export must reproduce: the merged preset, or the full-precision base with the adapter."""
+    if not from_adapter(config):
         return models.load_causal_lm(storage.join(config.finetune, "model"), workdir, field="--finetune")
-    return load_lora_model(config, workdir, config.adapter)
+    return load_lora_model(config, workdir, adapter_uri(config))
 
 
 def load_lora_model(config: ConvertConfig, workdir: Path, uri: str):
     """The base model with the LoRA adapter enabled and loaded (the delta not merged)."""
     settings = _finetune_settings(config) if config.finetune else {}
-    base_uri = base_model_of(config)
     rank = config.lora_rank or settings.get("lora_rank", 0)
     targets = list(config.lora_targets or settings.get("lora_targets", ()))
-    reference = models.load_causal_lm(base_uri, workdir)
-    reference.backbone.enable_lora(rank, target_layer_names=targets)
-    adapter = storage.stage_in(uri, workdir / "adapter")
-    try:
-        reference.backbone.load_lora_weights(str(adapter))
-    except (ValueError, OSError, KeyError) as err:
-        raise BadInputError("--adapter", uri, f"a LoRA adapter of rank {rank} on {targets} for {base_uri}", str(err)) from err
-    return reference
+    return models.load_with_adapter(base_model_of(config), uri, rank, targets, workdir)
 
 
 def export(model, directory: Path) -> None:
@@ -161,7 +159,7 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     started = time.time()
     model = load_reference(config, workdir)
     expected = reference_outputs(model, config.sample_texts())
-    if config.adapter:
+    if from_adapter(config):
         # Exporting a LoRA-enabled model would write the base kernels without the delta. Saving stores merged
         # kernels, so a save/reload round trip yields a plain model with the delta folded in.
         merged_dir = workdir / "merged"
@@ -196,7 +194,13 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
         rows = answers.eval_prompts(config.data, workdir, config.answers)
         answers.write(rows, base_dir if peft else None, out, out / "answers.json")
         log.info("answers of the base and the export to %d eval prompts: answers.json", len(rows))
+    settings = _finetune_settings(config) if config.finetune else {}
     metrics = {
+        # What was exported: a fine-tune on a quantized base is applied to the full-precision base (its adapter
+        # is the product); the parity check compares the export with exactly that model.
+        "exported_from": ("the fine-tune's merged model" if not from_adapter(config) else
+                          f"the full-precision base {base_model_of(config)} with the adapter applied"
+                          + (f" (trained on a {settings['base_quantization']} base)" if models.adapter_only(settings) else "")),
         "export_time_s": round(export_time, 2),
         "total_time_s": round(time.time() - started, 2),
         "checkpoint_bytes": exported_bytes,

@@ -40,6 +40,10 @@ class FinetuneConfig:
     max_train_examples: int = option(0, "train on at most this many rows of the train split, taken in its seeded "
                                         "order (0: all); the eval split is never cut", minimum=0,
                                      param="max_train_examples")
+    base_quantization: Literal["none", "int8", "int4"] = option(
+        "none", "quantize the frozen base with Keras before LoRA (QLoRA-style: a bigger model on the same chips); "
+                "the adapter is then the product, and benchmark and convert apply it to the full-precision base. "
+                "float8 is not offered: Keras cannot train LoRA on it", param="base_quantization")
     mixed_precision: bool = option(False, "compute in bfloat16 with float32 weights", param="mixed_precision")
     distribution: Literal["auto", "none", "data", "model"] = option(
         "auto", "auto (model parallel when --model-parallel > 1, else data parallel when several devices), none, "
@@ -68,6 +72,10 @@ class FinetuneConfig:
         if self.model_parallel > 1 and self.distribution not in ("auto", "model"):
             raise BadInputError("--model-parallel", self.model_parallel, f"1 with --distribution {self.distribution} "
                                 "(model parallel needs --distribution model or auto)")
+        if self.base_quantization == "int4" and self.model_parallel > 1:
+            # int4 packs each kernel into a 2-D layout that the Gemma 3 layout map (3-D attention kernels) cannot shard.
+            raise BadInputError("--model-parallel", self.model_parallel, "1 with --base-quantization int4 (int8 shards "
+                                "as the full-precision model does)")
         if not self.lora_targets:
             raise BadInputError("--lora-targets", "", "at least one layer name, e.g. query,value")
 

@@ -69,6 +69,19 @@ def _load_splits(config: FinetuneConfig, workdir: Path, tokenizer):
     return train, evaluation
 
 
+def quantize_base(model, mode: str) -> None:
+    """Quantize the frozen base in place with Keras (before LoRA is enabled). The backbone, not the task: the task's
+    quantize walks the tokenizer, which has nothing to quantize and is never built."""
+    import warnings
+
+    with warnings.catch_warnings():  # one "no quantize method" warning per norm/rotary/dropout layer, by design
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        model.backbone.quantize(mode)
+    kernels = [v for v in model.backbone.weights if v.path.endswith("/kernel") and "decoder_block" in v.path]
+    log.info("base quantized to %s: %d of %d decoder kernels are int8-stored", mode,
+             sum(v.dtype == "int8" for v in kernels), len(kernels))
+
+
 def _plot_loss(history: list[dict[str, float]], evals: list[dict[str, float]], path: Path) -> None:
     import matplotlib
 
@@ -138,6 +151,8 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     # A per-model dtype policy rather than keras' global one, so nothing leaks into later work in the process.
     model = models.load_causal_lm(config.base_model, workdir, **({"dtype": "mixed_bfloat16"} if config.mixed_precision else {}))
     check_model_parallel(model.backbone, config.model_parallel)
+    if config.base_quantization != "none":
+        quantize_base(model, config.base_quantization)
     tokenizer = model.preprocessor.tokenizer
     train, evaluation = _load_splits(config, workdir, tokenizer)
 
@@ -151,7 +166,10 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     per_epoch = data_lib.steps_per_epoch(len(train.lengths), config.batch_size)
     total_steps = config.max_steps or config.epochs * per_epoch
     optimizer, schedule = make_optimizer(config, total_steps)
-    trainer = Trainer(model, optimizer, distribution, config.lm_head)
+    # The loss-position head reads the embedding table directly; a quantized table needs keras' own dequantizing
+    # reverse embedding, which the full-logits path uses.
+    lm_head = "all" if config.base_quantization != "none" else config.lm_head
+    trainer = Trainer(model, optimizer, distribution, lm_head)
     trajectory_sha = digest_json(config.trajectory())
 
     start_step, history, evals = 0, [], []
@@ -235,10 +253,14 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         multihost.barrier("finetune-published")  # the primary writes and publishes; the others wait for it
         return {"process": multihost.process_index(), "published_by": 0}
     model.backbone.save_lora_weights(str(out / ADAPTER))
-    # Saving a LoRA-enabled model stores merged kernels (kernel + A @ B); the preset reloads as a plain model.
-    model.save_to_preset(str(out / MERGED))
-    if config.mixed_precision:
-        _store_float32_policy(out / MERGED)
+    if config.base_quantization == "none":
+        # Saving a LoRA-enabled model stores merged kernels (kernel + A @ B); the preset reloads as a plain model.
+        model.save_to_preset(str(out / MERGED))
+        if config.mixed_precision:
+            _store_float32_policy(out / MERGED)
+    else:
+        log.info("base quantized to %s: the adapter is the product (a merged, re-quantized model would be lossy); "
+                 "benchmark and convert apply it to the full-precision base", config.base_quantization)
     _plot_loss(history, evals, out / "loss_curve.png")
     _write_tensorboard(history, evals, out / "tensorboard")
     steps_run = total_steps - start_step
@@ -255,6 +277,8 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         "train_time_s": round(train_time, 2),
         "trainable_parameters": int(sum(v.size for v in trainer.trainable)),
         "model_class": type(model).__name__,
+        "base_quantization": config.base_quantization,
+        "product": "merged model and adapter" if config.base_quantization == "none" else "adapter",
     }
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": history, "evals": evals}, indent=2))
     if storage.is_gcs(config.output):

@@ -28,6 +28,8 @@ error, a message naming the field, the value and what was expected, and no outpu
 | F08 | finetune | `--learning-rate 0` | `--learning-rate`, `(0, 1)` |
 | F09 | finetune | `--model-parallel 2` with `--distribution data` | `--model-parallel` |
 | F10 | finetune | an unknown base model | `--base-model` |
+| F14 | finetune | `--base-quantization float8` (Keras cannot train LoRA on it) | `--base-quantization`, `none, int8, int4` |
+| F15 | finetune | `--base-quantization int4 --model-parallel 2` | `--model-parallel`, `int4` |
 | B01 | benchmark | `--require-improvement 1.5` | `--require-improvement`, `[0, 1)` |
 | B02 | benchmark | `--finetune` prefix without a manifest | `--finetune`, `_manifest.json` |
 | B03 | benchmark | `--mode words` | `--mode`, `response` |
@@ -100,6 +102,8 @@ CASES = [
     Case("F08", "finetune", ["--data", "{pre}", "--learning-rate", "0"], ["--learning-rate", "got 0", "(0, 1)"]),
     Case("F09", "finetune", ["--data", "{pre}", "--distribution", "data", "--model-parallel", "2"], ["--model-parallel", "got 2", "--distribution model"]),
     Case("F10", "finetune", ["--data", "{pre}", "--base-model", "not-a-real-preset"], ["--base-model", "not-a-real-preset"]),
+    Case("F14", "finetune", ["--data", "{pre}", "--base-quantization", "float8"], ["--base-quantization", "got 'float8'", "none, int8, int4"]),
+    Case("F15", "finetune", ["--data", "{pre}", "--base-quantization", "int4", "--model-parallel", "2"], ["--model-parallel", "int4"]),
     Case("B01", "benchmark", ["--data", "{pre}", "--finetune", "{ft}", "--require-improvement", "1.5"], ["--require-improvement", "1.5", "[0, 1)"]),
     Case("B02", "benchmark", ["--data", "{pre}", "--finetune", "{files}"], ["--finetune", MANIFEST]),
     Case("B03", "benchmark", ["--data", "{pre}", "--mode", "words"], ["--mode", "'words'", "response"]),
