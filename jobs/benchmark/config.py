@@ -20,8 +20,9 @@ class BenchmarkConfig:
     finetune: str = option("", "output prefix of the fine-tuning stage (its merged model is the tuned model; "
                                "empty: base only)", upstream="finetune")
     base_model: str = option(DEMO_MODEL_URI, "the base model, as given to the fine-tuning stage", param="base_model")
-    mode: Literal["response", "text"] = option(
-        "response", "response: per example, response tokens only; text: running text with sliding windows")
+    mode: Literal["auto", "response", "text"] = option(
+        "auto", "response: per example, response tokens only (every assistant turn for chat data); text: running "
+                "text with sliding windows; auto: text for raw-text data, else response")
     max_length: int = option(128, "tokens per window (text mode) or per example (response mode)",
                              minimum=8, maximum=131072, param="sequence_length")
     stride: int = option(0, "window start step in text mode (0: half of the max length)", minimum=0)

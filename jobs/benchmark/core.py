@@ -25,13 +25,24 @@ log = logging.getLogger(__name__)
 ADAPTER = "adapter.lora.h5"  # what the fine-tune writes
 
 
-def eval_windows(config: BenchmarkConfig, rows: list[dict[str, str]], tokenizer) -> tuple[ppl.Windows, int]:
-    if config.mode == "response":
+def resolve_mode(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
+    text = data_lib.row_kind(rows[0]) == "text"
+    if config.mode == "response" and text:
+        raise BadInputError("--mode", config.mode, "text or auto for raw-text data (it has no responses)")
+    return config.mode if config.mode != "auto" else "text" if text else "response"
+
+
+def _document(row: dict[str, Any]) -> str:
+    return row["text"] if "text" in row else "".join(text for text, _ in data_lib.segments_of(row))
+
+
+def eval_windows(config: BenchmarkConfig, rows: list[dict[str, Any]], tokenizer) -> tuple[ppl.Windows, int]:
+    if resolve_mode(config, rows) == "response":
         split = data_lib.tokenize(rows, tokenizer, config.max_length - 1)
         if split.truncated:
             log.warning("%d examples exceed --max-length %d and were truncated", split.truncated, config.max_length)
         return ppl.example_windows(split.tokens, split.lengths, split.loss_mask), len(rows)
-    return text_windows(config, [r["prompt"] + r["response"] for r in rows], tokenizer), len(rows)
+    return text_windows(config, [_document(r) for r in rows], tokenizer), len(rows)
 
 
 def text_windows(config: BenchmarkConfig, docs: list[str], tokenizer) -> ppl.Windows:
@@ -123,7 +134,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     if config.finetune:
         candidates["tuned"] = _tuned(config, workdir)
 
-    report: dict[str, Any] = {"mode": config.mode, "max_length": config.max_length, "stride": config.stride,
+    report: dict[str, Any] = {"mode": resolve_mode(config, rows), "max_length": config.max_length, "stride": config.stride,
                               "separator": config.separator, "models": {}}
     for name, (uri, load) in candidates.items():
         model = load()

@@ -4,8 +4,43 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
+
+SEGMENT_IDS = "segment_ids"
+
+
+@contextmanager
+def document_attention(backbone, x: dict):
+    """Yield the backbone's inputs; with `segment_ids` in `x` (packed raw text), every decoder block's attention
+    mask also requires query and key to be in the same document while the call is traced. Written by hand because
+    keras-hub's Gemma backbones take only a padding mask: this wraps each block's own mask (causal, padding,
+    sliding window stays inside attention) rather than rebuilding it. RoPE makes attention depend on relative
+    positions only, so a packed document sees what it would see alone (tests/jobs/common/test_packing.py)."""
+    segments = x.get(SEGMENT_IDS)
+    if segments is None:
+        yield x
+        return
+    import jax.numpy as jnp
+
+    blocks = list(backbone.transformer_layers)
+    if not all(hasattr(block, "_compute_attention_mask") for block in blocks):
+        raise ValueError(f"{type(backbone).__name__}: no per-block attention mask to restrict to documents")
+    same = segments[:, :, None] == segments[:, None, :]
+
+    def restricted(original):
+        def compute(*args, **kwargs):
+            return jnp.logical_and(original(*args, **kwargs).astype(bool), same)
+        return compute
+
+    for block in blocks:  # an instance attribute shadows the class's method for this trace only
+        block._compute_attention_mask = restricted(block._compute_attention_mask)
+    try:
+        yield {k: v for k, v in x.items() if k != SEGMENT_IDS}
+    finally:
+        for block in blocks:
+            del block._compute_attention_mask
 
 
 def token_nll(model, trainable, non_trainable, x: dict, y):
@@ -14,7 +49,8 @@ def token_nll(model, trainable, non_trainable, x: dict, y):
     import jax
     import jax.numpy as jnp
 
-    logits, non_trainable = model.stateless_call(trainable, non_trainable, x)
+    with document_attention(model.backbone, x) as inputs:
+        logits, non_trainable = model.stateless_call(trainable, non_trainable, inputs)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0], non_trainable
 
@@ -62,7 +98,8 @@ class LossPositionHead:
         import jax
         import jax.numpy as jnp
 
-        hidden, non_trainable = self.backbone.stateless_call(trainable, non_trainable, x)
+        with document_attention(self.backbone, x) as inputs:
+            hidden, non_trainable = self.backbone.stateless_call(trainable, non_trainable, inputs)
         table = ([*trainable, *non_trainable])[self.embedding_index]
         flat_w = weights.reshape(-1)
         # The scored positions first (stable: in order), then unscored ones, then (when the capacity exceeds the

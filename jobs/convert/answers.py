@@ -11,6 +11,9 @@ from typing import Any
 from jobs.common import storage
 
 
+TEXT_PROMPT_WORDS = 24
+
+
 def eval_prompts(data: str, workdir: Path, count: int) -> list[dict[str, str]]:
     path = storage.stage_in(storage.join(data, "eval.jsonl"), workdir / "answers-data")
     rows = []
@@ -19,7 +22,12 @@ def eval_prompts(data: str, workdir: Path, count: int) -> list[dict[str, str]]:
             if len(rows) == count:
                 break
             row = json.loads(line)
-            rows.append({"prompt": row["prompt"], "reference": row["response"]})
+            if "text" in row:  # raw text: the document's opening is the prompt, its next words the reference
+                words = row["text"].split(" ")
+                rows.append({"prompt": " ".join(words[:TEXT_PROMPT_WORDS]),
+                             "reference": " ".join(words[TEXT_PROMPT_WORDS:])[:200]})
+            else:
+                rows.append({"prompt": row["prompt"], "reference": row["response"]})
     return rows
 
 

@@ -62,6 +62,9 @@ class FinetuneConfig:
     lm_head: Literal["loss_positions", "all"] = option(
         "loss_positions", "where the LM head runs: loss_positions (only where the loss is: response tokens) or all "
                           "(every position; the reference path, same loss)")
+    document_mask: bool = option(True, "raw-text data (packed): attention stays inside each document (a mask from "
+                                       "segment ids); false: plain causal attention across the packed stream",
+                                 param="document_mask")
     bucket_by_length: bool = option(True, "batch rows of similar length and pad each batch to its length bucket "
                                           "(false: pad all to the sequence length)")
 

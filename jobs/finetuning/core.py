@@ -169,7 +169,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     # The loss-position head reads the embedding table directly; a quantized table needs keras' own dequantizing
     # reverse embedding, which the full-logits path uses.
     lm_head = "all" if config.base_quantization != "none" else config.lm_head
-    trainer = Trainer(model, optimizer, distribution, lm_head)
+    trainer = Trainer(model, optimizer, distribution, lm_head, config.document_mask)
     trajectory_sha = digest_json(config.trajectory())
 
     start_step, history, evals = 0, [], []
@@ -189,7 +189,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     if evaluation is not None and start_step == 0:
         eval_before = trainer.evaluate(evaluation, config.batch_size, config.eval_batches, config.bucket_by_length)
         evals.append({"step": 0, **eval_before})
-        log.info("eval before training: loss=%.4f perplexity=%.3f (%d response tokens%s)", eval_before["loss"],
+        log.info("eval before training: loss=%.4f perplexity=%.3f (%d scored tokens%s)", eval_before["loss"],
                  eval_before["perplexity"], eval_before["tokens"], ", a quick signal: the benchmark scores them all"
                  if config.eval_batches else "")
     elif evals:
@@ -210,7 +210,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     tokens_done, last_saved = 0, start_step
     try:
         for step in range(start_step, total_steps):
-            batch = data_lib.make_batch(train, plan.indices(step), config.bucket_by_length)
+            batch = data_lib.make_batch(train, plan.indices(step), config.bucket_by_length, config.document_mask)
             loss = trainer.train_step(batch)
             if step == start_step:  # throughput excludes the first step of an attempt: it compiles
                 started, tokens_done = time.time(), 0

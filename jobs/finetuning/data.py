@@ -1,4 +1,5 @@
-"""Turn prompt/response rows into token batches with a response-only loss mask.
+"""Turn preprocessed rows into token batches: prompt/response pairs and chat conversations with loss on the
+response (every assistant turn) only; raw-text documents packed into full sequences with loss on every token.
 
 Batches are length-bucketed: rows of similar length are batched together and each batch is padded only to
 the next power of two (at least 32, at most the sequence length) that holds its longest row, so short rows do
@@ -12,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,20 +27,43 @@ class TokenizedSplit:
     lengths: np.ndarray  # (n,) tokens actually present
     loss_mask: np.ndarray  # (n, sequence_length) 1.0 where the target is a response token
     truncated: int
+    segments: np.ndarray | None = None  # (n, sequence_length) packed text: the document of each input position
 
 
-def read_rows(path: Path, field: str) -> list[dict[str, str]]:
+def row_kind(row: dict[str, Any]) -> str:
+    if isinstance(row.get("text"), str):
+        return "text"
+    if isinstance(row.get("segments"), list):
+        return "chat"
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        return "instruction"
+    return ""
+
+
+def read_rows(path: Path, field: str) -> list[dict[str, Any]]:
     if not path.exists():
         raise BadInputError(field, str(path), "a preprocessing output with this file")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kinds = {row_kind(row) for row in rows}
     for index, row in enumerate(rows):
-        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
-            raise BadInputError(field, f"{path}:{index + 1}", "rows with string 'prompt' and 'response' fields")
+        if not row_kind(row):
+            raise BadInputError(field, f"{path}:{index + 1}", "rows with string 'prompt' and 'response' fields, a "
+                                "'segments' list (chat) or a string 'text' (raw text)")
+    if len(kinds) > 1:
+        raise BadInputError(field, str(path), "rows of one mode", f"found {', '.join(sorted(kinds))} rows")
     return rows
 
 
-def tokenize(rows: list[dict[str, str]], tokenizer, sequence_length: int) -> TokenizedSplit:
-    """BOS + prompt + response + EOS; the loss covers the response and EOS only."""
+def segments_of(row: dict[str, Any]) -> list[list[Any]]:
+    """A row as [text, loss] segments: a pair is [[prompt, no loss], [response, loss]]."""
+    return row["segments"] if "segments" in row else [[row["prompt"], False], [row["response"], True]]
+
+
+def tokenize(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> TokenizedSplit:
+    """BOS + segments + EOS per row; the loss covers the tokens of loss segments (the response, or every
+    assistant turn) and the EOS after a final loss segment. Raw-text rows are packed instead (`pack`)."""
+    if rows and row_kind(rows[0]) == "text":
+        return pack(rows, tokenizer, sequence_length)
     n = len(rows)
     width = sequence_length + 1
     pad, bos, eos = tokenizer.pad_token_id, tokenizer.start_token_id, tokenizer.end_token_id
@@ -46,19 +71,56 @@ def tokenize(rows: list[dict[str, str]], tokenizer, sequence_length: int) -> Tok
     mask = np.zeros((n, sequence_length), dtype=np.float32)
     lengths = np.zeros((n,), dtype=np.int32)
     truncated = 0
-    prompts = tokenizer([r["prompt"] for r in rows]) if rows else []
-    responses = tokenizer([r["response"] for r in rows]) if rows else []
-    for i, (p_ids, r_ids) in enumerate(zip(prompts, responses)):
-        ids = [bos, *[int(t) for t in p_ids], *[int(t) for t in r_ids], eos]
+    row_segments = [segments_of(r) for r in rows]
+    texts = [text for segments in row_segments for text, _ in segments]
+    pieces = iter(tokenizer(texts) if texts else [])
+    for i, segments in enumerate(row_segments):
+        ids, scored = [bos], [False]  # scored[p]: ids[p] is a loss token (target position p - 1)
+        for _, loss in segments:
+            piece = [int(t) for t in next(pieces)]
+            ids += piece
+            scored += [bool(loss)] * len(piece)
+        ids.append(eos)
+        scored.append(bool(segments[-1][1]))
         if len(ids) > width:
             truncated += 1
-            ids = ids[:width]
+            ids, scored = ids[:width], scored[:width]
         tokens[i, : len(ids)] = ids
         lengths[i] = len(ids)
-        # Target position j predicts ids[j + 1]; response targets start at the first response token.
-        first_target = len(p_ids)  # ids[len(p_ids) + 1] is the first response token
-        mask[i, first_target : len(ids) - 1] = 1.0
+        mask[i, : len(ids) - 1] = np.asarray(scored[1:], dtype=np.float32)
     return TokenizedSplit(tokens, lengths, mask, truncated)
+
+
+def pack(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> TokenizedSplit:
+    """Raw text: `BOS doc EOS` of every document, in row order, as one stream cut into rows of sequence_length + 1
+    tokens that overlap by one (every token is a target once; no padding but at the very end). Loss on every
+    target except a document's BOS (nothing predicts where a document starts). `segments` numbers the document
+    of each input position, for the attention mask that keeps each document to itself."""
+    bos, eos, pad = tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id
+    docs = tokenizer([r["text"] for r in rows]) if rows else []
+    stream: list[int] = []
+    owner: list[int] = []
+    for index, ids in enumerate(docs):
+        piece = [bos, *[int(t) for t in ids], eos]
+        stream += piece
+        owner += [index] * len(piece)
+    width = sequence_length + 1
+    n = max(1, -(-(len(stream) - 1) // sequence_length))
+    tokens = np.full((n, width), pad, dtype=np.int32)
+    segments = np.full((n, sequence_length), -1, dtype=np.int32)
+    mask = np.zeros((n, sequence_length), dtype=np.float32)
+    lengths = np.zeros((n,), dtype=np.int32)
+    stream_a, owner_a = np.asarray(stream, dtype=np.int32), np.asarray(owner, dtype=np.int32)
+    starts = np.zeros(len(stream), dtype=bool)
+    starts[np.flatnonzero(np.diff(owner_a, prepend=-1))] = True  # a document's first token (its BOS)
+    for r in range(n):
+        lo, hi = r * sequence_length, min(r * sequence_length + width, len(stream))
+        count = hi - lo
+        tokens[r, :count] = stream_a[lo:hi]
+        lengths[r] = count
+        segments[r, : count - 1] = owner_a[lo : hi - 1]
+        mask[r, : count - 1] = ~starts[lo + 1 : hi]
+    return TokenizedSplit(tokens, lengths, mask, 0, segments)
 
 
 GROUP_BATCHES = 32  # batches per sorted group: wide enough to find similar lengths, small enough to stay shuffled
@@ -110,8 +172,10 @@ class BatchPlan:
         return [batches[i] for i in shuffle]
 
 
-def make_batch(split: TokenizedSplit, indices: np.ndarray, bucket: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Inputs, targets and loss weights; padded to the batch's length bucket (or the full sequence length)."""
+def make_batch(split: TokenizedSplit, indices: np.ndarray, bucket: bool = True,
+               document_mask: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Inputs, targets and loss weights; padded to the batch's length bucket (or the full sequence length).
+    Packed text with `document_mask` carries `segment_ids` too (see `jobs.common.lm.document_attention`)."""
     sequence_length = split.tokens.shape[1] - 1
     width = bucket_width(int(split.lengths[indices].max()), sequence_length) if bucket else sequence_length
     tokens = split.tokens[indices, : width + 1]
@@ -119,4 +183,7 @@ def make_batch(split: TokenizedSplit, indices: np.ndarray, bucket: bool = True) 
     y = tokens[:, 1:]
     positions = np.arange(width)[None, :]
     padding_mask = (positions < split.lengths[indices, None]).astype(np.int32)
-    return {"token_ids": x, "padding_mask": padding_mask}, y, split.loss_mask[indices, :width]
+    inputs = {"token_ids": x, "padding_mask": padding_mask}
+    if split.segments is not None and document_mask:
+        inputs["segment_ids"] = split.segments[indices, :width]
+    return inputs, y, split.loss_mask[indices, :width]

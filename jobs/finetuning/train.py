@@ -37,10 +37,11 @@ def make_optimizer(config, total_steps: int):
 
 
 class Trainer:
-    def __init__(self, model, optimizer, distribution, lm_head: str = "loss_positions") -> None:
+    def __init__(self, model, optimizer, distribution, lm_head: str = "loss_positions", document_mask: bool = True) -> None:
         import jax
 
         self.model, self.optimizer, self.distribution = model, optimizer, distribution
+        self.document_mask = document_mask
         self.head = LossPositionHead(model) if lm_head == "loss_positions" else None
         optimizer.build(model.trainable_variables)
         self.trainable = [v.value for v in model.trainable_variables]
@@ -93,7 +94,7 @@ class Trainer:
         limit = min(n, max_batches * batch_size) if max_batches else n
         total, count = 0.0, 0.0
         for rows, valid in batches(limit, batch_size, split.lengths[:limit] if bucket else None):
-            x, y, w = data_lib.make_batch(split, rows, bucket)
+            x, y, w = data_lib.make_batch(split, rows, bucket, self.document_mask)
             w = w * valid[:, None]  # a short last batch repeats rows, weighted zero
             sums = self._eval_step(self.trainable, self.non_trainable, *self._device_batch((x, y, w)), self._size(w))
             total, count = total + float(sums[0]), count + float(sums[1])

@@ -18,12 +18,14 @@ from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError
 from jobs.common.manifest import StageRun, source_ref
 from jobs.preprocessing.config import PreprocessConfig
-from jobs.preprocessing.demo import DEMO_URI
+from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI
+from jobs.preprocessing.modes import ChatError, clean_text, render_chat
 from jobs.preprocessing.sources import Record, detect_format, read_records
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("bad_record", "missing_field", "empty", "duplicate", "too_long", "over_cap")
+DROP_REASONS = ("bad_record", "missing_field", "bad_chat", "empty", "duplicate", "too_long", "over_cap")
+DEMOS = (DEMO_URI, DEMO_TEXT_URI)
 USER_TURN = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
 MODEL_TURN_END = "<end_of_turn>"
 
@@ -55,6 +57,57 @@ def chat(config: PreprocessConfig, prompt: str, response: str) -> tuple[str, str
     return prompt + "\n", response
 
 
+def _identity(row: dict[str, Any]) -> tuple[str, str]:
+    if "text" in row:
+        return row["text"], ""
+    if "segments" in row:
+        return "".join(text for text, _ in row["segments"]), ""
+    return row["prompt"], row["response"]
+
+
+def _loss_tokens(row: dict[str, Any]) -> int:
+    return row.get("loss_tokens", row.get("tokens", row.get("response_tokens", 0)))
+
+
+def _instruction_rows(config: PreprocessConfig, items: list, tokenizer, dropped: Counter) -> list[dict[str, Any]]:
+    formatted = [chat(config, *pair) + (loc,) for pair, loc in items]
+    prompt_ids = tokenizer([p for p, _, _ in formatted]) if formatted else []
+    response_ids = tokenizer([r for _, r, _ in formatted]) if formatted else []
+    kept = []
+    for (prompt, response, location), p_ids, r_ids in zip(formatted, prompt_ids, response_ids):
+        if len(p_ids) + len(r_ids) + 2 > config.max_tokens:  # with BOS and EOS
+            dropped["too_long"] += 1
+            continue
+        kept.append({"prompt": prompt, "response": response, "prompt_tokens": len(p_ids) + 1,
+                     "response_tokens": len(r_ids) + 1, "source": location})
+    return kept
+
+
+def _chat_rows(config: PreprocessConfig, items: list, tokenizer, dropped: Counter) -> list[dict[str, Any]]:
+    """Rendered conversations with their token counts; `prompt`/`response` (everything before the last assistant
+    turn, and that turn) let the answers step and readers of the split see a conversation as a pair."""
+    texts = [text for segments, _ in items for text, _ in segments]
+    ids = iter(tokenizer(texts) if texts else [])
+    kept = []
+    for segments, location in items:
+        counts = [len(next(ids)) for _ in segments]
+        total = sum(counts) + 2
+        if total > config.max_tokens:
+            dropped["too_long"] += 1
+            continue
+        last = max(i for i, (_, loss) in enumerate(segments) if loss)
+        kept.append({"segments": segments, "prompt": "".join(t for t, _ in segments[:last]),
+                     "response": segments[last][0], "tokens": total,
+                     "loss_tokens": sum(c for c, (_, loss) in zip(counts, segments) if loss) + 1, "source": location})
+    return kept
+
+
+def _text_rows(config: PreprocessConfig, items: list, tokenizer, dropped: Counter) -> list[dict[str, Any]]:
+    """Documents are kept whole whatever their length: the fine-tune packs them into full sequences."""
+    ids = tokenizer([doc for doc, _ in items]) if items else []
+    return [{"text": doc, "tokens": len(doc_ids) + 2, "source": location} for (doc, location), doc_ids in zip(items, ids)]
+
+
 def _percentiles(values: list[int]) -> dict[str, int]:
     if not values:
         return {}
@@ -70,10 +123,10 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
-    fmt = "demo" if config.input == DEMO_URI else "hf" if config.input.startswith("hf://") else detect_format(config.input, config.input_format)
+    fmt = "demo" if config.input in DEMOS else "hf" if config.input.startswith("hf://") else detect_format(config.input, config.input_format)
     local_input = None if fmt in ("demo", "hf") else storage.stage_in(config.input, workdir / "input")
     if fmt == "demo":
-        input_ref = {"uri": DEMO_URI, "python": sys.version.split()[0]}
+        input_ref = {"uri": config.input, "python": sys.version.split()[0]}
     else:
         input_ref = source_ref(config.input, local_input)
     model_handle = sources.resolve(config.base_model, workdir)
@@ -85,7 +138,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
 
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
     quarantine: list[dict[str, str]] = []
-    candidates: dict[str, tuple[str, str, str]] = {}  # normalised text -> (prompt, response, location)
+    candidates: dict[str, tuple[Any, str]] = {}  # normalised text -> (rendered row, location)
     rows_in = 0
     required = config.required_columns()
     columns_checked = False
@@ -96,7 +149,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         dropped[reason] += 1
         quarantine.append({"location": record.location, "reason": detail, "raw": record.raw or json.dumps(record.data, default=str)})
 
-    for record in read_records(config.input, local_input, fmt, config.hf_split):
+    for record in read_records(config.input, local_input, fmt, config.hf_split, config.text_field, config.sample_by):
         rows_in += 1
         if record.error is not None:
             reject(record, "bad_record", record.error)
@@ -112,29 +165,34 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         if missing:
             reject(record, "missing_field", f"missing field(s) {', '.join(missing)}")
             continue
-        prompt, response = render(config, record.data)
-        if not prompt or not response:
-            dropped["empty"] += 1
-            continue
-        key = _normalise(prompt) + "\x00" + _normalise(response)
+        if config.mode == "chat":
+            try:
+                item: Any = render_chat(record.data[config.messages_field])
+            except ChatError as err:
+                reject(record, "bad_chat", str(err))
+                continue
+            key = _normalise("".join(text for text, _ in item))
+        elif config.mode == "text":
+            item = clean_text("" if record.data[config.text_field] is None else str(record.data[config.text_field]))
+            if not item:
+                dropped["empty"] += 1
+                continue
+            key = _normalise(item)
+        else:
+            item = render(config, record.data)
+            if not item[0] or not item[1]:
+                dropped["empty"] += 1
+                continue
+            key = _normalise(item[0]) + "\x00" + _normalise(item[1])
         if key in candidates:
             dropped["duplicate"] += 1
             continue
-        candidates[key] = (prompt, response, record.location)
+        candidates[key] = (item, record.location)
 
     tokenizer = sources.load_tokenizer(config.base_model, workdir)
-    formatted = [chat(config, p, r) + (loc,) for p, r, loc in candidates.values()]
-    prompt_ids = tokenizer([p for p, _, _ in formatted]) if formatted else []
-    response_ids = tokenizer([r for _, r, _ in formatted]) if formatted else []
-    kept = []
-    for (prompt, response, location), p_ids, r_ids in zip(formatted, prompt_ids, response_ids):
-        total = len(p_ids) + len(r_ids) + 2  # BOS and EOS
-        if total > config.max_tokens:
-            dropped["too_long"] += 1
-            continue
-        kept.append({"prompt": prompt, "response": response, "prompt_tokens": len(p_ids) + 1,
-                     "response_tokens": len(r_ids) + 1, "source": location})
-    kept.sort(key=lambda row: _order_key(config.seed, row["prompt"], row["response"]))
+    build = {"instruction": _instruction_rows, "chat": _chat_rows, "text": _text_rows}[config.mode]
+    kept = build(config, list(candidates.values()), tokenizer, dropped)
+    kept.sort(key=lambda row: _order_key(config.seed, *_identity(row)))
     if config.max_examples and len(kept) > config.max_examples:
         dropped["over_cap"] += len(kept) - config.max_examples
         kept = kept[: config.max_examples]
@@ -147,8 +205,9 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
     _write_jsonl(out / "eval.jsonl", eval_rows)
     if quarantine:
         _write_jsonl(out / "quarantine.jsonl", quarantine)
-    lengths = [r["prompt_tokens"] + r["response_tokens"] for r in kept]
+    lengths = [r["tokens"] if "tokens" in r else r["prompt_tokens"] + r["response_tokens"] for r in kept]
     stats = {
+        "mode": config.mode,
         "rows_in": rows_in,
         "rows_out": len(kept),
         "train_rows": len(train_rows),
@@ -156,7 +215,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         "dropped": dict(dropped),
         "quarantined": len(quarantine),
         "token_length": _percentiles(lengths),
-        "response_token_length": _percentiles([r["response_tokens"] for r in kept]),
+        "loss_token_length": _percentiles([_loss_tokens(r) for r in kept]),
         "total_tokens": sum(lengths),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2))

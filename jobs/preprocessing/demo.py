@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 
 DEMO_URI = "demo:stdlib-docs"
+DEMO_TEXT_URI = "demo:python-docs"  # raw text for continued pre-training: the reference topics pydoc ships
 MODULES = (
     "abc", "argparse", "array", "base64", "bisect", "builtins", "calendar", "collections", "colorsys",
     "contextlib", "copy", "csv", "datetime", "decimal", "difflib", "email.utils", "enum", "filecmp",
@@ -37,6 +38,15 @@ def demo_rows() -> Iterator[dict[str, str]]:
     result = subprocess.run([sys.executable, "-I", __file__], capture_output=True, text=True, check=True)
     for line in result.stdout.splitlines():
         yield json.loads(line)
+
+
+def demo_text_rows() -> Iterator[dict[str, str]]:
+    """One document per topic of the Python reference that every install ships for `help()` (`pydoc_data`,
+    PSF license), in a fixed order: about half a megabyte of real technical prose, offline."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield {"text": topics[key], "source": f"pydoc_data.topics[{key}]"}
 
 
 def _build_rows() -> Iterator[dict[str, str]]:

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common.errors import BadInputError
-from jobs.preprocessing.demo import DEMO_URI, demo_rows
+from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI, demo_rows, demo_text_rows
+from jobs.preprocessing.modes import split_text
 
-FORMATS = ("jsonl", "json", "csv", "parquet")
+FORMATS = ("jsonl", "json", "csv", "parquet", "txt")
 
 
 @dataclass
@@ -34,10 +35,12 @@ def detect_format(uri: str, declared: str) -> str:
             raise BadInputError("--input-format", declared, f"auto or one of {', '.join(FORMATS)}")
         return declared
     name = uri.lower().removesuffix(".gz")
-    for fmt, suffixes in {"jsonl": (".jsonl", ".ndjson"), "json": (".json",), "csv": (".csv",), "parquet": (".parquet", ".pq")}.items():
+    for fmt, suffixes in {"jsonl": (".jsonl", ".ndjson"), "json": (".json",), "csv": (".csv",), "parquet": (".parquet", ".pq"),
+                          "txt": (".txt", "/")}.items():
         if name.endswith(suffixes):
             return fmt
-    raise BadInputError("--input", uri, "a file ending in .jsonl, .json, .csv or .parquet (or set --input-format)")
+    raise BadInputError("--input", uri, "a file ending in .jsonl, .json, .csv, .parquet or .txt, or a folder of .txt "
+                        "files ending in / (or set --input-format)")
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -143,15 +146,33 @@ def read_hf(uri: str, split: str) -> Iterator[Record]:
         yield Record(f"{uri}[{split}][{index}]", dict(row))
 
 
+def read_txt(path: Path, name: str, field: str, sample_by: str) -> Iterator[Record]:
+    """Plain text: a .txt file, or every .txt file under a folder (sorted), cut into documents by `sample_by`."""
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise BadInputError("--input", name, "a .txt file or a folder holding .txt files")
+    for file in files:
+        where = f"{name.rstrip('/')}/{file.relative_to(path)}" if path.is_dir() else name
+        for index, piece in enumerate(split_text(_decode(file.read_bytes(), where), sample_by)):
+            yield Record(f"{where}[{sample_by} {index}]" if sample_by != "document" else where, {field: piece})
+
+
 READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}
 
 
-def read_records(uri: str, local: Path | None, fmt: str, hf_split: str) -> Iterator[Record]:
+def read_records(uri: str, local: Path | None, fmt: str, hf_split: str, text_field: str = "text",
+                 sample_by: str = "paragraph") -> Iterator[Record]:
     if uri == DEMO_URI:
         for index, row in enumerate(demo_rows()):
             yield Record(f"{DEMO_URI}[{index}]", row)
+    elif uri == DEMO_TEXT_URI:
+        for row in demo_text_rows():
+            yield Record(row["source"], {text_field: row["text"]})
     elif uri.startswith("hf://"):
         yield from read_hf(uri, hf_split)
     else:
         assert local is not None
-        yield from READERS[fmt](local, uri)
+        if fmt == "txt":
+            yield from read_txt(local, uri, text_field, sample_by)
+        else:
+            yield from READERS[fmt](local, uri)

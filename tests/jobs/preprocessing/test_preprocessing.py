@@ -49,7 +49,7 @@ def test_messy_jsonl_counts_and_quarantine(tmp_path, tiny_gemma3):
     result = run(_config(tmp_path, tiny_gemma3, source, on_bad_record="skip", max_tokens=128), tmp_path / "work")
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["rows_in"] == 28
-    assert stats["dropped"] == {"bad_record": 3, "missing_field": 0, "empty": 2, "duplicate": 2, "too_long": 1, "over_cap": 0}
+    assert stats["dropped"] == {"bad_record": 3, "missing_field": 0, "bad_chat": 0, "empty": 2, "duplicate": 2, "too_long": 1, "over_cap": 0}
     assert stats["rows_out"] == 20 and stats["train_rows"] + stats["eval_rows"] == 20 and stats["eval_rows"] == 2
     assert stats["token_length"]["max"] <= 128
     quarantine = _read(tmp_path / "out" / "quarantine.jsonl")
