@@ -157,8 +157,10 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         assert record.data is not None
         missing = [c for c in required if c not in record.data]
         if missing and not columns_checked:
+            fields = {"chat": "--messages-field", "text": "--text-field"}.get(
+                config.mode, "--instruction-field/--response-field/--context-field/--template")
             raise BadInputError(
-                "--instruction-field/--response-field/--context-field/--template", ", ".join(missing),
+                fields, ", ".join(missing),
                 f"columns that exist in {config.input}: {', '.join(map(str, record.data)) or '(none)'}",
             )
         columns_checked = True

@@ -8,7 +8,7 @@ error, a message naming the field, the value and what was expected, and no outpu
 | P03 | preprocess | `--response-field answer` on data without it | `--response-field`, `answer`, the columns present |
 | P04 | preprocess | `--template` with `{question}` absent from the data | `--template`/`question` |
 | P05 | preprocess | `--max-tokens 8`: zero rows left after filtering | rows, 0, the drop counts |
-| P06 | preprocess | a `.txt` dataset | `--input`, the supported formats |
+| P06 | preprocess | a `.docx` dataset | `--input`, the supported formats |
 | P07 | preprocess | a dataset file that does not exist | `--input`/`input`, the path |
 | P08 | preprocess | a bucket that does not exist | `gs://no-such-bucket-42`, existing bucket |
 | P09 | preprocess | an unknown base model | `--base-model`, the name |
@@ -18,6 +18,11 @@ error, a message naming the field, the value and what was expected, and no outpu
 | P13 | preprocess | `--output gs://` | `--output`/`uri`, `gs://` |
 | P14 | preprocess | `--on-bad-record ignore` | `--on-bad-record`, `skip` |
 | P15 | preprocess | `--input gs://bucket/../etc/passwd` | `..` |
+| P16 | preprocess | `--mode chat`: a conversation that ends with a user turn | `--input`, the row, ends with a user turn |
+| P17 | preprocess | `--mode chat`: a turn with role `robot` | the row, `messages[1].role`, `'robot'`, the roles |
+| P18 | preprocess | `--mode chat`: an empty assistant turn | the row, empty assistant turn |
+| P19 | preprocess | `--mode chat` on data without a `messages` column | `--messages-field`, `messages`, the columns present |
+| P20 | preprocess | `--mode text` on data without a `text` column | `--text-field`, `text`, the columns present |
 | F01 | finetune | `--lora-rank 0` | `--lora-rank`, `[1, 512]` |
 | F02 | finetune | `--lora-rank -3` | `--lora-rank`, `[1, 512]` |
 | F03 | finetune | `--data` prefix without a manifest | `--data`, `_manifest.json` |
@@ -34,6 +39,7 @@ error, a message naming the field, the value and what was expected, and no outpu
 | B02 | benchmark | `--finetune` prefix without a manifest | `--finetune`, `_manifest.json` |
 | B03 | benchmark | `--mode words` | `--mode`, `response` |
 | B04 | benchmark | `--stride 500 --max-length 64` | `--stride` |
+| B05 | benchmark | `--mode response` on raw-text data | `--mode`, `text or auto` |
 | C01 | convert | `--finetune` prefix without a manifest | `--finetune`, `_manifest.json` |
 | C02 | convert | `--dtype float16` | `--dtype`, `bfloat16` |
 | C03 | convert | `--adapter weights.bin` | `--adapter`, `.lora.h5` |
@@ -82,7 +88,7 @@ CASES = [
     Case("P03", "preprocess", ["--input", "{files}/good.jsonl", "--response-field", "answer"], ["--response-field", "'answer'", "instruction"]),
     Case("P04", "preprocess", ["--input", "{files}/good.jsonl", "--template", "Q: {{question}}"], ["question"]),
     Case("P05", "preprocess", ["--input", "{files}/good.jsonl", "--max-tokens", "8"], ["rows: got 0", "too_long"]),
-    Case("P06", "preprocess", ["--input", "{files}/notes.txt"], ["--input", ".jsonl, .json, .csv or .parquet"]),
+    Case("P06", "preprocess", ["--input", "{files}/notes.docx"], ["--input", ".jsonl, .json, .csv, .parquet or .txt"]),
     Case("P07", "preprocess", ["--input", "{files}/missing.jsonl"], ["missing.jsonl", "an existing file"]),
     Case("P08", "preprocess", ["--input", "gs://no-such-bucket-42/d.jsonl"], ["gs://no-such-bucket-42", "an existing Cloud Storage bucket"]),
     Case("P09", "preprocess", ["--input", "{files}/good.jsonl", "--base-model", "not-a-real-preset"], ["--base-model", "not-a-real-preset"]),
@@ -92,6 +98,12 @@ CASES = [
     Case("P13", "preprocess", ["--input", "{files}/good.jsonl"], ["gs://"], output="gs://"),
     Case("P14", "preprocess", ["--input", "{files}/good.jsonl", "--on-bad-record", "ignore"], ["--on-bad-record", "'ignore'", "skip"]),
     Case("P15", "preprocess", ["--input", "gs://bucket/../etc/passwd.jsonl"], ["'..'"]),
+    Case("P16", "preprocess", ["--input", "{files}/chat.jsonl", "--mode", "chat"], ["--input", "chat.jsonl:2", "ends with a user turn"]),
+    Case("P17", "preprocess", ["--input", "{files}/chat_robot.jsonl", "--mode", "chat"],
+         ["chat_robot.jsonl:1", "messages[1].role: got 'robot'", "system, user, assistant, model"]),
+    Case("P18", "preprocess", ["--input", "{files}/chat_empty.jsonl", "--mode", "chat"], ["chat_empty.jsonl:1", "messages[1]: empty assistant turn"]),
+    Case("P19", "preprocess", ["--input", "{files}/good.jsonl", "--mode", "chat"], ["--messages-field", "'messages'", "instruction"]),
+    Case("P20", "preprocess", ["--input", "{files}/good.jsonl", "--mode", "text"], ["--text-field", "'text'", "instruction"]),
     Case("F01", "finetune", ["--data", "{pre}", "--lora-rank", "0"], ["--lora-rank", "got 0", "an integer in [1, 512]"]),
     Case("F02", "finetune", ["--data", "{pre}", "--lora-rank", "-3"], ["--lora-rank", "got -3", "an integer in [1, 512]"]),
     Case("F03", "finetune", ["--data", "{files}"], ["--data", MANIFEST]),
@@ -108,6 +120,7 @@ CASES = [
     Case("B02", "benchmark", ["--data", "{pre}", "--finetune", "{files}"], ["--finetune", MANIFEST]),
     Case("B03", "benchmark", ["--data", "{pre}", "--mode", "words"], ["--mode", "'words'", "response"]),
     Case("B04", "benchmark", ["--data", "{pre}", "--max-length", "64", "--stride", "500"], ["--stride", "500"]),
+    Case("B05", "benchmark", ["--data", "{text_pre}", "--mode", "response"], ["--mode", "'response'", "text or auto"]),
     Case("C01", "convert", ["--finetune", "{files}"], ["--finetune", MANIFEST]),
     Case("C02", "convert", ["--finetune", "{ft}", "--dtype", "float16"], ["--dtype", "'float16'", "bfloat16"]),
     Case("C03", "convert", ["--base-model", "{model}", "--adapter", "{files}/weights.bin"], ["--adapter", ".lora.h5"]),
@@ -123,10 +136,21 @@ def ctx(tmp_path_factory, tiny_gemma3, gcs_server):
     (files / "good.jsonl").write_text("\n".join(json.dumps(r) for r in good) + "\n")
     (files / "bad.jsonl").write_text(json.dumps(good[0]) + '\n{"instruction": "cut short", \n')
     (files / "latin1.jsonl").write_bytes(json.dumps(good[0]).encode() + b'\n{"instruction": "caf\xe9", "response": "x"}\n')
-    (files / "notes.txt").write_text("not a dataset\n")
+    (files / "notes.docx").write_bytes(b"PK\x03\x04 not a dataset")
+    turn = lambda role, content: {"role": role, "content": content}  # noqa: E731
+    ok = [turn("user", "Hi?"), turn("assistant", "Hello.")]
+    (files / "chat.jsonl").write_text(json.dumps({"messages": ok}) + "\n" + json.dumps({"messages": [turn("user", "Hi?")]}) + "\n")
+    (files / "chat_robot.jsonl").write_text(json.dumps({"messages": [turn("user", "a"), turn("robot", "b")]}) + "\n")
+    (files / "chat_empty.jsonl").write_text(json.dumps({"messages": [turn("user", "a"), turn("assistant", " ")]}) + "\n")
     (files / "weights.bin").write_bytes(b"\0")
     paths = tiny_pipeline(root, tiny_gemma3, steps=2)
-    return {"files": str(files), "pre": str(paths["preprocess"]), "ft": str(paths["finetune"]), "model": str(tiny_gemma3),
+    from jobs.preprocessing.config import PreprocessConfig
+    from jobs.preprocessing.core import run as preprocess
+
+    (files / "doc.txt").write_text("A short document.\n\nAnother paragraph of it.\n\nAnd a third.\n")
+    preprocess(PreprocessConfig(input=str(files / "doc.txt"), output=str(root / "text-pre"), base_model=str(tiny_gemma3),
+                                mode="text", eval_fraction=0.3), root / "w")
+    return {"files": str(files), "pre": str(paths["preprocess"]), "text_pre": str(root / "text-pre"), "ft": str(paths["finetune"]), "model": str(tiny_gemma3),
             "root": root, "emulator": gcs_server.url}
 
 
