@@ -5,8 +5,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 

@@ -10,7 +10,6 @@ from typing import Any
 
 from jobs.common import storage
 
-
 TEXT_PROMPT_WORDS = 24
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import signal
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from jobs.common import models, storage
 from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError, PreemptedError
-from jobs.common.manifest import StageRun, digest_json, upstream_ref
+from jobs.common.manifest import StageRun, digest_json, peak_rss_bytes, upstream_ref
 from jobs.common.progress import Progress
 from jobs.finetuning import checkpoint, multihost
 from jobs.finetuning import data as data_lib
@@ -211,14 +212,16 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     try:
         for step in range(start_step, total_steps):
             batch = data_lib.make_batch(train, plan.indices(step), config.bucket_by_length, config.document_mask)
-            loss = trainer.train_step(batch)
+            step_started = time.perf_counter()
+            loss = trainer.train_step(batch)  # returns a host float: the step has finished
+            step_s = time.perf_counter() - step_started
             if step == start_step:  # throughput excludes the first step of an attempt: it compiles
                 started, tokens_done = time.time(), 0
             else:
                 tokens_done += int(batch[0]["padding_mask"].sum())
             elapsed = time.time() - started
             record = {"step": step + 1, "loss": loss, "lr": float(schedule(step)),
-                      "tokens_per_s": tokens_done / elapsed if tokens_done else 0.0}
+                      "tokens_per_s": tokens_done / elapsed if tokens_done else 0.0, "step_s": round(step_s, 4)}
             history.append(record)
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
                 progress.update(step + 1, step + 1 - start_step, loss=loss, lr=record["lr"], tokens_per_s=round(record["tokens_per_s"], 1))
@@ -275,6 +278,9 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         "eval_loss_after": eval_after["loss"] if eval_after else None,
         "tokens_per_s": tokens_done / steady_time if tokens_done else None,
         "train_time_s": round(train_time, 2),
+        # Steady steps of this attempt (the first compiles); the median of their wall times.
+        "step_s_median": (statistics.median(h["step_s"] for h in history[start_step + 1:]) if steps_run > 1 else None),
+        "peak_rss_bytes": peak_rss_bytes(),
         "trainable_parameters": int(sum(v.size for v in trainer.trainable)),
         "model_class": type(model).__name__,
         "base_quantization": config.base_quantization,

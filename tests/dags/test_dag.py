@@ -9,8 +9,8 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
-from kubernetes.client import models as k8s
 from gemma_pipeline import candidates, jobspec, profiles
+from kubernetes.client import models as k8s
 
 from tests.conftest import ROOT
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-
-
 from tests.reliability.test_local_dag import BUCKET, _local_run
 
 
@@ -48,7 +46,7 @@ def test_chat_conversations_run_end_to_end(tmp_path_factory, tiny_gemma3):
     rows.append({"messages": [turn("user", "left without an answer")]})
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = _local_run(root, _conf(tiny_gemma3, "chat", dataset=str(source), data_mode="chat", on_bad_record="skip",
-                                    max_tokens=64))
+                                    max_tokens=128, sequence_length=128))  # the tiny tokenizer spells turns out
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     stats = _read(root, "chat", "preprocess", "stats.json")
     assert stats["mode"] == "chat" and stats["dropped"]["bad_chat"] == 1 and stats["rows_out"] == 24

@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
-def two_step_losses(kind: str, model_parallel: int, preset: str) -> list[float]:
+def two_step_losses(kind: str, model_parallel: int, preset: str, quantization: str = "none") -> list[float]:
     import keras
     import keras_hub
     import numpy as np
@@ -28,15 +28,19 @@ def two_step_losses(kind: str, model_parallel: int, preset: str) -> list[float]:
     distribution = setup(kind, model_parallel, config.batch_size)
     model = keras_hub.models.CausalLM.from_preset(preset)
     check_model_parallel(model.backbone, model_parallel)
+    if quantization != "none":  # quantized under the distribution: the layout map must still fit the int8 kernels
+        from jobs.finetuning.core import quantize_base
+
+        quantize_base(model, quantization)
     model.backbone.enable_lora(4, target_layer_names=["query", "value"])
-    trainer = Trainer(model, make_optimizer(config, 10)[0], distribution)
+    trainer = Trainer(model, make_optimizer(config, 10)[0], distribution, "all" if quantization != "none" else "loss_positions")
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, 300, size=(8, 33)).astype(np.int32)
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((8, 32), dtype=np.int32)}
     batch = (x, tokens[:, 1:], np.ones((8, 32), dtype=np.float32))
     losses = [trainer.train_step(batch) for _ in range(3)]
     shardings = {v.path: str(getattr(v.value.sharding, "spec", "single")) for v in model.backbone.weights if "ffw_gating/" in v.path}
-    print(json.dumps({"kind": kind, "shardings": shardings}), file=sys.stderr)
+    print(json.dumps({"kind": kind, "quantization": quantization, "shardings": shardings}), file=sys.stderr)
     return losses
 
 
@@ -49,4 +53,6 @@ if __name__ == "__main__":
         "none": two_step_losses("none", 1, preset),
         "data": two_step_losses("data", 1, preset),
         "model": two_step_losses("model", 2, preset),
+        "int8_none": two_step_losses("none", 1, preset, "int8"),
+        "int8_model": two_step_losses("model", 2, preset, "int8"),
     }))

@@ -132,3 +132,8 @@ def test_data_and_model_parallel_match_one_device(tiny_gemma3):
     np.testing.assert_allclose(result["model"], result["none"], rtol=1e-4)
     assert result["none"][2] < result["none"][0]
     assert "'model'" in probe.stderr  # the layout map really sharded the feed-forward kernels
+    # An int8 base: the layout map still fits its (same-shaped) int8 kernels; model parallel matches one device.
+    np.testing.assert_allclose(result["int8_model"], result["int8_none"], rtol=1e-4)
+    quantized = [json.loads(line) for line in probe.stderr.splitlines() if '"quantization": "int8"' in line]
+    sharded = quantized[-1]["shardings"]
+    assert "None, 'model')" in sharded["decoder_block_0/ffw_gating/kernel"]  # the int8 kernel itself
