@@ -93,6 +93,16 @@ class LossPositionHead:
         self.n_trainable = len(backbone.trainable_variables)
         self.soft_cap = getattr(embedding, "logit_soft_cap", None)
         self.reverse_dtype = getattr(embedding, "reverse_dtype", None)
+        self.scale_index = None
+        mode = getattr(embedding, "quantization_mode", None)
+        if mode == "int8" and getattr(embedding, "tie_weights", False):
+            # An int8 table is used dequantized (row / its scale). Not keras' own int8 reverse call: it quantizes the
+            # hidden states with a scale it differentiates through, which halves their gradient (measured with
+            # keras 3.15; tests/jobs/finetuning/test_quantized.py), so LoRA on an int8 base would learn slowly.
+            self.scale_index = next(i for i, v in enumerate([*backbone.trainable_variables, *backbone.non_trainable_variables])
+                                    if v is embedding.embeddings_scale)
+        elif mode is not None:
+            raise ValueError(f"the loss-position head reads an unquantized or int8 table, not {mode}; use the full-logits path")
 
     def __call__(self, trainable, non_trainable, x: dict, y, weights, size: int):
         import jax
@@ -101,6 +111,8 @@ class LossPositionHead:
         with document_attention(self.backbone, x) as inputs:
             hidden, non_trainable = self.backbone.stateless_call(trainable, non_trainable, inputs)
         table = ([*trainable, *non_trainable])[self.embedding_index]
+        if self.scale_index is not None:
+            table = table.astype(jnp.float32) / ([*trainable, *non_trainable])[self.scale_index][:, None]
         flat_w = weights.reshape(-1)
         # The scored positions first (stable: in order), then unscored ones, then (when the capacity exceeds the
         # batch) repeats of position 0; only picks that are scored positions count.

@@ -167,9 +167,9 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     per_epoch = data_lib.steps_per_epoch(len(train.lengths), config.batch_size)
     total_steps = config.max_steps or config.epochs * per_epoch
     optimizer, schedule = make_optimizer(config, total_steps)
-    # The loss-position head reads the embedding table directly; a quantized table needs keras' own dequantizing
-    # reverse embedding, which the full-logits path uses.
-    lm_head = "all" if config.base_quantization != "none" else config.lm_head
+    # The loss-position head reads the embedding table directly (an int8 one dequantized); an int4 table, packed,
+    # goes through keras' own reverse embedding on the full-logits path.
+    lm_head = "all" if config.base_quantization == "int4" else config.lm_head
     trainer = Trainer(model, optimizer, distribution, lm_head, config.document_mask)
     trajectory_sha = digest_json(config.trajectory())
 

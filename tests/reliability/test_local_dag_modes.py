@@ -1,6 +1,6 @@
 """The training modes through the real DAG on the local backend (tiny model, two steps): raw text for continued
-pre-training (the offline demo corpus, packed, scored in text mode) with a second candidate on an int8-quantized
-base (its adapter scored and exported on the full-precision base), and chat conversations."""
+pre-training (the offline demo corpus, packed, scored in text mode) on an int8-quantized base (its adapter scored
+and exported on the full-precision base), and chat conversations."""
 
 from __future__ import annotations
 
@@ -18,22 +18,22 @@ def _conf(tiny_gemma3, run: str, **overrides) -> dict:
             **overrides}
 
 
-def test_raw_text_with_a_quantized_candidate_runs_end_to_end(tmp_path_factory, tiny_gemma3):
+def test_raw_text_on_a_quantized_base_runs_end_to_end(tmp_path_factory, tiny_gemma3):
+    """Packed raw text, the base quantized to int8: the adapter is the product; benchmark scores it on the
+    full-precision base in text mode and convert exports base + adapter, checked by the parity test."""
     root = tmp_path_factory.mktemp("modes-text")
-    candidates = [{}, {"base_quantization": "int8", "learning_rate": 0.001}]
-    result = _local_run(root, _conf(tiny_gemma3, "text", dataset="demo:python-docs", data_mode="text", candidates=candidates))
+    result = _local_run(root, _conf(tiny_gemma3, "text", dataset="demo:python-docs", data_mode="text",
+                                    base_quantization="int8"))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert _read(root, "text", "preprocess", "stats.json")["mode"] == "text"
-    champion = _read(root, "text", "champion.json")
-    assert [c["status"] for c in champion["candidates"]] == ["finished", "finished"]
-    keys = {c["key"]: c for c in champion["candidates"]}
-    quantized = next(k for k in keys if k != "default")
-    report = _read(root, "text", "candidates", quantized, "benchmark", "report.json")
-    assert report["mode"] == "text" and "trained on a int8 base" in report["models"]["tuned"]["uri"]
-    metrics = _read(root, "text", "candidates", quantized, "finetune", "metrics.json")
+    key = _read(root, "text", "champion.json")["champion"]
+    metrics = _read(root, "text", "candidates", key, "finetune", "metrics.json")
     assert metrics["product"] == "adapter" and metrics["base_quantization"] == "int8"
-    convert = _read(root, "text", "candidates", champion["champion"], "convert", "_manifest.json")
-    assert convert["metrics"]["parity"]["passed"]
+    assert not (root / "gcs" / BUCKET / "runs" / "text" / "candidates" / key / "finetune" / "model").exists()
+    report = _read(root, "text", "candidates", key, "benchmark", "report.json")
+    assert report["mode"] == "text" and "full precision; trained on a int8 base" in report["models"]["tuned"]["uri"]
+    convert = _read(root, "text", "candidates", key, "convert", "_manifest.json")["metrics"]
+    assert convert["parity"]["passed"] and "with the adapter applied (trained on a int8 base)" in convert["exported_from"]
 
 
 def test_chat_conversations_run_end_to_end(tmp_path_factory, tiny_gemma3):

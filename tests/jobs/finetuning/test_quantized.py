@@ -1,18 +1,14 @@
 """LoRA on a quantized base (QLoRA-style): only the LoRA variables train, the base kernels stay quantized and
-unchanged, the product is the adapter, and benchmark and convert apply it to the full-precision base."""
+unchanged. That the adapter is then the product, scored and exported on the full-precision base, is shown through
+the DAG in tests/reliability/test_local_dag_modes.py."""
 
 from __future__ import annotations
-
-import json
-import os
 
 import numpy as np
 import pytest
 
 from jobs.common.errors import BadInputError
 from jobs.finetuning.config import FinetuneConfig
-from jobs.finetuning.core import ADAPTER, MERGED
-from tests.conftest import run_module
 from tests.jobs.finetuning.test_finetuning import _config, prepared  # noqa: F401  (module fixture)
 
 
@@ -51,26 +47,39 @@ def test_quantized_base_refusals():
     # float8 (which Keras cannot train LoRA on) is case F14 of the bad-input catalogue.
 
 
-def test_the_adapter_is_the_product_and_benchmark_and_convert_use_the_full_precision_base(tmp_path, tiny_gemma3, prepared):  # noqa: F811
-    env = {**os.environ, "KERAS_BACKEND": "jax", "STAGE_WORKDIR": str(tmp_path / "w")}
-    ft, bench, conv = tmp_path / "ft", tmp_path / "bench", tmp_path / "conv"
-    (tmp_path / "w").mkdir()
-    result = run_module("jobs.finetuning", "--data", str(prepared), "--output", str(ft), "--base-model", str(tiny_gemma3),
-                        "--max-steps", "4", "--batch-size", "4", "--sequence-length", "48", "--learning-rate", "0.02",
-                        "--base-quantization", "int8", env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (ft / ADAPTER).exists() and not (ft / MERGED).exists()
-    metrics = json.loads((ft / "metrics.json").read_text())
-    assert metrics["base_quantization"] == "int8" and metrics["product"] == "adapter"
+def test_an_int8_base_gets_the_lora_gradients_of_the_full_precision_model(tiny_gemma3):
+    """The loss-position head uses an int8 table dequantized, so LoRA gradients on an int8 base are close to those
+    on the full-precision base. Keras' own int8 reverse embedding (the full-logits path) quantizes the hidden states
+    with a scale it differentiates through and about halves them: measured here, so a Keras fix shows."""
+    import jax
+    import jax.numpy as jnp
+    import keras_hub
 
-    result = run_module("jobs.benchmark", "--data", str(prepared), "--finetune", str(ft), "--output", str(bench),
-                        "--base-model", str(tiny_gemma3), "--bootstrap", "0", env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    tuned = json.loads((bench / "report.json").read_text())["models"]["tuned"]
-    assert "full precision; trained on a int8 base" in tuned["uri"] and tuned["splits"]["eval"]["perplexity"] > 0
+    from jobs.common.lm import LossPositionHead, token_nll
+    from jobs.finetuning.core import quantize_base
 
-    result = run_module("jobs.convert", "--finetune", str(ft), "--output", str(conv), env={**env, "KERAS_BACKEND": "torch"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    manifest = json.loads((conv / "_manifest.json").read_text())
-    assert manifest["metrics"]["parity"]["passed"]
-    assert "with the adapter applied (trained on a int8 base)" in manifest["metrics"]["exported_from"]
+    tokens = np.random.default_rng(0).integers(4, 300, size=(4, 33)).astype(np.int32)
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((4, 32), np.int32)}
+    y, w = tokens[:, 1:], np.ones((4, 32), np.float32)
+
+    def lora_grad_norm(mode: str, head: bool) -> float:
+        model = keras_hub.models.CausalLM.from_preset(str(tiny_gemma3))
+        if mode != "none":
+            quantize_base(model, mode)
+        model.backbone.enable_lora(2, target_layer_names=["query", "value"])
+        for variable in model.trainable_variables:  # a non-zero B, so A gets a gradient too
+            if "lora_kernel_b" in variable.path:
+                variable.assign(np.full(variable.shape, 0.05, np.float32))
+        frozen = [v.value for v in model.non_trainable_variables]
+        position_head = LossPositionHead(model)
+
+        def loss(trainable):
+            nll = position_head(trainable, frozen, x, y, w, 128)[0] if head else token_nll(model, trainable, frozen, x, y)[0]
+            return jnp.mean(nll)
+
+        grads = jax.grad(loss)([v.value for v in model.trainable_variables])
+        return float(np.sqrt(sum(float(jnp.sum(g ** 2)) for g in grads)))
+
+    reference = lora_grad_norm("none", head=False)
+    assert 0.8 < lora_grad_norm("int8", head=True) / reference < 1.25
+    assert lora_grad_norm("int8", head=False) / reference < 0.8  # keras' int8 reverse path (if this fails: fixed)
