@@ -26,6 +26,7 @@ SERVICE_ACCOUNT = os.environ.get("GEMMA_PIPELINE_KSA", "gemma-pipeline")  # boun
 REGISTRY = os.environ.get("GEMMA_PIPELINE_REGISTRY", "us-central1-docker.pkg.dev/my-project/gemma-lora")
 IMAGE_TAG = os.environ.get("GEMMA_PIPELINE_IMAGE_TAG", "0.1.0")  # a release tag or a commit SHA, never latest
 IMAGES = jobspec.images(REGISTRY, IMAGE_TAG)  # what docker/cloudbuild.yaml pushes
+RETRY_DELAY_S = int(os.environ.get("GEMMA_PIPELINE_RETRY_DELAY_S", "120"))  # the chaos test shortens it
 
 RUN_KEY = "{{ run_key(params.run_name, run_id) }}"
 PREFIX = "gs://{{ params.bucket }}/runs/" + RUN_KEY
@@ -58,7 +59,7 @@ params = {
 default_args = {
     "owner": "ml-platform",
     "retries": 2,
-    "retry_delay": timedelta(minutes=2),
+    "retry_delay": timedelta(seconds=RETRY_DELAY_S),
     "retry_exponential_backoff": True,
     "project_id": PROJECT_ID,
     "location": LOCATION,
@@ -117,8 +118,9 @@ with DAG(
     render_template_as_native_obj=False,
 ) as dag:
     @task(task_id="plan")
-    def plan(params: dict | None = None, run_id: str | None = None) -> list[dict]:
-        return candidates.plan_task(dict(params or {}), jobspec.run_key((params or {}).get("run_name"), run_id or ""))
+    def plan(params: dict | None = None, run_id: str | None = None, **context) -> list[dict]:
+        return candidates.plan_task(dict(params or {}), jobspec.run_key((params or {}).get("run_name"), run_id or ""),
+                                    {**context, "params": params, "run_id": run_id})
 
     @task_group(group_id="candidate")
     def candidate(finetune: dict, benchmark: dict, index: int, key: str, overrides: dict, prefixes: dict,

@@ -4,6 +4,8 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# Where torch's CPU build comes from; docker/build-local.sh points it at a local copy on a closed network.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -12,7 +14,7 @@ COPY pyproject.toml README.md ./
 COPY docker/constraints.txt ./docker/
 COPY jobs ./jobs
 # torch from the CPU index: PyPI's Linux wheel bundles CUDA (several GB) that this stage never uses.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu --constraint docker/constraints.txt ".[convert]"
+RUN pip install --extra-index-url "$TORCH_INDEX" --constraint docker/constraints.txt ".[convert]"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp KERAS_BACKEND=torch

@@ -6,6 +6,8 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG ACCELERATOR=tpu
+# Where torch's CPU build comes from; docker/build-local.sh points it at a local copy on a closed network.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -21,7 +23,7 @@ RUN case "$ACCELERATOR" in \
       cpu) backend="jax" ;; \
       *) echo "ACCELERATOR must be tpu, gpu or cpu, got $ACCELERATOR" >&2; exit 2 ;; \
     esac \
-    && pip install --extra-index-url https://download.pytorch.org/whl/cpu --constraint docker/constraints.txt ".[finetune]" "$backend"
+    && pip install --extra-index-url "$TORCH_INDEX" --constraint docker/constraints.txt ".[finetune]" "$backend"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp KERAS_BACKEND=jax

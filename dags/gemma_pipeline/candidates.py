@@ -108,14 +108,31 @@ def plan(params: dict[str, Any], run_key: str) -> list[dict[str, Any]]:
     return entries
 
 
-def plan_task(params: dict[str, Any], run_key: str) -> list[dict[str, Any]]:
-    """The `plan` task: a bad candidate list fails the run at once, without retries (nothing has run yet)."""
+def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: Any = None) -> list[dict[str, Any]]:
+    """The `plan` task: a bad candidate list fails the run at once, without retries (nothing has run yet); then
+    the run takes the lease on its prefix (`lease`), or fails naming the active run that holds it. `context`:
+    the task's (without one, as in unit tests of the plan, no lease is taken)."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    from gemma_pipeline import lease, local
+    from gemma_pipeline.report import RunStore
+
     try:
-        return plan(params, run_key)
+        entries = plan(params, run_key)
     except ValueError as err:
         raise AirflowFailException(str(err)) from err
+    if context is None:
+        return entries
+    if store is None and local.backend() == "local":
+        with local.Emulator(local.local_root()):
+            return plan_task(params, run_key, context, RunStore("local"))
+    run = context["dag_run"]
+    try:
+        lease.acquire(store or RunStore(local.backend()), f"gs://{params['bucket']}/runs/{run_key}",
+                      {"dag_id": run.dag_id, "run_id": run.run_id}, lease.dag_run_active(context))
+    except lease.LeaseHeld as err:
+        raise AirflowFailException(str(err)) from err
+    return entries
 
 
 def stage_prefixes(run_prefix: str, key: str = "default") -> dict[str, str]:

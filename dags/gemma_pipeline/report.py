@@ -19,7 +19,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from gemma_pipeline import jobspec, local, profiles
+from gemma_pipeline import jobspec, lease, local, profiles
 
 PRICES_ENV = "GEMMA_PIPELINE_PRICES"
 PRICES_VARIABLE = "gemma_pipeline_prices"
@@ -271,8 +271,42 @@ class RunStore:
         data = self.read(uri)
         return json.loads(data) if data is not None else None
 
-    def write(self, uri: str, data: bytes, content_type: str) -> None:
-        self._blob(uri).upload_from_string(data, content_type=content_type)
+    def write(self, uri: str, data: bytes, content_type: str, if_generation_match: int | None = None) -> int:
+        """Write an object and return its generation; with `if_generation_match` (0: only if absent) Cloud Storage
+        refuses the write (PreconditionFailed) when the object changed, so a stale writer cannot overwrite."""
+        blob = self._blob(uri)
+        blob.upload_from_string(data, content_type=content_type, if_generation_match=if_generation_match)
+        return int(blob.generation or 0)
+
+    def read_generation(self, uri: str) -> tuple[bytes | None, int]:
+        """The object's content and generation, read consistently; (None, 0) when absent."""
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        bucket, _, name = uri.removeprefix("gs://").partition("/")
+        for _ in range(5):  # the object may change between the metadata and the content request
+            blob = self.client.bucket(bucket).get_blob(name)
+            if blob is None:
+                return None, 0
+            try:
+                return blob.download_as_bytes(if_generation_match=blob.generation), int(blob.generation)
+            except (NotFound, PreconditionFailed):
+                continue
+        raise RuntimeError(f"{uri} kept changing while being read")
+
+    def delete(self, uri: str, if_generation_match: int | None = None) -> None:
+        from google.api_core.exceptions import NotFound
+
+        if if_generation_match is not None:
+            # Checked by reading first too: fake-gcs-server ignores preconditions on delete (Cloud Storage does not).
+            _, current = self.read_generation(uri)
+            if current not in (0, if_generation_match):
+                from google.api_core.exceptions import PreconditionFailed
+
+                raise PreconditionFailed(f"{uri} is at generation {current}, not {if_generation_match}")
+        try:
+            self._blob(uri).delete(if_generation_match=if_generation_match)
+        except NotFound:
+            pass
 
 
 class RunReportOperator(BaseOperator):
@@ -300,6 +334,11 @@ class RunReportOperator(BaseOperator):
 
     def _write(self, context: Any, store: RunStore) -> dict[str, Any]:
         prefix = self.run_prefix.rstrip("/")
+        run_id = context["dag_run"].run_id
+        holder, _ = lease.holder(store, prefix)
+        if holder is not None and holder.get("run_id") != run_id:  # this run lost the race for its run_name
+            raise AirflowFailException(f"no report written: {prefix} belongs to DAG run {holder.get('run_id')!r}, "
+                                       "and this run wrote nothing there")
         champion = store.read_json(f"{prefix}/champion.json")
         where = stage_prefixes(prefix, champion)
         read = lambda stage, name: store.read_json(f"{where[stage]}/{name}") if where[stage] else None  # noqa: E731
@@ -319,6 +358,8 @@ class RunReportOperator(BaseOperator):
         store.write(f"{prefix}/report.md", md.encode(), "text/markdown")
         store.write(f"{prefix}/report.html", to_html(markdown(report, inline)).encode(), "text/html")
         self.log.info("run report: %s/report.md (and .html, .json)\n%s\n\n%s", prefix, summary_table(report), stage_table(report))
+        if lease.release(store, prefix, run_id):
+            self.log.info("released the lease on %s: the run_name is free for the next run", prefix)
         return report
 
     @staticmethod

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.common import storage
+from jobs.common import faults, storage
 from jobs.common.code_identity import code_identity
 from jobs.common.errors import BadInputError
 
@@ -89,6 +89,15 @@ def source_ref(uri: str, local_path: Path | None = None, exclude_suffixes: tuple
     return {"uri": uri, "sha256": digest_json(listing)}
 
 
+class ConcurrentWriter(RuntimeError):
+    """Another writer changed this stage's manifest while it ran; retrying sees (and may skip to) its result."""
+
+    def __init__(self, output: str, err: Exception) -> None:
+        super().__init__(f"another writer changed {storage.join(output, MANIFEST)} while this stage ran ({err}); "
+                         "this run stops without touching it. Two DAG runs with one run_name? The lease prevents that; "
+                         "see docs/operations.md")
+
+
 @dataclass
 class StageRun:
     """Bookkeeping for one stage execution: skip check before, manifest after."""
@@ -99,6 +108,7 @@ class StageRun:
     inputs: list[dict[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     code: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0  # of the manifest when this run looked at it (0: none)
 
     def __post_init__(self) -> None:
         self.code = self.code or code_identity(self.stage)
@@ -123,6 +133,7 @@ class StageRun:
     def already_done(self) -> dict[str, Any] | None:
         """The existing manifest when it was made by this stage with the same code, config and inputs, else None
         (and the log says why the stage runs)."""
+        self.generation = storage.generation(storage.join(self.output, MANIFEST))
         try:
             existing = read_manifest(self.output)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -136,8 +147,14 @@ class StageRun:
         return existing
 
     def invalidate(self) -> None:
-        """Drop an old manifest first, so a half-rewritten prefix never looks complete."""
-        storage.delete(storage.join(self.output, MANIFEST))
+        """Drop an old manifest first, so a half-rewritten prefix never looks complete. Both this delete and the
+        final write are conditional on the generation seen at the start: if another writer touched the manifest
+        meanwhile (two runs on one prefix), this stage stops rather than overwrite or remove its work."""
+        try:
+            storage.delete(storage.join(self.output, MANIFEST), if_generation_match=self.generation or None)
+        except storage.Conflict as err:
+            raise ConcurrentWriter(self.output, err) from err
+        self.generation = 0
 
     def finish(self, local_dir: Path, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publish `local_dir` to the output prefix, then write the manifest last."""
@@ -158,9 +175,12 @@ class StageRun:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
-        storage.write_bytes(
-            storage.join(self.output, MANIFEST), json.dumps(manifest, indent=2).encode(), "application/json"
-        )
+        faults.point("manifest")
+        try:
+            storage.write_bytes(storage.join(self.output, MANIFEST), json.dumps(manifest, indent=2).encode(),
+                                "application/json", if_generation_match=self.generation)
+        except storage.Conflict as err:
+            raise ConcurrentWriter(self.output, err) from err
         log.info("wrote %s", storage.join(self.output, MANIFEST))
         return manifest
 

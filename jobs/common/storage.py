@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path, PurePosixPath
 
+from jobs.common import faults
 from jobs.common.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -83,26 +84,80 @@ def read_bytes(uri: str) -> bytes:
     return Path(uri).read_bytes()
 
 
-def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+class Conflict(RuntimeError):
+    """A conditional write or delete found the object changed by another writer (HTTP 412 on Cloud Storage)."""
+
+
+def _local_generation(path: Path) -> int:
+    """A local file's stand-in for a generation: every write here makes a new file (inode), and mtime alone can
+    repeat within the filesystem's clock tick."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0
+    return hash((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)) & ((1 << 62) - 1) or 1
+
+
+def generation(uri: str) -> int:
+    """The object's generation (0: absent): what a later conditional write or delete names."""
     if is_gcs(uri):
         bucket, path = split_gcs(uri)
-        _bucket(bucket).blob(path).upload_from_string(data, content_type=content_type)
+        blob = _bucket(bucket).get_blob(path)
+        return int(blob.generation) if blob is not None else 0
+    return _local_generation(Path(uri))
+
+
+def write_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream",
+                if_generation_match: int | None = None) -> None:
+    """Write an object whole. With `if_generation_match` the write happens only if the object is still at that
+    generation (0: only if absent), else Conflict: a stale writer never overwrites a newer object."""
+    if is_gcs(uri):
+        from google.api_core.exceptions import PreconditionFailed
+
+        bucket, path = split_gcs(uri)
+        try:
+            _bucket(bucket).blob(path).upload_from_string(data, content_type=content_type, if_generation_match=if_generation_match)
+        except PreconditionFailed as err:
+            raise Conflict(f"{uri} was changed by another writer (expected generation {if_generation_match})") from err
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
+    if if_generation_match == 0:
+        try:
+            os.link(tmp, target)  # atomic create-only: fails if the file exists
+        except FileExistsError as err:
+            raise Conflict(f"{uri} was written by another writer meanwhile") from err
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    if if_generation_match is not None and _local_generation(target) != if_generation_match:
+        tmp.unlink(missing_ok=True)
+        raise Conflict(f"{uri} was changed by another writer (expected generation {if_generation_match})")
     os.replace(tmp, target)  # atomic, so readers never see half a file
 
 
-def delete(uri: str) -> None:
+def delete(uri: str, if_generation_match: int | None = None) -> None:
+    """Delete if present; with `if_generation_match`, only that generation of it (else Conflict)."""
     if is_gcs(uri):
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
         bucket, path = split_gcs(uri)
-        blob = _bucket(bucket).blob(path)
-        if blob.exists():
-            blob.delete()
-    else:
-        Path(uri).unlink(missing_ok=True)
+        if if_generation_match is not None and generation(uri) not in (0, if_generation_match):
+            # Also checked by reading first: fake-gcs-server ignores preconditions on delete (Cloud Storage does not).
+            raise Conflict(f"{uri} was changed by another writer (expected generation {if_generation_match})")
+        try:
+            _bucket(bucket).blob(path).delete(if_generation_match=if_generation_match)
+        except NotFound:
+            pass
+        except PreconditionFailed as err:
+            raise Conflict(f"{uri} was changed by another writer (expected generation {if_generation_match})") from err
+        return
+    path = Path(uri)
+    if if_generation_match is not None and _local_generation(path) not in (0, if_generation_match):
+        raise Conflict(f"{uri} was changed by another writer (expected generation {if_generation_match})")
+    path.unlink(missing_ok=True)
 
 
 def list_files(uri: str) -> list[str]:
@@ -199,6 +254,7 @@ def publish_dir(local_dir: Path, uri: str, skip: tuple[str, ...] = ()) -> list[s
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(local_dir / rel, target)
+                faults.point("upload")
         return names
     from google.cloud.storage import transfer_manager
 
@@ -211,11 +267,13 @@ def publish_dir(local_dir: Path, uri: str, skip: tuple[str, ...] = ()) -> list[s
         if source.stat().st_size >= LARGE_FILE_BYTES and os.environ.get("STORAGE_EMULATOR_HOST"):
             # fake-gcs-server lacks the XML multipart API behind parallel uploads; use a resumable upload.
             bucket.blob(prefix + rel, chunk_size=CHUNK_BYTES).upload_from_filename(str(source))
+            faults.point("upload")
         elif source.stat().st_size >= LARGE_FILE_BYTES:
             transfer_manager.upload_chunks_concurrently(
                 str(source), bucket.blob(prefix + rel), chunk_size=CHUNK_BYTES, max_workers=WORKERS,
                 worker_type=transfer_manager.THREAD,
             )
+            faults.point("upload")
         else:
             small.append(rel)
     if small:
@@ -224,5 +282,6 @@ def publish_dir(local_dir: Path, uri: str, skip: tuple[str, ...] = ()) -> list[s
             worker_type=transfer_manager.THREAD,
         )
         _raise_first(results)
+        faults.point("upload")
     log.info("published %d files -> %s", len(names), uri)
     return names

@@ -6,8 +6,9 @@ import hashlib
 import json
 import logging
 import math
-import re
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -17,38 +18,23 @@ from jobs.common import sources, storage
 from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError
 from jobs.common.manifest import StageRun, source_ref
+from jobs.preprocessing import archives, rows, spill
 from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI
-from jobs.preprocessing.modes import ChatError, clean_text, render_chat
+from jobs.preprocessing.rows import COERCIONS, DROP_REASONS, REJECTS
 from jobs.preprocessing.sources import Record, detect_format, read_records
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("bad_record", "missing_field", "bad_chat", "empty", "duplicate", "too_long", "over_cap")
+TOKENIZE_BATCH = 8192  # rows per tokenizer call: big enough to amortise the call, small enough to bound memory
 DEMOS = (DEMO_URI, DEMO_TEXT_URI)
 USER_TURN = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
 MODEL_TURN_END = "<end_of_turn>"
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().casefold()
-
-
-def _order_key(seed: int, prompt: str, response: str) -> str:
+def _order_key(seed: int, prompt: str, response: str) -> bytes:
     # Hash order: deterministic for a seed, independent of input order and of the machine.
-    return hashlib.sha256(f"{seed}\x00{prompt}\x00{response}".encode()).hexdigest()
-
-
-def render(config: PreprocessConfig, row: dict[str, Any]) -> tuple[str, str]:
-    """The (prompt, response) pair of one row, before chat formatting."""
-    if config.template:
-        prompt = config.template.format(**{k: "" if row.get(k) is None else str(row[k]) for k in config.placeholders()})
-    else:
-        prompt = str(row.get(config.instruction_field) or "").strip()
-        context = str(row.get(config.context_field) or "").strip() if config.context_field else ""
-        if context:
-            prompt = f"{prompt}\n\n{context}"
-    return prompt.strip(), str(row.get(config.response_field) or "").strip()
+    return hashlib.sha256(f"{seed}\x00{prompt}\x00{response}".encode()).digest()
 
 
 def chat(config: PreprocessConfig, prompt: str, response: str) -> tuple[str, str]:
@@ -108,18 +94,29 @@ def _text_rows(config: PreprocessConfig, items: list, tokenizer, dropped: Counte
     return [{"text": doc, "tokens": len(doc_ids) + 2, "source": location} for (doc, location), doc_ids in zip(items, ids)]
 
 
-def _percentiles(values: list[int]) -> dict[str, int]:
-    if not values:
+def _percentiles(counts: Counter[int]) -> dict[str, int]:
+    """Percentiles as the nearest rank of the sorted values, from a histogram (bounded memory)."""
+    total = sum(counts.values())
+    if not total:
         return {}
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
-    return {"p50": pick(0.5), "p90": pick(0.9), "p95": pick(0.95), "p99": pick(0.99), "max": ordered[-1], "min": ordered[0]}
+    lengths = sorted(counts)
+    result = {}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99)):
+        rank, seen = min(total, max(1, math.ceil(q * total))), 0
+        for length in lengths:
+            seen += counts[length]
+            if seen >= rank:
+                result[name] = length
+                break
+    return {**result, "max": lengths[-1], "min": lengths[0]}
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _input_bytes(local: Path | None) -> int | None:
+    if local is None:
+        return None
+    files = [local] if local.is_file() else [p for p in local.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    return size * 8 if any(archives.codec_of(p, p.name) for p in files[:1]) else size  # compressed: ~8x as text
 
 
 def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
@@ -137,89 +134,116 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
     out = local_output_dir(config.output, workdir)
 
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
-    quarantine: list[dict[str, str]] = []
-    candidates: dict[str, tuple[Any, str]] = {}  # normalised text -> (rendered row, location)
+    coerced: Counter[str] = Counter({name: 0 for name in COERCIONS})
     rows_in = 0
     required = config.required_columns()
     columns_checked = False
+    workdir.mkdir(parents=True, exist_ok=True)
+    spill_dir = Path(tempfile.mkdtemp(prefix="spill-", dir=workdir))
+    count = spill.bucket_count(_input_bytes(local_input))
+    by_key = spill.Buckets(spill_dir / "dedup", count)
 
     def reject(record: Record, reason: str, detail: str) -> None:
         if config.on_bad_record == "fail":
             raise BadInputError("--input", record.location, "a readable row with the mapped fields", detail + " (use --on-bad-record skip to quarantine such rows)")
         dropped[reason] += 1
-        quarantine.append({"location": record.location, "reason": detail, "raw": record.raw or json.dumps(record.data, default=str)})
+        quarantine.write(json.dumps({"location": record.location, "reason": detail,
+                                     "raw": record.raw or json.dumps(record.data, default=str)}, ensure_ascii=False) + "\n")
 
-    for record in read_records(config.input, local_input, fmt, config.hf_split, config.text_field, config.sample_by):
-        rows_in += 1
-        if record.error is not None:
-            reject(record, "bad_record", record.error)
-            continue
-        assert record.data is not None
-        missing = [c for c in required if c not in record.data]
-        if missing and not columns_checked:
-            fields = {"chat": "--messages-field", "text": "--text-field"}.get(
-                config.mode, "--instruction-field/--response-field/--context-field/--template")
-            raise BadInputError(
-                fields, ", ".join(missing),
-                f"columns that exist in {config.input}: {', '.join(map(str, record.data)) or '(none)'}",
-            )
-        columns_checked = True
-        if missing:
-            reject(record, "missing_field", f"missing field(s) {', '.join(missing)}")
-            continue
-        if config.mode == "chat":
+    # 1. Stream the input: validate and render each row, spill it to a bucket by its dedup key.
+    with (out / "quarantine.jsonl").open("w", encoding="utf-8") as quarantine:
+        for record in read_records(config.input, local_input, fmt, config.hf_split, config.text_field, config.sample_by):
+            rows_in += 1
+            if record.error is not None:
+                reject(record, "bad_record", record.error)
+                continue
+            assert record.data is not None
+            missing = [c for c in required if c not in record.data]
+            if missing and not columns_checked:
+                fields = {"chat": "--messages-field", "text": "--text-field"}.get(
+                    config.mode, "--instruction-field/--response-field/--context-field/--template")
+                raise BadInputError(
+                    fields, ", ".join(missing),
+                    f"columns that exist in {config.input}: {', '.join(map(str, record.data)) or '(none)'}",
+                )
+            columns_checked = True
+            if missing:
+                reject(record, "missing_field", f"missing field(s) {', '.join(missing)}")
+                continue
             try:
-                item: Any = render_chat(record.data[config.messages_field])
-            except ChatError as err:
-                reject(record, "bad_chat", str(err))
+                key, item = rows.prepare(config, record.data, coerced)
+            except rows.Drop as drop:
+                if drop.reason in REJECTS:
+                    reject(record, drop.reason, drop.detail)
+                else:
+                    dropped[drop.reason] += 1
                 continue
-            key = _normalise("".join(text for text, _ in item))
-        elif config.mode == "text":
-            item = clean_text("" if record.data[config.text_field] is None else str(record.data[config.text_field]))
-            if not item:
-                dropped["empty"] += 1
-                continue
-            key = _normalise(item)
-        else:
-            item = render(config, record.data)
-            if not item[0] or not item[1]:
-                dropped["empty"] += 1
-                continue
-            key = _normalise(item[0]) + "\x00" + _normalise(item[1])
-        if key in candidates:
-            dropped["duplicate"] += 1
-            continue
-        candidates[key] = (item, record.location)
+            digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+            by_key.add(spill.hash_bucket(digest, count), (digest, item, record.location))
 
+    # 2. Per bucket: keep each key's first row, tokenize, filter by length, spill to a bucket by the split's order.
     tokenizer = sources.load_tokenizer(config.base_model, workdir)
     build = {"instruction": _instruction_rows, "chat": _chat_rows, "text": _text_rows}[config.mode]
-    kept = build(config, list(candidates.values()), tokenizer, dropped)
-    kept.sort(key=lambda row: _order_key(config.seed, *_identity(row)))
-    if config.max_examples and len(kept) > config.max_examples:
-        dropped["over_cap"] += len(kept) - config.max_examples
-        kept = kept[: config.max_examples]
-    if not kept:
+    by_order = spill.Buckets(spill_dir / "order", count)
+    for bucket in by_key.drain():
+        first: dict[bytes, tuple[Any, str]] = {}
+        for digest, item, location in bucket:
+            if digest in first:
+                dropped["duplicate"] += 1
+            else:
+                first[digest] = (item, location)
+        del bucket
+        items = list(first.values())
+        for offset in range(0, len(items), TOKENIZE_BATCH):
+            for row in build(config, items[offset:offset + TOKENIZE_BATCH], tokenizer, dropped):
+                order = _order_key(config.seed, *_identity(row))
+                by_order.add(spill.hash_bucket(order, count), (order, row))
+    kept = by_order.items
+    limit = min(kept, config.max_examples) if config.max_examples else kept
+    dropped["over_cap"] += kept - limit
+    if not limit:
         raise BadInputError("rows", 0, "at least one row left after cleaning", f"dropped per reason: {dict(dropped)}")
+    n_eval = math.ceil(limit * config.eval_fraction) if config.eval_fraction > 0 else 0
+    if config.eval_fraction > 0 and limit - n_eval < 1:
+        raise BadInputError(
+            "--eval-fraction", config.eval_fraction, "a split that leaves at least one eval row and one train row",
+            f"{limit} row(s) left after cleaning (rows in {rows_in}, dropped per reason {dict(dropped)}); add data, "
+            "or set --eval-fraction 0 to train without an eval split")
 
-    n_eval = min(len(kept) - 1, math.ceil(len(kept) * config.eval_fraction)) if config.eval_fraction > 0 else 0
-    eval_rows, train_rows = kept[:n_eval], kept[n_eval:]
-    _write_jsonl(out / "train.jsonl", train_rows)
-    _write_jsonl(out / "eval.jsonl", eval_rows)
-    if quarantine:
-        _write_jsonl(out / "quarantine.jsonl", quarantine)
-    lengths = [r["tokens"] if "tokens" in r else r["prompt_tokens"] + r["response_tokens"] for r in kept]
+    # 3. Buckets in order, sorted within: the global hash order; the first n_eval rows are the eval split.
+    lengths: Counter[int] = Counter()
+    loss_lengths: Counter[int] = Counter()
+    position = 0
+    with (out / "train.jsonl").open("w", encoding="utf-8") as train, (out / "eval.jsonl").open("w", encoding="utf-8") as evals:
+        for bucket in by_order.drain():
+            for _, row in sorted(bucket, key=lambda pair: pair[0]):
+                if position >= limit:
+                    break
+                (evals if position < n_eval else train).write(json.dumps(row, ensure_ascii=False) + "\n")
+                lengths[row["tokens"] if "tokens" in row else row["prompt_tokens"] + row["response_tokens"]] += 1
+                loss_lengths[_loss_tokens(row)] += 1
+                position += 1
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    if not dropped_rejects(dropped):
+        (out / "quarantine.jsonl").unlink()
     stats = {
         "mode": config.mode,
         "rows_in": rows_in,
-        "rows_out": len(kept),
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
+        "rows_out": limit,
+        "train_rows": limit - n_eval,
+        "eval_rows": n_eval,
         "dropped": dict(dropped),
-        "quarantined": len(quarantine),
+        "coerced": dict(coerced),
+        "quarantined": dropped_rejects(dropped),
         "token_length": _percentiles(lengths),
-        "loss_token_length": _percentiles([_loss_tokens(r) for r in kept]),
-        "total_tokens": sum(lengths),
+        "loss_token_length": _percentiles(loss_lengths),
+        "total_tokens": sum(length * n for length, n in lengths.items()),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    log.info("rows in %d, out %d (train %d, eval %d), dropped %s", rows_in, len(kept), len(train_rows), len(eval_rows), dict(dropped))
+    log.info("rows in %d, out %d (train %d, eval %d), dropped %s, coerced %s", rows_in, limit, limit - n_eval, n_eval,
+             {k: v for k, v in dropped.items() if v}, {k: v for k, v in coerced.items() if v})
     return stage.finish(out, stats)
+
+
+def dropped_rejects(dropped: Counter[str]) -> int:
+    return sum(dropped[reason] for reason in REJECTS)

@@ -7,7 +7,6 @@ Each reader yields `Record`s; a record that cannot be parsed carries an error an
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common.errors import BadInputError
+from jobs.preprocessing.archives import codec_of, open_input, strip_suffix
 from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI, demo_rows, demo_text_rows
 from jobs.preprocessing.modes import split_text
 
@@ -34,13 +34,13 @@ def detect_format(uri: str, declared: str) -> str:
         if declared not in FORMATS:
             raise BadInputError("--input-format", declared, f"auto or one of {', '.join(FORMATS)}")
         return declared
-    name = uri.lower().removesuffix(".gz")
+    name = strip_suffix(uri.lower())
     for fmt, suffixes in {"jsonl": (".jsonl", ".ndjson"), "json": (".json",), "csv": (".csv",), "parquet": (".parquet", ".pq"),
                           "txt": (".txt", "/")}.items():
         if name.endswith(suffixes):
             return fmt
-    raise BadInputError("--input", uri, "a file ending in .jsonl, .json, .csv, .parquet or .txt, or a folder of .txt "
-                        "files ending in / (or set --input-format)")
+    raise BadInputError("--input", uri, "a file ending in .jsonl, .json, .csv, .parquet or .txt (optionally compressed: "
+                        ".gz, .bz2, .xz, .zst), or a folder of .txt files ending in / (or set --input-format)")
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -53,32 +53,40 @@ def _decode(data: bytes, where: str) -> str:
         ) from err
 
 
-def read_jsonl(path: Path, name: str) -> Iterator[Record]:
+def _lines(path: Path, name: str) -> Iterator[tuple[int, bytes]]:
+    """(byte offset in the decompressed content, raw line): files are streamed, never read whole."""
     offset = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{name}:{number}"
-            start, offset = offset, offset + len(raw)
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield Record(where, None, f"not valid UTF-8 at byte offset {start + err.start}", raw.decode("utf-8", "replace"))
-                continue
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield Record(where, None, f"malformed JSON: {err.msg} at column {err.colno}", text.rstrip("\n"))
-                continue
-            if not isinstance(value, dict):
-                yield Record(where, None, f"expected a JSON object, got {type(value).__name__}", text.rstrip("\n"))
-                continue
-            yield Record(where, value)
+    with open_input(path, name) as handle:
+        for raw in handle:
+            yield offset, raw
+            offset += len(raw)
+
+
+def read_jsonl(path: Path, name: str) -> Iterator[Record]:
+    for number, (start, raw) in enumerate(_lines(path, name), start=1):
+        where = f"{name}:{number}"
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            yield Record(where, None, f"not valid UTF-8 at byte offset {start + err.start}", raw.decode("utf-8", "replace"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield Record(where, None, f"malformed JSON: {err.msg} at column {err.colno}", text.rstrip("\n"))
+            continue
+        if not isinstance(value, dict):
+            yield Record(where, None, f"expected a JSON object, got {type(value).__name__}", text.rstrip("\n"))
+            continue
+        yield Record(where, value)
 
 
 def read_json(path: Path, name: str) -> Iterator[Record]:
-    text = _decode(path.read_bytes(), name)
+    # A JSON array is parsed whole (the standard library has no streaming parser): JSONL is the format for big data.
+    with open_input(path, name) as handle:
+        text = _decode(handle.read(), name)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -95,8 +103,18 @@ def read_json(path: Path, name: str) -> Iterator[Record]:
             yield Record(where, None, f"expected a JSON object, got {type(item).__name__}", json.dumps(item))
 
 
+def _text_lines(path: Path, name: str) -> Iterator[str]:
+    """Decoded lines for the csv module; bad UTF-8 anywhere makes the whole file unreadable, named by offset and line."""
+    for number, (start, raw) in enumerate(_lines(path, name), start=1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise BadInputError("--input", name, "UTF-8 text", f"byte offset {start + err.start} (line {number}) holds "
+                                f"{raw[err.start:err.start + 1]!r}, which is not valid UTF-8") from err
+
+
 def read_csv(path: Path, name: str) -> Iterator[Record]:
-    reader = csv.reader(io.StringIO(_decode(path.read_bytes(), name), newline=""))
+    reader = csv.reader(_text_lines(path, name))
     header = next(reader, None)
     if not header:
         raise BadInputError("--input", name, "a CSV file with a header row")
@@ -113,12 +131,18 @@ def read_csv(path: Path, name: str) -> Iterator[Record]:
 def read_parquet(path: Path, name: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
+    if (codec := codec_of(path, name)) is not None:
+        raise BadInputError("--input", name, "a Parquet file as written (Parquet compresses its own pages)",
+                            f"the file is a {codec} archive; decompress it first")
     try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for corrupt files
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        index = 0
+        for batch in batches:  # one row group's batch at a time: bounded memory on big files
+            for row in batch.to_pylist():
+                yield Record(f"{name}[row {index}]", row)
+                index += 1
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
         raise BadInputError("--input", name, "a readable Parquet file", str(err)) from err
-    for index, row in enumerate(table.to_pylist()):
-        yield Record(f"{name}[row {index}]", row)
 
 
 def read_hf(uri: str, split: str) -> Iterator[Record]:
@@ -148,12 +172,14 @@ def read_hf(uri: str, split: str) -> Iterator[Record]:
 
 def read_txt(path: Path, name: str, field: str, sample_by: str) -> Iterator[Record]:
     """Plain text: a .txt file, or every .txt file under a folder (sorted), cut into documents by `sample_by`."""
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and strip_suffix(p.name).endswith(".txt")) if path.is_dir() else [path]
     if not files:
         raise BadInputError("--input", name, "a .txt file or a folder holding .txt files")
     for file in files:
         where = f"{name.rstrip('/')}/{file.relative_to(path)}" if path.is_dir() else name
-        for index, piece in enumerate(split_text(_decode(file.read_bytes(), where), sample_by)):
+        with open_input(file, where) as handle:
+            text = _decode(handle.read(), where)
+        for index, piece in enumerate(split_text(text, sample_by)):
             yield Record(f"{where}[{sample_by} {index}]" if sample_by != "document" else where, {field: piece})
 
 

@@ -23,6 +23,13 @@ error, a message naming the field, the value and what was expected, and no outpu
 | P18 | preprocess | `--mode chat`: an empty assistant turn | the row, empty assistant turn |
 | P19 | preprocess | `--mode chat` on data without a `messages` column | `--messages-field`, `messages`, the columns present |
 | P20 | preprocess | `--mode text` on data without a `text` column | `--text-field`, `text`, the columns present |
+| P21 | preprocess | a truncated `.jsonl.gz` | `--input`, the file, `complete, valid gzip archive`, corrupt or truncated |
+| P22 | preprocess | a `.jsonl.xz` with corrupted bytes | `--input`, the file, `valid xz archive` |
+| P23 | preprocess | `data.jsonl.gz` that is plain text | `a gzip archive`, magic bytes |
+| P24 | preprocess | a list where the response text should be (fail mode) | the row, `field 'response' holds a list`, expected text |
+| P25 | preprocess | dedup leaves 1 row; `--eval-fraction 0.1` asks for an eval split | `--eval-fraction`, `1 row(s) left`, the drop counts, `--eval-fraction 0` |
+| P26 | preprocess | every response null | `rows: got 0`, `'null': 3` |
+| P27 | preprocess | `--mode chat`: `messages` holds text that is not JSON | the row, `not a JSON list of turns` |
 | F01 | finetune | `--lora-rank 0` | `--lora-rank`, `[1, 512]` |
 | F02 | finetune | `--lora-rank -3` | `--lora-rank`, `[1, 512]` |
 | F03 | finetune | `--data` prefix without a manifest | `--data`, `_manifest.json` |
@@ -104,6 +111,13 @@ CASES = [
     Case("P18", "preprocess", ["--input", "{files}/chat_empty.jsonl", "--mode", "chat"], ["chat_empty.jsonl:1", "messages[1]: empty assistant turn"]),
     Case("P19", "preprocess", ["--input", "{files}/good.jsonl", "--mode", "chat"], ["--messages-field", "'messages'", "instruction"]),
     Case("P20", "preprocess", ["--input", "{files}/good.jsonl", "--mode", "text"], ["--text-field", "'text'", "instruction"]),
+    Case("P21", "preprocess", ["--input", "{files}/cut.jsonl.gz"], ["--input", "cut.jsonl.gz", "complete, valid gzip archive", "corrupt or truncated"]),
+    Case("P22", "preprocess", ["--input", "{files}/flipped.jsonl.xz"], ["--input", "flipped.jsonl.xz", "valid xz archive"]),
+    Case("P23", "preprocess", ["--input", "{files}/plain.jsonl.gz"], ["--input", "a gzip archive", "magic bytes"]),
+    Case("P24", "preprocess", ["--input", "{files}/typed.jsonl"], ["typed.jsonl:2", "field 'response' holds a list", "expected text"]),
+    Case("P25", "preprocess", ["--input", "{files}/dupes.jsonl"], ["--eval-fraction", "1 row(s) left", "'duplicate': 4", "--eval-fraction 0"]),
+    Case("P26", "preprocess", ["--input", "{files}/nulls.jsonl"], ["rows: got 0", "'null': 3"]),
+    Case("P27", "preprocess", ["--input", "{files}/chat_text.jsonl", "--mode", "chat"], ["chat_text.jsonl:1", "not a JSON list of turns"]),
     Case("F01", "finetune", ["--data", "{pre}", "--lora-rank", "0"], ["--lora-rank", "got 0", "an integer in [1, 512]"]),
     Case("F02", "finetune", ["--data", "{pre}", "--lora-rank", "-3"], ["--lora-rank", "got -3", "an integer in [1, 512]"]),
     Case("F03", "finetune", ["--data", "{files}"], ["--data", MANIFEST]),
@@ -143,6 +157,19 @@ def ctx(tmp_path_factory, tiny_gemma3, gcs_server):
     (files / "chat_robot.jsonl").write_text(json.dumps({"messages": [turn("user", "a"), turn("robot", "b")]}) + "\n")
     (files / "chat_empty.jsonl").write_text(json.dumps({"messages": [turn("user", "a"), turn("assistant", " ")]}) + "\n")
     (files / "weights.bin").write_bytes(b"\0")
+    import gzip
+    import lzma
+
+    packed = gzip.compress((files / "good.jsonl").read_bytes() * 50)
+    (files / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    packed = bytearray(lzma.compress((files / "good.jsonl").read_bytes() * 50))
+    packed[len(packed) // 2: len(packed) // 2 + 16] = bytes(16)
+    (files / "flipped.jsonl.xz").write_bytes(bytes(packed))
+    (files / "plain.jsonl.gz").write_bytes((files / "good.jsonl").read_bytes())
+    (files / "typed.jsonl").write_text(json.dumps(good[0]) + "\n" + json.dumps({"instruction": "q", "response": ["a", "b"]}) + "\n")
+    (files / "dupes.jsonl").write_text((json.dumps(good[0]) + "\n") * 5)
+    (files / "nulls.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}", "response": None}) + "\n" for i in range(3)))
+    (files / "chat_text.jsonl").write_text(json.dumps({"messages": "user: hi / assistant: hello"}) + "\n")
     paths = tiny_pipeline(root, tiny_gemma3, steps=2)
     from jobs.preprocessing.config import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess

@@ -11,6 +11,7 @@ from jobs.common.manifest import MANIFEST
 from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.core import run
 from jobs.preprocessing.demo import DEMO_URI, demo_rows
+from jobs.preprocessing.rows import DROP_REASONS
 from tests.conftest import run_module
 
 GOOD = [{"instruction": f"Question number {i}?", "response": f"Answer {i}."} for i in range(20)]
@@ -49,7 +50,7 @@ def test_messy_jsonl_counts_and_quarantine(tmp_path, tiny_gemma3):
     result = run(_config(tmp_path, tiny_gemma3, source, on_bad_record="skip", max_tokens=128), tmp_path / "work")
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["rows_in"] == 28
-    assert stats["dropped"] == {"bad_record": 3, "missing_field": 0, "bad_chat": 0, "empty": 2, "duplicate": 2, "too_long": 1, "over_cap": 0}
+    assert stats["dropped"] == {**dict.fromkeys(DROP_REASONS, 0), "bad_record": 3, "empty": 2, "duplicate": 2, "too_long": 1}
     assert stats["rows_out"] == 20 and stats["train_rows"] + stats["eval_rows"] == 20 and stats["eval_rows"] == 2
     assert stats["token_length"]["max"] <= 128
     quarantine = _read(tmp_path / "out" / "quarantine.jsonl")
