@@ -124,14 +124,20 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
     if context is None:
         return entries
     if store is None and local.backend() == "local":
-        with local.Emulator(local.local_root()):
+        with local.Emulator(local.local_root()) as emulator:
+            emulator.ensure_bucket(params["bucket"])
             return plan_task(params, run_key, context, RunStore("local"))
+    from google.api_core.exceptions import NotFound
+
     run = context["dag_run"]
     try:
         lease.acquire(store or RunStore(local.backend()), f"gs://{params['bucket']}/runs/{run_key}",
                       {"dag_id": run.dag_id, "run_id": run.run_id}, lease.dag_run_active(context))
     except lease.LeaseHeld as err:
         raise AirflowFailException(str(err)) from err
+    except NotFound as err:
+        raise AirflowFailException(f"bucket: got {params['bucket']!r}; expected an existing Cloud Storage bucket "
+                                   f"({err})") from err
     return entries
 
 
