@@ -17,7 +17,7 @@ from jobs.benchmark.config import BenchmarkConfig
 from jobs.common import lm, models, storage
 from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError, QualityGateError
-from jobs.common.manifest import StageRun, read_manifest, upstream_ref
+from jobs.common.manifest import StageRun, read_manifest, stage_in_upstream, upstream_ref
 from jobs.finetuning import data as data_lib
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     stage.invalidate()
     out = local_output_dir(config.output, workdir)
 
-    data_dir = storage.stage_in(config.data, workdir / "data", name="data")
+    data_dir = stage_in_upstream(config.data, inputs[0], workdir / "data", name="data")
     rows = data_lib.read_rows(data_dir / "eval.jsonl", "--data")
     if config.max_examples:
         rows = rows[: config.max_examples]

@@ -76,6 +76,25 @@ def upstream_ref(prefix: str, field_name: str) -> dict[str, str]:
     return {"uri": prefix, "manifest_sha256": digest_json(manifest)}
 
 
+class UpstreamChanged(RuntimeError):
+    """An upstream prefix changed between the manifest check and the read (retriable: the retry sees it whole)."""
+
+
+def stage_in_upstream(prefix: str, ref: dict[str, str], workdir: Path, name: str) -> Path:
+    """Stage an upstream prefix and check every file its manifest lists against that manifest, which must be the
+    one this stage recorded as its input (`ref`, from `upstream_ref`): a prefix rewritten while it was read is
+    never trained or scored on."""
+    manifest = read_manifest(prefix)
+    if manifest is None or digest_json(manifest) != ref["manifest_sha256"]:
+        raise UpstreamChanged(f"{prefix}: its {MANIFEST} changed or went away after this stage started; retry")
+    local = storage.stage_in(prefix, workdir, name=name)
+    for rel, meta in manifest["outputs"].items():
+        path = local / rel
+        if not path.is_file() or sha256_file(path) != meta["sha256"]:
+            raise UpstreamChanged(f"{prefix}/{rel} does not match its {MANIFEST} (rewritten while read?); retry")
+    return local
+
+
 def source_ref(uri: str, local_path: Path | None = None, exclude_suffixes: tuple[str, ...] = ()) -> dict[str, str]:
     """Reference to raw input data (not produced by a stage): a content digest of the file or directory."""
     if local_path is None:

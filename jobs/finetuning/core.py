@@ -15,7 +15,7 @@ from typing import Any
 from jobs.common import models, storage
 from jobs.common.cli import local_output_dir
 from jobs.common.errors import BadInputError, PreemptedError
-from jobs.common.manifest import StageRun, digest_json, peak_rss_bytes, upstream_ref
+from jobs.common.manifest import StageRun, digest_json, peak_rss_bytes, stage_in_upstream, upstream_ref
 from jobs.common.progress import Progress
 from jobs.finetuning import checkpoint, multihost
 from jobs.finetuning import data as data_lib
@@ -44,8 +44,8 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _load_splits(config: FinetuneConfig, workdir: Path, tokenizer):
-    data_dir = storage.stage_in(config.data, workdir / "data", name="data")
+def _load_splits(config: FinetuneConfig, data_ref: dict[str, str], workdir: Path, tokenizer):
+    data_dir = stage_in_upstream(config.data, data_ref, workdir / "data", name="data")
     train_rows = data_lib.read_rows(data_dir / "train.jsonl", "--data")
     if config.max_train_examples:
         # The train split is in the preprocessing's seeded hash order, so its head is a random sample; the eval
@@ -155,7 +155,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     if config.base_quantization != "none":
         quantize_base(model, config.base_quantization)
     tokenizer = model.preprocessor.tokenizer
-    train, evaluation = _load_splits(config, workdir, tokenizer)
+    train, evaluation = _load_splits(config, data_ref, workdir, tokenizer)
 
     try:
         model.backbone.enable_lora(config.lora_rank, target_layer_names=list(config.lora_targets))

@@ -131,3 +131,25 @@ def test_a_stale_writer_never_overwrites_a_newer_manifest(request, tmp_path, whe
     with pytest.raises(ConcurrentWriter):
         stale.invalidate()
     assert json.loads(storage.read_bytes(storage.join(output, MANIFEST)))["metrics"] == {"rows": 3}
+
+
+def test_a_prefix_rewritten_while_a_stage_reads_it_is_never_used(tmp_path):
+    from jobs.common.manifest import UpstreamChanged, stage_in_upstream, upstream_ref
+
+    out = tmp_path / "pre"
+    out.mkdir()
+    (out / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    stage = _stage(str(out))
+    stage.already_done()
+    stage.finish(out, {})
+    ref = upstream_ref(str(out), "--data")
+    assert stage_in_upstream(str(out), ref, tmp_path / "w", "data") == out  # whole and unchanged: used
+    (out / "train.jsonl").write_text('{"prompt": "x", "response": "y"}\n')  # a writer that ignores the protocol
+    with pytest.raises(UpstreamChanged, match="train.jsonl does not match its _manifest.json"):
+        stage_in_upstream(str(out), ref, tmp_path / "w", "data")
+    rewritten = _stage(str(out))
+    rewritten.config = {"a": 3}
+    rewritten.already_done()
+    rewritten.invalidate()  # a rerun of the upstream stage has begun: the manifest is gone
+    with pytest.raises(UpstreamChanged, match="changed or went away"):
+        stage_in_upstream(str(out), ref, tmp_path / "w", "data")
