@@ -6,7 +6,7 @@
 #   sudo apt-get install -y buildah debootstrap
 #   sudo bash docker/build-local.sh [STAGE ...]        # default: all four; writes build/images/report.txt
 #
-# Environment: BASE_IMAGE (default: a debootstrap bookworm base built here), ACCELERATOR (finetune/benchmark
+# Environment: SKIP_BUILD=1 (reuse images already built), BASE_IMAGE (default: a debootstrap bookworm base built here), ACCELERATOR (finetune/benchmark
 # JAX backend, default cpu), TORCH_INDEX (default: a local index over pip's find-links wheels when one has
 # torch, else PyTorch's CPU index), TAG (default dev).
 set -euo pipefail
@@ -61,6 +61,10 @@ fi
 
 for stage in "${STAGES[@]}"; do
   image=localhost/gemma-pipeline/$stage:$TAG
+  if [ -n "${SKIP_BUILD:-}" ] && "${BUILDAH[@]}" inspect --type image "$image" >/dev/null 2>&1; then
+    say "$stage: reusing $image (SKIP_BUILD), size $("${BUILDAH[@]}" images --format '{{.Size}}' "$image")"
+    continue
+  fi
   start=$(date +%s)
   "${BUILDAH[@]}" bud --isolation chroot --layers=false "${volumes[@]}" \
     --build-arg PYTHON_IMAGE="$base" --build-arg TORCH_INDEX="$torch_index" \
@@ -113,7 +117,7 @@ if [ ${#STAGES[@]} -eq 4 ]; then
   chown -R 1000:1000 "$WORK"
   check preprocess run python -m jobs.preprocessing --output /tmp/pre --base-model /tmp/tiny --max-tokens 64
   check finetune run python -m jobs.finetuning --data /tmp/pre --output /tmp/ft --base-model /tmp/tiny \
-    --max-steps 2 --batch-size 2 --sequence-length 48 --checkpoint-every 1
+    --max-steps 2 --batch-size 2 --sequence-length 64 --checkpoint-every 1
   check benchmark run python -m jobs.benchmark --data /tmp/pre --finetune /tmp/ft --output /tmp/bench \
     --base-model /tmp/tiny --bootstrap 0 --max-examples 4
   check convert run python -m jobs.convert --finetune /tmp/ft --data /tmp/pre --output /tmp/hf --answers 1

@@ -94,63 +94,83 @@ def run_dag(root: Path, env: dict[str, str], run_conf: dict[str, Any], log: Path
         return subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
 
 
-def chaos_run(root: Path, env: dict[str, str], run_conf: dict[str, Any], emulator: Emulator, kills: int, seed: int,
-              max_triggers: int = 12) -> list[dict[str, Any]]:
-    """Trigger until the DAG finishes while `kills` kills land: SIGKILLs from outside at random moments, faults
-    at uploads and manifest writes, and one emulator kill. Returns what was killed, when."""
+STAGES = ("preprocessing", "finetuning", "benchmark", "convert")
+
+
+def plan_kills(kills: int, seed: int) -> list[dict[str, Any]]:
+    """`kills` kills drawn from the seed: one emulator kill, the rest SIGKILLs of a stage process, from outside
+    at a random moment of its life or by itself at an upload or right before its manifest is written."""
     rng = random.Random(seed)
+    plan = [{"kind": "emulator", "after_s": round(rng.uniform(5, 60), 1)}]
+    for _ in range(kills - 1):
+        kind, stage = rng.choice(["outside", "outside", "upload", "manifest"]), rng.choice(STAGES)
+        entry: dict[str, Any] = {"kind": kind, "stage": stage}
+        if kind == "outside":
+            entry["after_s"] = round(rng.uniform(0, 6), 1)  # into the process's life
+        else:  # the fine-tune publishes a checkpoint every 2 steps before its final upload
+            entry["hit"] = rng.randint(1, 4) if kind == "upload" and stage == "finetuning" else 1
+        plan.append(entry)
+    return plan
+
+
+def chaos_run(root: Path, env: dict[str, str], run_conf: dict[str, Any], emulator: Emulator, plan: list[dict[str, Any]],
+              max_triggers: int = 12) -> list[dict[str, Any]]:
+    """Trigger until the DAG finishes while the planned kills land. Returns the kills that landed, in order."""
     markers = root / "fault-markers"
     markers.mkdir(exist_ok=True)
-    kinds = [rng.choice(["outside", "outside", "upload", "manifest"]) for _ in range(kills - 1)] + ["emulator"]
-    rng.shuffle(kinds)
-    faults = [f"{kind}:{rng.randint(1, 3)}:{markers / f'fault-{i}'}" for i, kind in enumerate(kinds) if kind in ("upload", "manifest")]
-    outside = [kind for kind in kinds if kind in ("outside", "emulator")]
+    faults = {f"{k['kind']}:{k['hit']}:{k['stage']}:{markers / f'fault-{i}'}": k for i, k in enumerate(plan)
+              if k["kind"] in ("upload", "manifest")}
+    outside = sorted((k for k in plan if k["kind"] == "outside"), key=lambda k: STAGES.index(k["stage"]))
     events: list[dict[str, Any]] = []
     done = threading.Event()
-
-    def killer() -> None:
-        for kind in outside:
-            if done.wait(rng.uniform(2, 25)):
-                return
-            if kind == "emulator":
-                emulator.kill()
-                events.append({"kind": "emulator", "at_s": round(time.monotonic() - started, 1)})
-                time.sleep(rng.uniform(0.5, 3))
-                emulator.start()
-                continue
-            while not done.is_set():  # the next stage process to be running, at a random moment of its life
-                running = stage_processes()
-                if running:
-                    pid, module = rng.choice(sorted(running))
-                    time.sleep(rng.uniform(0, 4))
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        events.append({"kind": "outside", "stage": module, "at_s": round(time.monotonic() - started, 1)})
-                    except ProcessLookupError:
-                        continue
-                    break
-                time.sleep(0.2)
-
     started = time.monotonic()
+
+    def at() -> float:
+        return round(time.monotonic() - started, 1)
+
+    def emulator_killer() -> None:
+        entry = plan[0]
+        if not done.wait(entry["after_s"]):
+            emulator.kill()
+            events.append({"kind": "emulator", "at_s": at()})
+            time.sleep(2)
+            emulator.start()
+
+    def stage_killer() -> None:
+        for entry in outside:
+            module = f"jobs.{entry['stage']}"
+            while not done.is_set():
+                pids = [pid for pid, m in stage_processes() if m == module]
+                if pids:
+                    time.sleep(entry["after_s"])
+                    try:
+                        os.kill(pids[0], signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue  # it finished first: wait for its next process
+                    events.append({"kind": "outside", "stage": entry["stage"], "after_s": entry["after_s"], "at_s": at()})
+                    break
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=emulator_killer, daemon=True), threading.Thread(target=stage_killer, daemon=True)]
+    for thread in threads:
+        thread.start()
     seen: set[str] = set()
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
     for trigger in range(1, max_triggers + 1):
-        pending = [f for f in faults if not Path(f.split(":", 2)[2]).exists()]
+        pending = [spec for spec in faults if not Path(spec.split(":", 3)[3]).exists()]
         trigger_env = {**env, "GEMMA_PIPELINE_FAULT": ";".join(pending)} if pending else env
         code = run_dag(root, trigger_env, run_conf, root / "chaos.log")
-        for spec in faults:
-            marker = Path(spec.split(":", 2)[2])
+        for spec, entry in faults.items():
+            marker = Path(spec.split(":", 3)[3])
             if marker.exists() and spec not in seen:
                 seen.add(spec)
-                kind, count, _ = spec.split(":", 2)
-                events.append({"kind": kind, "at_hit": int(count),
+                events.append({"kind": entry["kind"], "stage": entry["stage"], "hit": entry["hit"],
                                "at_s": round(marker.stat().st_mtime - time.time() + time.monotonic() - started, 1)})
         print(f"trigger {trigger}: exit {code}; kills so far {len(events)}", flush=True)
         if code == 0:
-            break  # finished: kills not yet spent can no longer land (the run reports how many did)
+            break  # finished: kills not yet spent can no longer land (the result lists those that did)
     done.set()
-    thread.join(timeout=30)
+    for thread in threads:
+        thread.join(timeout=30)
     return sorted(events, key=lambda e: e["at_s"])
 
 
@@ -232,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         assert run_dag(root, env, conf(model, "reference"), root / "reference.log") == 0, f"reference run failed: {root}/reference.log"
         print(f"reference run: {time.monotonic() - started:.0f} s", flush=True)
         started = time.monotonic()
-        events = chaos_run(root, env, conf(model, "chaos"), emulator, args.kills, args.seed)
-        print(f"chaos run: {time.monotonic() - started:.0f} s, {len(events)} kills (seed {args.seed}):")
+        plan = plan_kills(args.kills, args.seed)
+        events = chaos_run(root, env, conf(model, "chaos"), emulator, plan)
+        print(f"chaos run: {time.monotonic() - started:.0f} s, {len(events)} of {len(plan)} planned kills landed "
+              f"(seed {args.seed}):")
         for event in events:
             print(f"  {event}")
         runs = root / "gcs" / BUCKET / "runs"
@@ -241,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         diffs = compare(runs / "reference", runs / "chaos")
         print(f"chaos vs reference: splits identical; max |diff| adapter {diffs['adapter']:.2e}, export "
               f"{diffs['export']:.2e}; perplexity relative diff {diffs['perplexity']:.2e}; parity passed")
-        result = {"seed": args.seed, "kills": events, "diffs": diffs}
+        result = {"seed": args.seed, "planned": plan, "kills": events, "diffs": diffs}
         (root / "chaos-result.json").write_text(json.dumps(result, indent=2))
         return 0
     finally:
