@@ -44,9 +44,12 @@ def main() -> None:
     stage_s = time.perf_counter() - started
     stats = json.loads((work / "out" / "stats.json").read_text())
 
-    from jobs.preprocessing.core import chat, render  # the same texts the stage tokenizes
+    from collections import Counter
 
-    pairs = [chat(config, *render(config, r)) for r in rows]
+    from jobs.preprocessing.core import chat
+    from jobs.preprocessing.rows import render  # the same texts the stage tokenizes
+
+    pairs = [chat(config, *render(config, r, Counter())) for r in rows]
     prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
     started = time.perf_counter()
     prompt_ids, response_ids = tokenizer(prompts), tokenizer(responses)

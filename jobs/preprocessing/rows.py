@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from typing import Any
 
@@ -83,7 +82,8 @@ def messages_of(row: dict[str, Any], field: str, coerced: Counter) -> Any:
 
 
 def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().casefold()
+    """The dedup key's text: whitespace runs collapsed (str.split's whitespace is re's Unicode \\s), casefolded."""
+    return " ".join(text.split()).casefold()
 
 
 def prepare(config: PreprocessConfig, row: dict[str, Any], coerced: Counter) -> tuple[str, Any]:

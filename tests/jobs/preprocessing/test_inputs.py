@@ -158,3 +158,16 @@ def test_percentiles_from_a_histogram_are_the_nearest_rank_ones():
     assert _percentiles(Counter(values)) == {"p50": rank(0.5), "p90": rank(0.9), "p95": rank(0.95), "p99": rank(0.99),
                                              "max": 9, "min": 1}
     assert _percentiles(Counter()) == {}
+
+
+def test_token_counts_are_the_keras_hub_tokenizers_own(tmp_path, tiny_gemma3):
+    from jobs.common import sources
+    from jobs.preprocessing.core import token_counter
+    from jobs.preprocessing.demo import demo_rows
+    from jobs.preprocessing.rows import normalise
+
+    texts = [r["instruction"] + "\n\n" + r["response"] for r in list(demo_rows())[:200]] + ["", " ", "é\u00a0日本"]
+    for model in (tiny_gemma3, "demo:gemma3-270m"):
+        tokenizer = sources.load_tokenizer(str(model), tmp_path)
+        assert token_counter(tokenizer)(texts) == [len(ids) for ids in tokenizer(texts)]
+    assert normalise(" A\u00a0b\t\nC  ") == "a b c"  # Unicode whitespace, as re's \s
