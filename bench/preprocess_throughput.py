@@ -46,8 +46,10 @@ def main() -> None:
 
     from collections import Counter
 
-    from jobs.preprocessing.core import chat
-    from jobs.preprocessing.rows import render  # the same texts the stage tokenizes
+    from jobs.preprocessing.rows import (
+        chat,
+        render,  # the same texts the stage tokenizes
+    )
 
     pairs = [chat(config, *render(config, r, Counter())) for r in rows]
     prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]

@@ -18,8 +18,8 @@ DESCRIPTION = "Clean, template and split a dataset: instruction pairs, chat conv
 @dataclass(frozen=True)
 class PreprocessConfig:
     output: str = option(help="output prefix (gs:// or local directory)", upstream="self")
-    input: str = option(DEMO_URI, f"dataset: a .jsonl/.json/.csv/.parquet/.txt file or a folder of .txt files ending "
-                                  f"in / (local or gs://), hf://datasets/ID, {DEMO_URI} (instruction pairs) or "
+    input: str = option(DEMO_URI, f"dataset: a .jsonl/.json/.csv/.parquet/.txt file or a folder ending in / of .txt "
+                                  f"files (of another format: set --input-format) (local or gs://), hf://datasets/ID, {DEMO_URI} (instruction pairs) or "
                                   f"{DEMO_TEXT_URI} (raw text)", param="dataset")
     mode: Literal["instruction", "chat", "text"] = option(
         "instruction", "instruction: prompt/response pairs from the field options or a template; chat: a messages "

@@ -10,11 +10,16 @@ the optional context field counts as no context (`coerced.null_context_to_empty`
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from jobs.common.errors import BadInputError
 from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.modes import ChatError, clean_text, render_chat
 
@@ -103,3 +108,189 @@ def prepare(config: PreprocessConfig, row: dict[str, Any], coerced: Counter) -> 
     if not prompt or not response:
         raise Drop("empty", "empty prompt or response")
     return normalise(prompt) + "\x00" + normalise(response), (prompt, response)
+
+
+# ---- what every engine does with a row once it is read (single machine: jobs.preprocessing.core; Beam: .beam) ----
+
+USER_TURN = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+MODEL_TURN_END = "<end_of_turn>"
+TokenCounter = Callable[[list[str]], list[int]]
+
+
+@dataclass
+class Outcome:
+    """What becomes of one read record: kept (its dedup key and rendered item), dropped, or rejected."""
+
+    kind: str  # "keep" | "drop" | "reject"
+    reason: str = ""
+    detail: str = ""
+    key: str = ""
+    item: Any = None
+    missing: tuple[str, ...] = ()  # mapped columns a readable record lacks
+
+
+@functools.lru_cache(maxsize=16)
+def _required(config: PreprocessConfig) -> tuple[str, ...]:
+    return tuple(config.required_columns())
+
+
+def assess(config: PreprocessConfig, record: Any, coerced: Counter) -> Outcome:
+    """The fate of a `sources.Record`; coercions are counted into `coerced`."""
+    if record.error is not None:
+        return Outcome("reject", "bad_record", record.error)
+    missing = tuple(c for c in _required(config) if c not in record.data)
+    if missing:
+        return Outcome("reject", "missing_field", f"missing field(s) {', '.join(missing)}", missing=missing)
+    try:
+        key, item = prepare(config, record.data, coerced)
+    except Drop as drop:
+        return Outcome("reject" if drop.reason in REJECTS else "drop", drop.reason, drop.detail)
+    return Outcome("keep", key=key, item=item)
+
+
+def columns_error(config: PreprocessConfig, record: Any, missing: tuple[str, ...]) -> BadInputError:
+    """The first readable record lacks a mapped column: the mapping is wrong, not the row."""
+    fields = {"chat": "--messages-field", "text": "--text-field"}.get(
+        config.mode, "--instruction-field/--response-field/--context-field/--template")
+    return BadInputError(fields, ", ".join(missing),
+                         f"columns that exist in {config.input}: {', '.join(map(str, record.data)) or '(none)'}")
+
+
+def reject_error(record: Any, detail: str) -> BadInputError:
+    return BadInputError("--input", record.location, "a readable row with the mapped fields",
+                         detail + " (use --on-bad-record skip to quarantine such rows)")
+
+
+def quarantine_line(record: Any, detail: str) -> str:
+    return json.dumps({"location": record.location, "reason": detail,
+                       "raw": record.raw or json.dumps(record.data, default=str)}, ensure_ascii=False) + "\n"
+
+
+def dedup_digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
+def chat(config: PreprocessConfig, prompt: str, response: str) -> tuple[str, str]:
+    if config.chat_format == "gemma":
+        return USER_TURN.format(prompt=prompt), response + MODEL_TURN_END
+    return prompt + "\n", response
+
+
+def _instruction_rows(config: PreprocessConfig, items: list, count: TokenCounter, dropped: Counter) -> list[dict[str, Any]]:
+    formatted = [chat(config, *pair) + (loc,) for pair, loc in items]
+    prompt_counts = count([p for p, _, _ in formatted]) if formatted else []
+    response_counts = count([r for _, r, _ in formatted]) if formatted else []
+    kept = []
+    for (prompt, response, location), p_count, r_count in zip(formatted, prompt_counts, response_counts):
+        if p_count + r_count + 2 > config.max_tokens:  # with BOS and EOS
+            dropped["too_long"] += 1
+            continue
+        kept.append({"prompt": prompt, "response": response, "prompt_tokens": p_count + 1,
+                     "response_tokens": r_count + 1, "source": location})
+    return kept
+
+
+def _chat_rows(config: PreprocessConfig, items: list, count: TokenCounter, dropped: Counter) -> list[dict[str, Any]]:
+    """Rendered conversations with their token counts; `prompt`/`response` (everything before the last assistant
+    turn, and that turn) let the answers step and readers of the split see a conversation as a pair."""
+    texts = [text for segments, _ in items for text, _ in segments]
+    all_counts = iter(count(texts) if texts else [])
+    kept = []
+    for segments, location in items:
+        counts = [next(all_counts) for _ in segments]
+        total = sum(counts) + 2
+        if total > config.max_tokens:
+            dropped["too_long"] += 1
+            continue
+        last = max(i for i, (_, loss) in enumerate(segments) if loss)
+        kept.append({"segments": segments, "prompt": "".join(t for t, _ in segments[:last]),
+                     "response": segments[last][0], "tokens": total,
+                     "loss_tokens": sum(c for c, (_, loss) in zip(counts, segments) if loss) + 1, "source": location})
+    return kept
+
+
+def _text_rows(config: PreprocessConfig, items: list, count: TokenCounter, dropped: Counter) -> list[dict[str, Any]]:
+    """Documents are kept whole whatever their length: the fine-tune packs them into full sequences."""
+    counts = count([doc for doc, _ in items]) if items else []
+    return [{"text": doc, "tokens": count + 2, "source": location} for (doc, location), count in zip(items, counts)]
+
+
+def build(config: PreprocessConfig, items: list, count: TokenCounter, dropped: Counter) -> list[dict[str, Any]]:
+    """Output rows of deduplicated (item, location) pairs, measured with the tokenizer; too long ones counted."""
+    return {"instruction": _instruction_rows, "chat": _chat_rows, "text": _text_rows}[config.mode](config, items, count, dropped)
+
+
+def identity(row: dict[str, Any]) -> tuple[str, str]:
+    if "text" in row:
+        return row["text"], ""
+    if "segments" in row:
+        return "".join(text for text, _ in row["segments"]), ""
+    return row["prompt"], row["response"]
+
+
+def order_key(seed: int, row: dict[str, Any]) -> bytes:
+    """The split's hash order: deterministic for a seed, independent of input order, engine and machine."""
+    prompt, response = identity(row)
+    return hashlib.sha256(f"{seed}\x00{prompt}\x00{response}".encode()).digest()
+
+
+def length(row: dict[str, Any]) -> int:
+    return row["tokens"] if "tokens" in row else row["prompt_tokens"] + row["response_tokens"]
+
+
+def loss_length(row: dict[str, Any]) -> int:
+    return row.get("loss_tokens", row.get("tokens", row.get("response_tokens", 0)))
+
+
+def line(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def percentiles(counts: Counter[int]) -> dict[str, int]:
+    """Percentiles as the nearest rank of the sorted values, from a histogram (bounded memory)."""
+    total = sum(counts.values())
+    if not total:
+        return {}
+    lengths = sorted(counts)
+    result = {}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99)):
+        rank, seen = min(total, max(1, math.ceil(q * total))), 0
+        for value in lengths:
+            seen += counts[value]
+            if seen >= rank:
+                result[name] = value
+                break
+    return {**result, "max": lengths[-1], "min": lengths[0]}
+
+
+def split_sizes(kept: int, config: PreprocessConfig, rows_in: int, dropped: Counter) -> tuple[int, int]:
+    """(rows written, eval rows) from the rows left after cleaning, counting those over --max-examples into
+    `dropped`; exit 2 when no usable split remains."""
+    limit = min(kept, config.max_examples) if config.max_examples else kept
+    dropped["over_cap"] += kept - limit
+    if not limit:
+        raise BadInputError("rows", 0, "at least one row left after cleaning", f"dropped per reason: {dict(dropped)}")
+    n_eval = math.ceil(limit * config.eval_fraction) if config.eval_fraction > 0 else 0
+    if config.eval_fraction > 0 and limit - n_eval < 1:
+        raise BadInputError(
+            "--eval-fraction", config.eval_fraction, "a split that leaves at least one eval row and one train row",
+            f"{limit} row(s) left after cleaning (rows in {rows_in}, dropped per reason {dict(dropped)}); "
+            "add data, or set --eval-fraction 0 to train without an eval split")
+    return limit, n_eval
+
+
+def stats(config: PreprocessConfig, rows_in: int, limit: int, n_eval: int, dropped: Counter, coerced: Counter,
+          lengths: Counter, loss_lengths: Counter) -> dict[str, Any]:
+    return {
+        "mode": config.mode,
+        "rows_in": rows_in,
+        "rows_out": limit,
+        "train_rows": limit - n_eval,
+        "eval_rows": n_eval,
+        "dropped": dict(dropped),
+        "coerced": dict(coerced),
+        "quarantined": sum(dropped[reason] for reason in REJECTS),
+        "token_length": percentiles(lengths),
+        "loss_token_length": percentiles(loss_lengths),
+        "total_tokens": sum(value * n for value, n in lengths.items()),
+    }

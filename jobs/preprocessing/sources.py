@@ -10,7 +10,7 @@ import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jobs.common.errors import BadInputError
@@ -40,7 +40,7 @@ def detect_format(uri: str, declared: str) -> str:
         if name.endswith(suffixes):
             return fmt
     raise BadInputError("--input", uri, "a file ending in .jsonl, .json, .csv, .parquet or .txt (optionally compressed: "
-                        ".gz, .bz2, .xz, .zst), or a folder of .txt files ending in / (or set --input-format)")
+                        ".gz, .bz2, .xz, .zst), or a folder ending in / of .txt files (of another format: set --input-format)")
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -170,17 +170,35 @@ def read_hf(uri: str, split: str) -> Iterator[Record]:
         yield Record(f"{uri}[{split}][{index}]", dict(row))
 
 
-def read_txt(path: Path, name: str, field: str, sample_by: str) -> Iterator[Record]:
-    """Plain text: a .txt file, or every .txt file under a folder (sorted), cut into documents by `sample_by`."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and strip_suffix(p.name).endswith(".txt")) if path.is_dir() else [path]
-    if not files:
-        raise BadInputError("--input", name, "a .txt file or a folder holding .txt files")
-    for file in files:
-        where = f"{name.rstrip('/')}/{file.relative_to(path)}" if path.is_dir() else name
-        with open_input(file, where) as handle:
-            text = _decode(handle.read(), where)
-        for index, piece in enumerate(split_text(text, sample_by)):
-            yield Record(f"{where}[{sample_by} {index}]" if sample_by != "document" else where, {field: piece})
+SUFFIXES = {"jsonl": (".jsonl", ".ndjson"), "json": (".json",), "csv": (".csv",), "parquet": (".parquet", ".pq"),
+            "txt": (".txt",)}
+
+
+def ordered(names: list[str], fmt: str) -> list[str]:
+    """The files of a folder input that hold `fmt` (by name, compressed or not), in reading order: by path parts, so
+    a local folder and a gs:// prefix listing read in the same order on every engine."""
+    return sorted((n for n in names if strip_suffix(n.lower()).endswith(SUFFIXES[fmt])), key=lambda n: PurePosixPath(n).parts)
+
+
+def input_files(uri: str, local: Path, fmt: str) -> list[tuple[Path, str]]:
+    """(local file, name in locations) of each file an input names: itself, or a folder's files of its format."""
+    if not local.is_dir():
+        return [(local, uri)]
+    names = ordered([p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()], fmt)
+    if not names:
+        raise BadInputError("--input", uri, f"a .{fmt} file or a folder holding {' or '.join(SUFFIXES[fmt])} files")
+    return [(local / name, f"{uri.rstrip('/')}/{name}") for name in names]
+
+
+def read_file(path: Path, name: str, fmt: str, text_field: str = "text", sample_by: str = "paragraph") -> Iterator[Record]:
+    """The records of one file; `name` is how locations name it."""
+    if fmt != "txt":
+        yield from READERS[fmt](path, name)
+        return
+    with open_input(path, name) as handle:
+        text = _decode(handle.read(), name)
+    for index, piece in enumerate(split_text(text, sample_by)):
+        yield Record(f"{name}[{sample_by} {index}]" if sample_by != "document" else name, {text_field: piece})
 
 
 READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}
@@ -198,7 +216,5 @@ def read_records(uri: str, local: Path | None, fmt: str, hf_split: str, text_fie
         yield from read_hf(uri, hf_split)
     else:
         assert local is not None
-        if fmt == "txt":
-            yield from read_txt(local, uri, text_field, sample_by)
-        else:
-            yield from READERS[fmt](local, uri)
+        for path, name in input_files(uri, local, fmt):
+            yield from read_file(path, name, fmt, text_field, sample_by)

@@ -17,7 +17,8 @@ import zstandard
 from jobs.common.errors import BadInputError
 from jobs.preprocessing import spill
 from jobs.preprocessing.config import PreprocessConfig
-from jobs.preprocessing.core import _percentiles, run
+from jobs.preprocessing.core import run
+from jobs.preprocessing.rows import percentiles as _percentiles
 
 ROWS = [{"instruction": f"What does helper {i} return?", "response": f"The number {i}."} for i in range(30)]
 COMPRESS = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress, "zst": zstandard.ZstdCompressor().compress}
