@@ -119,7 +119,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     out = local_output_dir(config.output, workdir)
 
     data_dir = stage_in_upstream(config.data, inputs[0], workdir / "data", name="data")
-    rows = data_lib.read_rows(data_dir / "eval.jsonl", "--data")
+    rows = data_lib.read_split(data_dir, "eval", "--data")
     if config.max_examples:
         rows = rows[: config.max_examples]
     if not rows:

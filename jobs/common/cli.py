@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -92,13 +93,19 @@ def main(
     run: Callable[[C, Path], Any],
     description: str,
     argv: Sequence[str] | None = None,
+    passthrough: Callable[[list[str]], Any] | None = None,
 ) -> int:
-    """Parse `argv` into `config_cls`, call `run(config, workdir)` and map the outcome to an exit code."""
+    """Parse `argv` into `config_cls`, call `run(config, workdir)` and map the outcome to an exit code. With
+    `passthrough`, the arguments the stage does not know go to it (it validates them: an engine's own options) and
+    what it returns is `run`'s third argument."""
     configure_logging()
     log = logging.getLogger(config_cls.__module__.rsplit(".", 1)[0])  # e.g. jobs.preprocessing
-    args = parser_for(config_cls, description).parse_args(argv)
+    parser = parser_for(config_cls, description)
+    args, rest = parser.parse_known_args(argv) if passthrough else (parser.parse_args(argv), [])
     try:
         config = config_from_args(config_cls, args)
+        if passthrough is not None:
+            run = functools.partial(run, options=passthrough(rest))
         with tempfile.TemporaryDirectory(prefix="stage-", dir=os.environ.get("STAGE_WORKDIR")) as tmp:
             run(config, Path(tmp))
         return EXIT_OK

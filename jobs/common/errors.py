@@ -23,9 +23,12 @@ class BadInputError(Exception):
     exit_code = EXIT_BAD_INPUT
 
     def __init__(self, field: str, value: Any, expected: str, detail: str = "") -> None:
-        self.field, self.value, self.expected = field, value, expected
+        self.field, self.value, self.expected, self.detail = field, value, expected, detail
         message = f"{field}: got {value!r}; expected {expected}"
         super().__init__(f"{message}. {detail}" if detail else message)
+
+    def __reduce__(self):  # picklable with its fields (engines that ship errors between processes)
+        return type(self), (self.field, self.value, self.expected, self.detail)
 
 
 class QualityGateError(Exception):

@@ -179,6 +179,11 @@ class StageRun:
         """Publish `local_dir` to the output prefix, then write the manifest last."""
         names = storage.publish_dir(local_dir, self.output, skip=(MANIFEST, PROGRESS))
         files = {name: {"bytes": (local_dir / name).stat().st_size, "sha256": sha256_file(local_dir / name)} for name in names}
+        return self.finish_files(files, metrics, extra)
+
+    def finish_files(self, files: dict[str, dict[str, Any]], metrics: dict[str, Any],
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the manifest over files already at the output prefix ({name: {bytes, sha256}}), last."""
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "stage": self.stage,

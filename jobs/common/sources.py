@@ -71,6 +71,32 @@ def load_tokenizer(uri: str, workdir: Path, field: str = "--base-model"):
         raise BadInputError(field, uri, EXPECTED, f"loading the tokenizer failed: {err}") from err
 
 
+SENTENCEPIECE_FILES = ("tokenizer.model", "assets/tokenizer/vocabulary.spm")  # HF checkpoint, keras-hub preset
+
+
+def tokenizer_proto(uri: str, workdir: Path, field: str = "--base-model") -> bytes:
+    """The model's serialized SentencePiece model, read without keras-hub (the Beam engine's image has none): from
+    the demo model, hf://ORG/NAME, or a gs:// or local model directory; only the tokenizer file is fetched."""
+    if uri == demo_model.DEMO_MODEL_URI:
+        return (demo_model.tokenizer_dir() / demo_model.SENTENCEPIECE).read_bytes()
+    expected = "demo:gemma3-270m, hf://ORG/NAME, or a gs:// or local model directory holding " + " or ".join(SENTENCEPIECE_FILES)
+    if uri.startswith("hf://"):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(uri.removeprefix("hf://").strip("/"), "tokenizer.model")).read_bytes()
+        except Exception as err:  # the hub's errors have no common base; the message says which
+            raise BadInputError(field, uri, expected, f"downloading tokenizer.model failed: {err}") from err
+    if storage.is_gcs(uri) or Path(uri).expanduser().is_dir():
+        base = uri if storage.is_gcs(uri) else str(Path(uri).expanduser())
+        for name in SENTENCEPIECE_FILES:
+            if storage.exists(storage.join(base, name)):
+                return storage.read_bytes(storage.join(base, name))
+        raise BadInputError(field, uri, expected, "no SentencePiece model there")
+    raise BadInputError(field, uri, expected, "a keras-hub preset name is resolved by keras-hub, which this engine does "
+                        "not carry: copy the preset's directory to gs:// and name that")
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".h5", ".bin", ".gguf", ".pt", ".npz")
 
 

@@ -170,6 +170,15 @@ def list_files(uri: str) -> list[str]:
     return sorted(str(p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file())
 
 
+def fingerprints(uri: str) -> dict[str, list]:
+    """{relative name: [size, crc32c]} of a gs:// object or of the objects under a prefix, from one listing: how an
+    input too big to download and hash is recorded."""
+    bucket, path = split_gcs(uri)
+    blob = _bucket(bucket).get_blob(path) if path and not path.endswith("/") else None
+    blobs = {"": blob} if blob is not None else _list_blobs(uri)
+    return {name: [b.size, b.crc32c] for name, b in sorted(blobs.items())}
+
+
 def _list_blobs(uri: str) -> dict:  # -> {relative name: Blob}
     """The objects under a gs:// prefix, with the metadata (size, generation) the listing already returns."""
     bucket, path = split_gcs(uri)

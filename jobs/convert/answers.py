@@ -8,18 +8,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.common import storage
+from jobs.common import splits, storage
 
 TEXT_PROMPT_WORDS = 24
 
 
 def eval_prompts(data: str, workdir: Path, count: int) -> list[dict[str, str]]:
-    path = storage.stage_in(storage.join(data, "eval.jsonl"), workdir / "answers-data")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
+    rows: list[dict[str, str]] = []
+    for name in splits.files(storage.list_files(data), "eval", data):  # the first shards suffice
+        if len(rows) == count:
+            break
+        path = storage.stage_in(storage.join(data, name), workdir / "answers-data")
+        for line in path.read_text(encoding="utf-8").splitlines():
             if len(rows) == count:
                 break
+            if not line.strip():
+                continue
             row = json.loads(line)
             if "text" in row:  # raw text: the document's opening is the prompt, its next words the reference
                 words = row["text"].split(" ")

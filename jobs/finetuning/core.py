@@ -46,13 +46,12 @@ class _Preemption:
 
 def _load_splits(config: FinetuneConfig, data_ref: dict[str, str], workdir: Path, tokenizer):
     data_dir = stage_in_upstream(config.data, data_ref, workdir / "data", name="data")
-    train_rows = data_lib.read_rows(data_dir / "train.jsonl", "--data")
+    train_rows = data_lib.read_split(data_dir, "train", "--data")
     if config.max_train_examples:
         # The train split is in the preprocessing's seeded hash order, so its head is a random sample; the eval
         # split is untouched, so candidates that differ in data size are still scored on the same rows.
         train_rows = train_rows[: config.max_train_examples]
-    eval_path = data_dir / "eval.jsonl"
-    eval_rows = data_lib.read_rows(eval_path, "--data") if eval_path.exists() else []
+    eval_rows = data_lib.read_split(data_dir, "eval", "--data", required=False)
     if not train_rows:
         raise BadInputError("--data", config.data, "a preprocessing output with at least one training row")
     train = data_lib.tokenize(train_rows, tokenizer, config.sequence_length)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.common import splits
 from jobs.common.errors import BadInputError
 from jobs.common.lm import bucket_width
 
@@ -40,18 +41,34 @@ def row_kind(row: dict[str, Any]) -> str:
     return ""
 
 
-def read_rows(path: Path, field: str) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise BadInputError(field, str(path), "a preprocessing output with this file")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_rows(path: Path | list[Path], field: str) -> list[dict[str, Any]]:
+    """Rows of a split file, or of a split's shards in order."""
+    paths = path if isinstance(path, list) else [path]
+    rows, where = [], []
+    for part in paths:
+        if not part.exists():
+            raise BadInputError(field, str(part), "a preprocessing output with this file")
+        for number, line in enumerate(part.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                rows.append(json.loads(line))
+                where.append(f"{part}:{number}")
     kinds = {row_kind(row) for row in rows}
     for index, row in enumerate(rows):
         if not row_kind(row):
-            raise BadInputError(field, f"{path}:{index + 1}", "rows with string 'prompt' and 'response' fields, a "
+            raise BadInputError(field, where[index], "rows with string 'prompt' and 'response' fields, a "
                                 "'segments' list (chat) or a string 'text' (raw text)")
     if len(kinds) > 1:
-        raise BadInputError(field, str(path), "rows of one mode", f"found {', '.join(sorted(kinds))} rows")
+        raise BadInputError(field, str(paths[0]), "rows of one mode", f"found {', '.join(sorted(kinds))} rows")
     return rows
+
+
+def read_split(data_dir: Path, split: str, field: str, required: bool = True) -> list[dict[str, Any]]:
+    """A split of a preprocessing output (one file, or shards from the Beam engine); [] when absent and optional."""
+    parts = splits.paths(data_dir, split)
+    if not parts and required:
+        raise BadInputError(field, str(data_dir / f"{split}.jsonl"),
+                            f"a preprocessing output with a {split} split ({split}.jsonl or {split}-NNNNN-of-NNNNN.jsonl)")
+    return read_rows(parts, field) if parts else []
 
 
 def segments_of(row: dict[str, Any]) -> list[list[Any]]:
