@@ -32,13 +32,20 @@ def strip_suffix(name: str) -> str:
     return name
 
 
-def codec_of(path: Path, name: str) -> str | None:
-    """The codec a file is compressed with, from its first bytes; None for a plain file."""
+def sniff(path: Path) -> str | None:
+    """The codec of a file by its magic bytes alone (None: plain, or claimed by name only)."""
     with path.open("rb") as handle:
         head = handle.read(6)
-    for codec, (magic, _) in CODECS.items():
-        if head.startswith(magic):
-            return codec
+    return next((codec for codec, (magic, _) in CODECS.items() if head.startswith(magic)), None)
+
+
+def codec_of(path: Path, name: str) -> str | None:
+    """The codec a file is compressed with, from its first bytes; None for a plain file; exit 2 when the name
+    claims a codec the bytes do not have."""
+    if (codec := sniff(path)) is not None:
+        return codec
+    with path.open("rb") as handle:
+        head = handle.read(6)
     claimed = next((codec for codec, (_, suffixes) in CODECS.items() if name.lower().endswith(suffixes)), None)
     if claimed is not None:
         raise BadInputError("--input", name, f"a {claimed} archive (the file name ends in {name[len(strip_suffix(name)):]})",

@@ -46,7 +46,8 @@ def _input_bytes(local: Path | None) -> int | None:
         return None
     files = [local] if local.is_file() else [p for p in local.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
-    return size * 8 if any(archives.codec_of(p, p.name) for p in files[:1]) else size  # compressed: ~8x as text
+    # The first file stands for all; a name that lies about its codec is the reader's to report, with its full name.
+    return size * 8 if files and archives.sniff(files[0]) else size  # compressed: ~8x as text
 
 
 def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:

@@ -141,11 +141,9 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ctx(tmp_path_factory, tiny_gemma3, gcs_server):
-    root = tmp_path_factory.mktemp("bad-input")
-    files = root / "files"
-    files.mkdir()
+def catalogue_files(files: Path) -> None:
+    """The catalogue's input files (also read by the Beam engine's parity test)."""
+    files.mkdir(parents=True, exist_ok=True)
     good = [{"instruction": f"What does helper {i} return?", "response": f"The number {i}."} for i in range(12)]
     (files / "good.jsonl").write_text("\n".join(json.dumps(r) for r in good) + "\n")
     (files / "bad.jsonl").write_text(json.dumps(good[0]) + '\n{"instruction": "cut short", \n')
@@ -170,6 +168,13 @@ def ctx(tmp_path_factory, tiny_gemma3, gcs_server):
     (files / "dupes.jsonl").write_text((json.dumps(good[0]) + "\n") * 5)
     (files / "nulls.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}", "response": None}) + "\n" for i in range(3)))
     (files / "chat_text.jsonl").write_text(json.dumps({"messages": "user: hi / assistant: hello"}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, tiny_gemma3, gcs_server):
+    root = tmp_path_factory.mktemp("bad-input")
+    files = root / "files"
+    catalogue_files(files)
     paths = tiny_pipeline(root, tiny_gemma3, steps=2)
     from jobs.preprocessing.config import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess

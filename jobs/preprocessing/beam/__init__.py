@@ -9,6 +9,7 @@ process (FnApiRunner: no runner binary to download). Lives in its own environmen
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import uuid
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from jobs.preprocessing.sources import SUFFIXES, detect_format, input_files, ord
 
 log = logging.getLogger(__name__)
 
+SHARD_BYTES_ENV = "GEMMA_PIPELINE_SHARD_BYTES"  # target shard size (default 64 MiB); tests make it small
 IN_PROCESS = "FnApiRunner"
 DATAFLOW = "DataflowRunner"
 
@@ -44,7 +46,7 @@ def input_units(config: PreprocessConfig, fmt: str) -> list[tuple[int, str, str]
     if not storage.is_gcs(uri):
         local = Path(uri)
         if not local.exists():
-            raise BadInputError("--input", uri, "an existing file or directory")
+            raise BadInputError("input", uri, "an existing file or directory")  # as storage.stage_in says it
         return [(i, str(path), name) for i, (path, name) in enumerate(input_files(uri, local, fmt))]
     if not uri.endswith("/") and storage.exists(uri):
         return [(0, uri, uri)]
@@ -90,6 +92,7 @@ def run(config: PreprocessConfig, workdir: Path, options: Any) -> dict[str, Any]
     from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
 
     from jobs.preprocessing.beam.pipeline import build, stale_outputs
+    from jobs.preprocessing.beam.plan import SHARD_BYTES
 
     standard = options.view_as(StandardOptions)
     standard.runner = standard.runner or IN_PROCESS
@@ -107,7 +110,7 @@ def run(config: PreprocessConfig, workdir: Path, options: Any) -> dict[str, Any]
     storage.write_bytes(tokenizer_uri, proto)
     log.info("%s: %d input unit(s), runner %s", config.input, len(units), standard.runner)
     pipeline = beam.Pipeline(options=options)
-    build(pipeline, config, fmt, units, tokenizer_uri, stage)
+    build(pipeline, config, fmt, units, tokenizer_uri, stage, int(os.environ.get(SHARD_BYTES_ENV) or SHARD_BYTES))
     try:
         result = pipeline.run()
         if standard.runner == DATAFLOW:

@@ -28,7 +28,7 @@ from jobs.common import splits, storage
 from jobs.common.errors import BadInputError
 from jobs.common.manifest import ConcurrentWriter, StageRun, read_manifest
 from jobs.preprocessing import rows
-from jobs.preprocessing.beam.plan import Plan, prefix
+from jobs.preprocessing.beam.plan import SHARD_BYTES, Plan, prefix
 from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.rows import COERCIONS, DROP_REASONS
 from jobs.preprocessing.sources import read_file, read_records
@@ -159,17 +159,17 @@ def earliest(events: list[tuple[Position, Any]]) -> tuple[Position, Any] | None:
     return min(events, key=lambda e: e[0]) if events else None
 
 
-def decide(_: Any, config: PreprocessConfig, counts: dict[str, Any], fatal: list, first: list,
+def decide(_: Any, config: PreprocessConfig, shard_bytes: int, counts: dict[str, Any], fatal: list, first: list,
            hist: dict[int, tuple[int, int]]) -> Plan:
     """What a single-machine run would have stopped at, in reading order; else the split's plan."""
     stops = list(fatal)
     if (head := earliest(first)) is not None and head[1]:
-        stops.append(head)  # the first readable record lacks a mapped column
+        stops.insert(0, head)  # the first readable record lacks a mapped column: that error comes first at its row
     if (stop := earliest(stops)) is not None:
         raise stop[1]
     kept = sum(count for count, _ in hist.values())
     limit, n_eval = rows.split_sizes(kept, config, counts["rows_in"], counts["dropped"])
-    return Plan.from_histogram(hist, limit, n_eval)
+    return Plan.from_histogram(hist, limit, n_eval, shard_bytes)
 
 
 def write_shard(element: tuple[tuple[str, int], list[tuple[Any, str, int, int]]], output: str, counts: dict[str, int]) -> dict[str, Any]:
@@ -217,7 +217,7 @@ def finish(_: Any, config: PreprocessConfig, stage: StageRun, plan: Plan, counts
 
 
 def build(p: beam.Pipeline, config: PreprocessConfig, fmt: str, units: list[tuple[int, str, str]], tokenizer_uri: str,
-          stage: StageRun) -> beam.PCollection:
+          stage: StageRun, shard_bytes: int = SHARD_BYTES) -> beam.PCollection:
     """The pipeline's graph; returns the PCollection holding the stats once the manifest is written."""
     read = (p | "Units" >> beam.Create(units) | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(ReadUnit(config, fmt)).with_outputs(REJECTS_TAG, EVENTS_TAG, main="kept"))
@@ -235,7 +235,7 @@ def build(p: beam.Pipeline, config: PreprocessConfig, fmt: str, units: list[tupl
     hist = (kept_rows | "ByPrefix" >> beam.Map(lambda r: (prefix(r[0]), (1, len(r[1].encode()))))
             | "Histogram" >> beam.CombinePerKey(lambda pairs: tuple(map(sum, zip(*pairs)))))
     plan = (p | "Once" >> beam.Create([None])
-            | "Decide" >> beam.Map(decide, config, beam.pvalue.AsSingleton(counts), beam.pvalue.AsList(fatal),
+            | "Decide" >> beam.Map(decide, config, shard_bytes, beam.pvalue.AsSingleton(counts), beam.pvalue.AsList(fatal),
                                    beam.pvalue.AsList(first), beam.pvalue.AsDict(hist)))
     cut_keys = (kept_rows | "InCutBuckets" >> beam.FlatMap(
                     lambda r, plan: [(prefix(r[0]), r[0])] if prefix(r[0]) in plan.cut_buckets() else [],
@@ -244,7 +244,7 @@ def build(p: beam.Pipeline, config: PreprocessConfig, fmt: str, units: list[tupl
     settled = plan | "Settle" >> beam.Map(lambda plan, keys: plan.settle(keys), beam.pvalue.AsDict(cut_keys))
     assigned = kept_rows | "Assign" >> beam.FlatMap(_assign, beam.pvalue.AsSingleton(settled))
     quarantine_shards = counts | "QuarantineShards" >> beam.Map(
-        lambda c: max(1, -(-c["quarantine_bytes"] // (64 << 20))) if c["quarantine_bytes"] else 1)
+        lambda c: min(len(units), max(1, -(-c["quarantine_bytes"] // shard_bytes))))
     quarantined = read[REJECTS_TAG] | "QuarantineShard" >> beam.Map(
         lambda r, shards: (("quarantine", r[0][0] * shards // len(units)), (r[0], r[1], 0, 0)),
         beam.pvalue.AsSingleton(quarantine_shards))

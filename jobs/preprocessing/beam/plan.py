@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 PREFIX_BYTES = 2  # 65,536 buckets: a cut sorts ~1/65,536 of the keys
-SHARD_BYTES = 64 << 20  # target size of a written shard; a shard is assembled in one worker's memory
+SHARD_BYTES = 64 << 20  # default target size of a written shard; a shard is assembled in one worker's memory
 FULL = 1 << 64
 
 
@@ -42,11 +42,11 @@ def locate(hist: dict[int, tuple[int, int]], rank: int) -> Cut | None:
     return None
 
 
-def shard_count(rows: int, kept: int, kept_bytes: int) -> int:
-    """Shards for a split of `rows` rows out of `kept` rows of `kept_bytes` bytes: about SHARD_BYTES each."""
+def shard_count(rows: int, kept: int, kept_bytes: int, shard_bytes: int = SHARD_BYTES) -> int:
+    """Shards for a split of `rows` rows out of `kept` rows of `kept_bytes` bytes: about `shard_bytes` each."""
     if not rows or not kept:
         return 1
-    return max(1, math.ceil(kept_bytes * rows / kept / SHARD_BYTES))
+    return max(1, math.ceil(kept_bytes * rows / kept / shard_bytes))
 
 
 @dataclass
@@ -59,11 +59,13 @@ class Plan:
     ends: dict[str, bytes | None] = field(default_factory=dict)  # the exact first key past each cut
 
     @classmethod
-    def from_histogram(cls, hist: dict[int, tuple[int, int]], limit: int, n_eval: int) -> Plan:
+    def from_histogram(cls, hist: dict[int, tuple[int, int]], limit: int, n_eval: int,
+                       shard_bytes: int = SHARD_BYTES) -> Plan:
         kept = sum(count for count, _ in hist.values())
         kept_bytes = sum(size for _, size in hist.values())
         return cls(kept, limit, n_eval, {"eval": locate(hist, n_eval), "limit": locate(hist, limit)},
-                   {"eval": shard_count(n_eval, kept, kept_bytes), "train": shard_count(limit - n_eval, kept, kept_bytes)})
+                   {"eval": shard_count(n_eval, kept, kept_bytes, shard_bytes),
+                    "train": shard_count(limit - n_eval, kept, kept_bytes, shard_bytes)})
 
     def cut_buckets(self) -> set[int]:
         return {cut.bucket for cut in self.cuts.values() if cut is not None}
