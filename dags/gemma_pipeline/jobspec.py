@@ -23,7 +23,8 @@ STAGES = ("preprocess", "finetune", "benchmark", "convert")
 MODULES = {"preprocess": "jobs.preprocessing", "finetune": "jobs.finetuning", "benchmark": "jobs.benchmark", "convert": "jobs.convert"}
 # Stages that also have a GPU image (docker/<stage>.Dockerfile built with ACCELERATOR=gpu), used on GPU profiles.
 GPU_IMAGE_STAGES = ("finetune", "benchmark")
-IMAGE_NAMES = (*STAGES, *(f"{stage}-gpu" for stage in GPU_IMAGE_STAGES))
+BEAM_IMAGE = "preprocess-beam"  # the Dataflow Flex Template image of the Beam engine (preprocess_engine=dataflow)
+IMAGE_NAMES = (*STAGES, *(f"{stage}-gpu" for stage in GPU_IMAGE_STAGES), BEAM_IMAGE)
 # The Job names its command, so the spec alone says what runs (the local backend runs exactly this).
 COMMANDS = {stage: ["python", "-m", module] for stage, module in MODULES.items()}
 NON_RETRIABLE_EXIT_CODES = (2, 3, 4)

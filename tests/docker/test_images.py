@@ -4,6 +4,7 @@ that each stage's extra covers its imports, and that the DAG names exactly the i
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from tests.docker import deps
 
 DOCKER = ROOT / "docker"
 DOCKERFILES = {stage: DOCKER / f"{stage}.Dockerfile" for stage in jobspec.STAGES}
+BEAM_DOCKERFILE = DOCKER / f"{jobspec.BEAM_IMAGE}.Dockerfile"
 
 
 def _hadolint() -> str:
@@ -100,6 +102,9 @@ def test_cloud_build_pushes_exactly_the_images_the_dag_names():
     assert pushed == set(jobspec.IMAGE_NAMES)
     for step in build["steps"]:
         args = step["args"]
+        assert not step["name"].endswith(":latest") and ":" in step["name"]
+        if args[0] != "build":
+            continue
         dockerfile = args[args.index("-f") + 1]
         assert (ROOT / dockerfile).exists() and args[-1] == "."
         tag = args[args.index("-t") + 1]
@@ -125,9 +130,9 @@ def test_dockerignore_keeps_the_context_to_what_images_install():
     lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "jobs", "docker/constraints.txt"}
+    assert allowed == {"pyproject.toml", "README.md", "jobs", "docker/constraints.txt", "docker/constraints-beam.txt"}
     copied = set()
-    for path in DOCKERFILES.values():
+    for path in [*DOCKERFILES.values(), BEAM_DOCKERFILE]:
         copied |= {src.rstrip("/") for src in re.findall(r"^COPY (?!--from)(.+) \S+$", path.read_text(), re.M)
                    for src in src.split()}
     assert copied == allowed
@@ -147,3 +152,32 @@ def test_the_image_context_builds_a_package_of_the_stages_alone(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist() if not name.split("/")[0].endswith("-info")}
     assert tops == {"jobs"}
+
+
+def test_the_beam_image_is_a_flex_template_launcher_and_worker_on_its_own_pins():
+    text = BEAM_DOCKERFILE.read_text()
+    result = subprocess.run([_hadolint(), "--no-color", str(BEAM_DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0 and "hadolint ignore" not in text, result.stdout
+    for image in re.findall(r"^ARG \w+_IMAGE=(\S+)", text, re.M):
+        assert "latest" not in image and re.search(r":\d[\w.]*\d", image), f"not pinned: {image}"
+    assert '".[beam]"' in text and "--constraint docker/constraints-beam.txt" in text
+    assert "/opt/apache/beam /opt/apache/beam" in text and "python_template_launcher" in text
+    assert re.search(r"^ENTRYPOINT \[\"/opt/apache/beam/boot\"\]$", text, re.M)
+    sdk = re.search(r"beam_python3\.11_sdk:(\S+)", text).group(1)
+    pins = dict(line.split("==") for line in (DOCKER / "constraints-beam.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins["apache-beam"] == sdk  # the boot program and the installed SDK are one Beam release
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["beam"]
+    for requirement in map(Requirement, extra):
+        assert requirement.name in pins, f"{requirement.name} has no pin in docker/constraints-beam.txt"
+        assert requirement.specifier.contains(pins[requirement.name]), requirement
+
+
+def test_the_flex_template_metadata_is_generated_from_the_stage_options():
+    from jobs.preprocessing.beam.template import metadata
+
+    assert json.loads((DOCKER / "preprocess-beam.metadata.json").read_text()) == metadata()

@@ -6,6 +6,7 @@ import sys
 
 from jobs.common.cli import main
 from jobs.preprocessing.beam.options import pipeline_options
+from jobs.preprocessing.beam.template import dashed
 from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig
 
 if __name__ == "__main__":
@@ -19,4 +20,4 @@ if __name__ == "__main__":
 
     sys.exit(main(PreprocessConfig, run, DESCRIPTION + " Apache Beam engine: Beam's pipeline options (--runner, "
                   "--project, --region, --temp_location, ...) are accepted too; without --runner it runs in process.",
-                  passthrough=pipeline_options))
+                  argv=dashed(sys.argv[1:]), passthrough=pipeline_options))
