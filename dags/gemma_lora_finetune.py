@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartJobOperator  # noqa: F401
 from airflow.providers.standard.decorators.python import python_task  # noqa: F401
 from airflow.sdk import DAG, Param, chain, task, task_group
-from gemma_pipeline import candidates, jobspec, profiles, serving
+from gemma_pipeline import candidates, dataflow, jobspec, profiles, serving
 from gemma_pipeline.operators import StageJobOperator
 from gemma_pipeline.report import RunReportOperator
 from gemma_pipeline.serve import ServeOperator
@@ -27,6 +27,14 @@ REGISTRY = os.environ.get("GEMMA_PIPELINE_REGISTRY", "us-central1-docker.pkg.dev
 IMAGE_TAG = os.environ.get("GEMMA_PIPELINE_IMAGE_TAG", "0.1.0")  # a release tag or a commit SHA, never latest
 IMAGES = jobspec.images(REGISTRY, IMAGE_TAG)  # what docker/cloudbuild.yaml pushes
 RETRY_DELAY_S = int(os.environ.get("GEMMA_PIPELINE_RETRY_DELAY_S", "120"))  # the chaos test shortens it
+# Preprocessing on Dataflow (preprocess_engine=dataflow): the Flex Template docker/cloudbuild.yaml writes.
+DATAFLOW_REGION = os.environ.get("GEMMA_PIPELINE_DATAFLOW_REGION", LOCATION)
+DATAFLOW_TEMPLATE = os.environ.get("GEMMA_PIPELINE_DATAFLOW_TEMPLATE",
+                                   f"gs://{PROJECT_ID}-dataflow/templates/preprocess-beam-{IMAGE_TAG}.json")
+DATAFLOW_TEMP = os.environ.get("GEMMA_PIPELINE_DATAFLOW_TEMP", f"gs://{PROJECT_ID}-dataflow/tmp")
+DATAFLOW_SERVICE_ACCOUNT = os.environ.get("GEMMA_PIPELINE_DATAFLOW_SA", f"gemma-dataflow@{PROJECT_ID}.iam.gserviceaccount.com")
+DATAFLOW_MACHINE_TYPE = os.environ.get("GEMMA_PIPELINE_DATAFLOW_MACHINE_TYPE", "n2-standard-4")
+DATAFLOW_MAX_WORKERS = int(os.environ.get("GEMMA_PIPELINE_DATAFLOW_MAX_WORKERS", "32"))
 
 RUN_KEY = "{{ run_key(params.run_name, run_id) }}"
 PREFIX = "gs://{{ params.bucket }}/runs/" + RUN_KEY
@@ -47,6 +55,9 @@ params = {
     "candidates": Param([{}], **candidates.schema()),
     "serve": Param("none", enum=list(serving.MODES),
                    description="hand the champion to serving: none, vertex (Model Registry + vLLM), or gke (vLLM Deployment)"),
+    "preprocess_engine": Param("gke", enum=list(dataflow.ENGINES),
+                               description="gke: preprocess in one Job (instruction datasets); dataflow: the same stage "
+                                           "on Dataflow (Apache Beam) for corpora past one machine"),
     "convert_all": Param(False, type="boolean", description="convert every finished candidate, not only the champion"),
     "queue": Param(f"{NAMESPACE}-queue", type="string", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                    description="Kueue LocalQueue in the namespace"),
@@ -91,6 +102,24 @@ def stage_kwargs(stage: str) -> dict:
     }
 
 
+def preprocess_on_dataflow() -> dataflow.PreprocessDataflowOperator:
+    return dataflow.PreprocessDataflowOperator(
+        task_id="preprocess_dataflow",
+        body=dataflow.launch_body(
+            job_name="gemma-preprocess-" + RUN_KEY,
+            template=DATAFLOW_TEMPLATE,
+            parameters=dataflow.template_parameters(PARAM_TEMPLATES, PREFIXES),
+            environment={"tempLocation": DATAFLOW_TEMP, "serviceAccountEmail": DATAFLOW_SERVICE_ACCOUNT,
+                         "machineType": DATAFLOW_MACHINE_TYPE, "maxWorkers": DATAFLOW_MAX_WORKERS,
+                         "sdkContainerImage": IMAGES[jobspec.BEAM_IMAGE],
+                         "additionalUserLabels": {"gemma-lora-pipeline-run": RUN_KEY}}),
+        location=DATAFLOW_REGION,
+        project_id=PROJECT_ID,
+        deferrable=True,
+        append_job_name=False,  # one name per run: a retry of the task is visibly the same run's job
+    )
+
+
 def stage_task(stage: str) -> StageJobOperator:
     return StageJobOperator(
         **stage_kwargs(stage),
@@ -125,8 +154,13 @@ with DAG(
     @task_group(group_id="candidate")
     def candidate(finetune: dict, benchmark: dict, index: int, key: str, overrides: dict, prefixes: dict,
                   convert: dict) -> None:
-        chain(StageJobOperator(**stage_kwargs("finetune"), plan=finetune),
+        # One preprocess task of the two runs (the other is skipped by the engine branch).
+        chain(StageJobOperator(**stage_kwargs("finetune"), plan=finetune, trigger_rule="none_failed_min_one_success"),
               StageJobOperator(**stage_kwargs("benchmark"), plan=benchmark))
+
+    @task.branch(task_id="preprocess_engine")
+    def preprocess_engine(params: dict | None = None) -> str:
+        return dataflow.engine_task_id(dict(params or {}))
 
     @task(task_id="select", trigger_rule="all_done")
     def select(entries: list[dict], params: dict | None = None) -> list[dict]:
@@ -134,7 +168,7 @@ with DAG(
 
     planned = plan()
     chosen = select(planned)
-    chain(planned, stage_task("preprocess"), candidate.expand_kwargs(planned), chosen,
+    chain(planned, preprocess_engine(), [stage_task("preprocess"), preprocess_on_dataflow()], candidate.expand_kwargs(planned), chosen,
           StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=chosen),
           ServeOperator(task_id="serve", run_prefix=PREFIX, mode="{{ params.serve }}", project_id=PROJECT_ID,
                         location=LOCATION, cluster_name=CLUSTER),

@@ -67,20 +67,29 @@ def _render(task, dag, overrides=None):
 
 
 def test_exact_task_order(dag):
-    order = ["plan", "preprocess", "candidate.finetune", "candidate.benchmark", "select", "convert", "serve", "report"]
+    order = ["plan", "preprocess_engine", "preprocess", "preprocess_dataflow", "candidate.finetune", "candidate.benchmark",
+             "select", "convert", "serve", "report"]
     assert [t.task_id for t in dag.topological_sort()] == order
-    for upstream, downstream in zip(order, order[1:]):
+    # The engine branch picks one of the two preprocess tasks; both lead to the candidates.
+    assert dag.get_task("preprocess_engine").downstream_task_ids == {"preprocess", "preprocess_dataflow"}
+    for task_id in ("preprocess", "preprocess_dataflow"):
+        assert dag.get_task(task_id).downstream_task_ids == {"candidate.finetune"}
+    chained = ["plan", "preprocess_engine", "preprocess", "candidate.finetune", "candidate.benchmark", "select", "convert",
+               "serve", "report"]
+    for upstream, downstream in zip(chained, chained[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     # The plan feeds the candidates' mapped tasks and the select task; nothing else skips a step.
-    assert dag.get_task("plan").downstream_task_ids == {"preprocess", "candidate.finetune", "candidate.benchmark", "select"}
+    assert dag.get_task("plan").downstream_task_ids == {"preprocess_engine", "candidate.finetune", "candidate.benchmark", "select"}
     assert dag.get_task("candidate.benchmark").downstream_task_ids == {"select"}
     # One fine-tune and one benchmark per candidate, a convert per chosen candidate.
     assert dag.task_group_dict["candidate"].__class__.__name__ == "MappedTaskGroup"
     assert dag.get_task("convert").__class__.__name__ == "MappedOperator"
     # select and the report run after failures too: select chooses among the candidates that finished, and the
-    # report fails itself when a stage did not finish, so the run still shows failed.
+    # report fails itself when a stage did not finish, so the run still shows failed. The fine-tune runs after
+    # whichever preprocess task the branch chose (the other is skipped), never after a failed one.
     assert dag.get_task("report").trigger_rule == "all_done" and dag.get_task("select").trigger_rule == "all_done"
-    assert all(dag.get_task(TASK_OF[s]).trigger_rule == "all_success" for s in jobspec.STAGES)
+    assert dag.get_task("candidate.finetune").trigger_rule == "none_failed_min_one_success"
+    assert all(dag.get_task(TASK_OF[s]).trigger_rule == "all_success" for s in jobspec.STAGES if s != "finetune")
 
 
 def test_policy(dag):

@@ -1,0 +1,89 @@
+"""Preprocessing on Dataflow (DAG param `preprocess_engine=dataflow`): the Beam engine's Flex Template launched with
+the Google provider's `DataflowStartFlexTemplateOperator`, deferrable. The template's parameters are the
+preprocessing stage's own options, rendered from the same Params as the GKE Job's arguments; region, temp
+location, worker service account and machine type are deployment settings (dags/gemma_lora_finetune.py).
+
+On the local backend the same parameters run the same pipeline with Beam's in-process runner, in the Beam
+environment `.venv-beam` (Beam cannot share the Airflow environment's pins; README, Tests).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from gemma_pipeline import jobspec, local
+
+BEAM_PYTHON_ENV = "GEMMA_PIPELINE_BEAM_PYTHON"
+ENGINES = ("gke", "dataflow")
+# Dataflow's own options the template passes to the launcher; the rest of the environment is the launch's.
+FIXED_PARAMETERS = {"sdk_location": "container"}  # workers use the image's Beam, not a staged SDK
+
+
+def template_parameters(values: dict[str, Any], prefixes: dict[str, str]) -> dict[str, str]:
+    """The stage's arguments as template parameters: `--max-tokens 128` becomes {"max_tokens": "128"}."""
+    args = jobspec.stage_args("preprocess", values, prefixes)
+    return {**{flag[2:].replace("-", "_"): value for flag, value in zip(args[::2], args[1::2])}, **FIXED_PARAMETERS}
+
+
+def launch_body(job_name: str, template: str, parameters: dict[str, str], environment: dict[str, Any]) -> dict[str, Any]:
+    """The body of `projects.locations.flexTemplates.launch` (LaunchFlexTemplateRequest, less project and location)."""
+    return {"launchParameter": {"jobName": job_name, "containerSpecGcsPath": template, "parameters": parameters,
+                                "environment": environment}}
+
+
+def beam_python() -> Path:
+    configured = os.environ.get(BEAM_PYTHON_ENV)
+    return Path(configured) if configured else Path(__file__).resolve().parents[2] / ".venv-beam" / "bin" / "python"
+
+
+class PreprocessDataflowOperator(DataflowStartFlexTemplateOperator):
+    """The provider's operator; empty parameters are left out after rendering (an empty option is the stage's
+    default, and Dataflow refuses empty values), and on the local backend the pipeline runs in process."""
+
+    def execute(self, context: Any) -> Any:
+        launch = self.body["launchParameter"]
+        launch["parameters"] = {k: str(v) for k, v in launch["parameters"].items() if str(v) != ""}
+        launch["jobName"] = re.sub(r"[^a-z0-9-]+", "-", launch["jobName"].lower())[:100].strip("-")
+        if local.backend() == "local":
+            return self.execute_local(context, launch["parameters"])
+        return super().execute(context)
+
+    def execute_local(self, context: Any, parameters: dict[str, str]) -> None:
+        python = beam_python()
+        if not python.exists():
+            raise AirflowFailException(f"preprocess_engine=dataflow on the local backend runs Beam's in-process runner "
+                                       f"in {python}, which does not exist: python3 -m venv .venv-beam && "
+                                       f".venv-beam/bin/pip install -e '.[beam]' (or set {BEAM_PYTHON_ENV})")
+        arguments = [f"--{name}={value}" for name, value in parameters.items() if name not in FIXED_PARAMETERS]
+        root = local.local_root()
+        ti = context["ti"]
+        with local.Emulator(root) as emulator:
+            for bucket in sorted(set(re.findall(r"gs://([^/\s]+)", " ".join(arguments)))):
+                emulator.ensure_bucket(bucket)
+            with local.scratch_dir(root, "preprocess-dataflow", f"try-{ti.try_number}") as scratch:
+                command, env = local.process_spec({"command": [str(python), "-m", "jobs.preprocessing.beam"],
+                                                   "args": arguments}, scratch)
+                command[0] = str(python)  # process_spec maps `python` to Airflow's; this is the Beam environment
+                env["STAGE_WORKDIR"] = str(scratch)
+                self.log.info("local backend: running the Beam pipeline in process (%s)", python)
+                started = time.monotonic()
+                code = local.run_process(command, env, scratch, lambda line: self.log.info("%s", line))
+        if code in jobspec.NON_RETRIABLE_EXIT_CODES:
+            raise AirflowFailException(f"preprocessing (Beam, in process) exited with code {code}: non-retriable")
+        if code != 0:
+            raise AirflowException(f"preprocessing (Beam, in process) exited with code {code}: retriable")
+        self.log.info("preprocessing (Beam, in process) finished in %.1f s", time.monotonic() - started)
+
+
+def engine_task_id(params: dict[str, Any]) -> str:
+    engine = params.get("preprocess_engine", "gke")
+    if engine not in ENGINES:
+        raise AirflowFailException(f"preprocess_engine: got {engine!r}; expected one of {', '.join(ENGINES)}")
+    return "preprocess_dataflow" if engine == "dataflow" else "preprocess"
+

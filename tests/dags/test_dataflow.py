@@ -1,0 +1,115 @@
+"""The Dataflow branch of preprocessing (param preprocess_engine): the Flex Template launch the provider's operator
+sends, checked at the hook's boundary against the Dataflow API's own request type; the branch; and the same task on
+the local backend, where it runs the Beam pipeline in process."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+from gemma_pipeline import dataflow, jobspec
+
+from tests.conftest import ROOT
+from tests.dags.test_dag import RUN_ID, _render, _render_fields, dag  # noqa: F401  (dag: the shared fixture)
+
+SETTINGS = {"preprocess_engine": "dataflow", "bucket": "bkt", "run_name": "corpus-1", "max_tokens": 256,
+            "data_mode": "text", "template": ""}
+
+
+class TI(SimpleNamespace):
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
+
+
+def launched(dag, monkeypatch, overrides):  # noqa: F811
+    from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
+
+    calls = []
+
+    def launch(self, body, location, project_id):  # the hook's boundary: what would go to flexTemplates.launch
+        calls.append({"body": json.loads(json.dumps(body)), "location": location, "project_id": project_id})
+        return {"id": "2026-11-30_02_00_00-123", "projectId": project_id, "location": location}
+
+    monkeypatch.setattr(DataflowHook, "launch_job_with_flex_template", launch)
+    monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
+    monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", "google-cloud-platform://")  # no credentials are used
+    task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, overrides)
+    ti = TI(**vars(context["ti"]), pushed={})
+    context.update(ti=ti, task_instance=ti)
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute(context)
+    return calls, deferred.value, task
+
+
+def test_the_launch_request_is_the_dataflow_apis_own_shape(dag, monkeypatch):  # noqa: F811
+    from google.cloud import dataflow_v1beta3
+
+    calls, deferred, task = launched(dag, monkeypatch, SETTINGS)
+    (call,) = calls
+    # Parsed by the API's own message type: an unknown or misspelt field is refused, types are checked.
+    request = dataflow_v1beta3.LaunchFlexTemplateRequest.from_json(
+        json.dumps({"projectId": call["project_id"], "location": call["location"], **call["body"]}))
+    launch = request.launch_parameter
+    assert re.fullmatch(r"[a-z]([-a-z0-9]{0,1022}[a-z0-9])?", launch.job_name) and "corpus-1" in launch.job_name
+    assert launch.container_spec_gcs_path.endswith(".json") and launch.container_spec_gcs_path.startswith("gs://")
+    environment = launch.environment
+    assert environment.temp_location.startswith("gs://") and environment.service_account_email.endswith(".gserviceaccount.com")
+    assert environment.machine_type and environment.max_workers >= 1
+    assert environment.sdk_container_image.endswith(f"/{jobspec.BEAM_IMAGE}:{re.split(':', environment.sdk_container_image)[-1]}")
+    assert environment.additional_user_labels == {"gemma-lora-pipeline-run": "corpus-1"}
+    # Every parameter is one the template declares; none is empty (an empty option is the stage's default).
+    declared = {p["name"] for p in json.loads((ROOT / "docker" / "preprocess-beam.metadata.json").read_text())["parameters"]}
+    assert set(launch.parameters) <= declared and all(launch.parameters.values())
+    assert launch.parameters["output"] == "gs://bkt/runs/corpus-1/preprocess" and launch.parameters["max_tokens"] == "256"
+    assert launch.parameters["mode"] == "text" and "template" not in launch.parameters
+    assert launch.parameters["sdk_location"] == "container"
+    # Deferred to the provider's trigger on the launched job.
+    assert type(deferred.trigger).__name__ == "TemplateJobStartTrigger" and deferred.trigger.job_id == "2026-11-30_02_00_00-123"
+
+
+def test_the_template_parameters_are_the_gke_jobs_arguments(dag, monkeypatch):  # noqa: F811
+    """The Beam CLI, given the parameters as Dataflow passes them, builds the config the GKE Job's arguments build."""
+    from jobs.common.cli import config_from_args, parser_for
+    from jobs.preprocessing.beam.template import dashed
+    from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig
+
+    calls, _, _ = launched(dag, monkeypatch, SETTINGS)
+    parameters = calls[0]["body"]["launchParameter"]["parameters"]
+    beam_args = dashed([f"--{k}={v}" for k, v in parameters.items() if k not in dataflow.FIXED_PARAMETERS])
+    job = _render(dag.get_task("preprocess"), dag, SETTINGS)
+    gke_args = job.spec.template.spec.containers[0].args
+    parser = parser_for(PreprocessConfig, DESCRIPTION)
+    assert config_from_args(PreprocessConfig, parser.parse_args(beam_args)) == config_from_args(PreprocessConfig, parser.parse_args(gke_args))
+
+
+def test_the_branch_picks_one_preprocess_task():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    assert dataflow.engine_task_id({"preprocess_engine": "dataflow"}) == "preprocess_dataflow"
+    assert dataflow.engine_task_id({"preprocess_engine": "gke"}) == "preprocess" == dataflow.engine_task_id({})
+    with pytest.raises(AirflowFailException, match="preprocess_engine: got 'spark'"):
+        dataflow.engine_task_id({"preprocess_engine": "spark"})
+
+
+def test_on_the_local_backend_the_task_runs_the_pipeline_in_process(dag, tmp_path, monkeypatch, tiny_gemma3):  # noqa: F811
+    if not dataflow.beam_python().exists():
+        pytest.skip("no .venv-beam (python3 -m venv .venv-beam && .venv-beam/bin/pip install -e '.[beam]')")
+    monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "local")
+    monkeypatch.setenv("GEMMA_PIPELINE_LOCAL_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    settings = {**SETTINGS, "base_model": str(tiny_gemma3), "data_mode": "instruction", "dataset": "demo:stdlib-docs"}
+    task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, settings)
+    task.execute(context)
+    out = tmp_path / "root" / "gcs" / "bkt" / "runs" / "corpus-1" / "preprocess"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["engine"] == "beam" and any(name.startswith("train-") for name in manifest["outputs"])
+    bad = {**settings, "max_tokens": 8}  # nothing fits: exit 2, no retry
+    task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, {**bad, "run_name": "corpus-2"})
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="code 2: non-retriable"):
+        task.execute(context)
