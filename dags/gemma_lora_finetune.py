@@ -115,8 +115,6 @@ def preprocess_on_dataflow() -> dataflow.PreprocessDataflowOperator:
                          "additionalUserLabels": {"gemma-lora-pipeline-run": RUN_KEY}}),
         location=DATAFLOW_REGION,
         project_id=PROJECT_ID,
-        deferrable=True,
-        append_job_name=False,  # one name per run: a retry of the task is visibly the same run's job
     )
 
 

@@ -3,8 +3,11 @@ the Google provider's `DataflowStartFlexTemplateOperator`, deferrable. The templ
 preprocessing stage's own options, rendered from the same Params as the GKE Job's arguments; region, temp
 location, worker service account and machine type are deployment settings (dags/gemma_lora_finetune.py).
 
-On the local backend the same parameters run the same pipeline with Beam's in-process runner, in the Beam
-environment `.venv-beam` (Beam cannot share the Airflow environment's pins; README, Tests).
+The provider's Dataflow module imports the Beam provider, which needs apache-beam, whose protobuf<7 breaks
+transformers 5 at run time (its generated SentencePiece protobuf code needs protobuf 7). Composer environments
+ship the Beam provider; the local environment cannot. So the task is our operator, which hands the launch to the
+provider's, imported when the task runs on the gke backend. On the local backend the same parameters run the
+same pipeline with Beam's in-process runner, in the Beam environment `.venv-beam`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
+from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
 from gemma_pipeline import jobspec, local
 
 BEAM_PYTHON_ENV = "GEMMA_PIPELINE_BEAM_PYTHON"
@@ -42,9 +46,32 @@ def beam_python() -> Path:
     return Path(configured) if configured else Path(__file__).resolve().parents[2] / ".venv-beam" / "bin" / "python"
 
 
-class PreprocessDataflowOperator(DataflowStartFlexTemplateOperator):
-    """The provider's operator; empty parameters are left out after rendering (an empty option is the stage's
-    default, and Dataflow refuses empty values), and on the local backend the pipeline runs in process."""
+class PreprocessDataflowOperator(BaseOperator):
+    """Starts the Flex Template with the provider's `DataflowStartFlexTemplateOperator` (deferrable: the wait is the
+    provider's trigger). Empty parameters are left out after rendering (an empty option is the stage's default, and
+    Dataflow refuses empty values); on the local backend the pipeline runs in process."""
+
+    template_fields = ("body", "location", "project_id")
+
+    def __init__(self, *, body: dict[str, Any], location: str, project_id: str, gcp_conn_id: str = "google_cloud_default",
+                 poll_sleep: int = 30, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.body, self.location, self.project_id = body, location, project_id
+        self.gcp_conn_id, self.poll_sleep = gcp_conn_id, poll_sleep
+        self._launcher: Any = None
+
+    def launcher(self) -> Any:
+        try:
+            from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
+        except Exception as err:  # the provider raises its own "optional feature" error without the Beam provider
+            raise AirflowFailException(
+                "preprocess_engine=dataflow needs apache-airflow-providers-apache-beam in the Airflow environment "
+                f"(Cloud Composer ships it): {err}") from err
+        self._launcher = DataflowStartFlexTemplateOperator(
+            task_id=self.task_id, body=self.body, location=self.location, project_id=self.project_id,
+            gcp_conn_id=self.gcp_conn_id, deferrable=True, poll_sleep=self.poll_sleep,
+            append_job_name=False)  # one job name per run: a retry's job is visibly the same run's
+        return self._launcher
 
     def execute(self, context: Any) -> Any:
         launch = self.body["launchParameter"]
@@ -52,7 +79,14 @@ class PreprocessDataflowOperator(DataflowStartFlexTemplateOperator):
         launch["jobName"] = re.sub(r"[^a-z0-9-]+", "-", launch["jobName"].lower())[:100].strip("-")
         if local.backend() == "local":
             return self.execute_local(context, launch["parameters"])
-        return super().execute(context)
+        return self.launcher().execute(context)  # defers to the provider's TemplateJobStartTrigger
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        return self.launcher().execute_complete(context, event)
+
+    def on_kill(self) -> None:
+        if self._launcher is not None:
+            self._launcher.on_kill()
 
     def execute_local(self, context: Any, parameters: dict[str, str]) -> None:
         python = beam_python()

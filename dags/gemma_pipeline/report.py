@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,16 @@ def summarize(manifests: dict[str, dict | None], documents: dict[str, dict | Non
     }
 
 
+def key_artifacts(stage: str, manifest: dict[str, Any]) -> list[str]:
+    """What a user opens first; for preprocessing, the splits as written: one file each, or (Beam engine) the first
+    of each split's shards."""
+    if stage != "preprocess":
+        return KEY_ARTIFACTS[stage]
+    outputs = manifest.get("outputs") or {}
+    return [n for n in sorted(outputs) if n in KEY_ARTIFACTS[stage] or re.fullmatch(r"(train|eval)-00000-of-\d{5}\.jsonl", n)] \
+        or KEY_ARTIFACTS[stage]
+
+
 def stage_prefixes(run_prefix: str, champion: dict[str, Any] | None) -> dict[str, str | None]:
     """Where the report reads each stage: the shared preprocessing, and the champion's candidate folders."""
     chosen = next((r for r in (champion or {}).get("candidates", []) if r.get("champion")), None)
@@ -127,7 +138,8 @@ def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | N
         "summary": summarize(manifests, documents),
         "stages": stages,
         "total_cost_usd": round(sum(costs), 4) if costs else None,
-        "artifacts": {s: [f"{where[s]}/{name}" for name in KEY_ARTIFACTS[s]] for s in jobspec.STAGES if manifests.get(s)},
+        "artifacts": {s: [f"{where[s]}/{name}" for name in key_artifacts(s, manifests[s])] for s in jobspec.STAGES
+                      if manifests.get(s)},
         "champion": champion,
         "answers": documents.get("convert/answers.json") or [],
         "prices": prices,

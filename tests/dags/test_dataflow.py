@@ -1,6 +1,11 @@
 """The Dataflow branch of preprocessing (param preprocess_engine): the Flex Template launch the provider's operator
 sends, checked at the hook's boundary against the Dataflow API's own request type; the branch; and the same task on
-the local backend, where it runs the Beam pipeline in process."""
+the local backend, where it runs the Beam pipeline in process.
+
+The provider's Dataflow hook module imports the Beam provider, which this environment cannot hold (apache-beam pins
+protobuf<7, which breaks transformers; Composer ships it). The tests stand in an empty module for that import only:
+the flex-template path never calls it, and everything from the operator down to the hook's launch call is the
+provider's own code."""
 
 from __future__ import annotations
 
@@ -23,7 +28,26 @@ class TI(SimpleNamespace):
         self.pushed[key] = value
 
 
+def without_beam_provider(monkeypatch) -> None:
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("airflow.providers.apache.beam") is not None:
+        return  # the real one (as on Composer)
+    class Names:  # BeamRunnerType.DataflowRunner == "DataflowRunner", as the real enum's values are
+        def __getattr__(self, name: str) -> str:
+            return name
+
+    stub = types.ModuleType("airflow.providers.apache.beam.hooks.beam")
+    stub.BeamHook = type("UnusedBeamHook", (), {"__init__": lambda self, *args, **kwargs: None})
+    stub.BeamRunnerType = Names()
+    stub.beam_options_to_args = lambda options: []
+    monkeypatch.setitem(sys.modules, stub.__name__, stub)
+
+
 def launched(dag, monkeypatch, overrides):  # noqa: F811
+    without_beam_provider(monkeypatch)
     from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
 
     calls = []
@@ -112,4 +136,16 @@ def test_on_the_local_backend_the_task_runs_the_pipeline_in_process(dag, tmp_pat
     from airflow.sdk.exceptions import AirflowFailException
 
     with pytest.raises(AirflowFailException, match="code 2: non-retriable"):
+        task.execute(context)
+
+
+def test_without_the_beam_provider_the_task_says_what_to_install(dag, monkeypatch):  # noqa: F811
+    import sys
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
+    monkeypatch.setitem(sys.modules, "airflow.providers.google.cloud.operators.dataflow", None)  # unimportable
+    task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, SETTINGS)
+    with pytest.raises(AirflowFailException, match="apache-airflow-providers-apache-beam"):
         task.execute(context)

@@ -25,10 +25,11 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("local-run")
 
 
-def _local_run(root, conf: dict, timeout: float = 420) -> subprocess.CompletedProcess:
+def _local_run(root, conf: dict, timeout: float = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The main command as a user runs it: a clean environment (nothing from this test process's emulator or
     Airflow home), its own process group so a hang is killed whole and reported with its output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "STORAGE_EMULATOR", "GEMMA_PIPELINE_"))}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "STORAGE_EMULATOR", "GEMMA_PIPELINE_"))},
+           **(env or {})}
     command = [sys.executable, "-m", "gemma_pipeline.local_run", "--root", str(root), "-c", json.dumps(conf)]
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as process:

@@ -1,10 +1,13 @@
 """The training modes through the real DAG on the local backend (tiny model, two steps): raw text for continued
 pre-training (the offline demo corpus, packed, scored in text mode) on an int8-quantized base (its adapter scored
-and exported on the full-precision base), and chat conversations."""
+and exported on the full-precision base), and chat conversations preprocessed by the Beam engine
+(preprocess_engine=dataflow, in process, in small shards) that the later stages read as one split."""
 
 from __future__ import annotations
 
 import json
+
+from gemma_pipeline import dataflow
 
 from tests.reliability.test_local_dag import BUCKET, _local_run
 
@@ -46,8 +49,13 @@ def test_chat_conversations_run_end_to_end(tmp_path_factory, tiny_gemma3):
     rows.append({"messages": [turn("user", "left without an answer")]})
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = _local_run(root, _conf(tiny_gemma3, "chat", dataset=str(source), data_mode="chat", on_bad_record="skip",
-                                    max_tokens=128, sequence_length=128))  # the tiny tokenizer spells turns out
+                                    max_tokens=128, sequence_length=128,  # the tiny tokenizer spells turns out
+                                    preprocess_engine="dataflow" if dataflow.beam_python().exists() else "gke"),
+                        env={"GEMMA_PIPELINE_SHARD_BYTES": "2048"})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    if dataflow.beam_python().exists():
+        outputs = _read(root, "chat", "preprocess", "_manifest.json")["outputs"]
+        assert len([n for n in outputs if n.startswith("train-")]) > 1 and "train.jsonl" not in outputs
     stats = _read(root, "chat", "preprocess", "stats.json")
     assert stats["mode"] == "chat" and stats["dropped"]["bad_chat"] == 1 and stats["rows_out"] == 24
     champion = _read(root, "chat", "champion.json")
