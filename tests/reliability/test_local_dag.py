@@ -106,6 +106,7 @@ def test_the_same_run_name_again_skips_every_finished_stage(first_run, root, tin
     assert all(s["skipped"] for s in report["stages"]) and "| finetune | reused (skipped) |" in again.stdout
 
 
+@pytest.mark.slow  # a second DAG run (~100 s); candidate reuse is also covered by tests/dags/test_candidates.py
 def test_an_added_candidate_runs_alone_and_a_changed_param_reruns_only_what_it_affects(first_run, root, tiny_gemma3):
     assert first_run.returncode == 0
     added = {"max_train_examples": 4, "seed": 3}

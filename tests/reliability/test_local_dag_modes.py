@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from gemma_pipeline import dataflow
 
 from tests.reliability.test_local_dag import BUCKET, _local_run
@@ -21,6 +22,7 @@ def _conf(tiny_gemma3, run: str, **overrides) -> dict:
             **overrides}
 
 
+@pytest.mark.slow  # a DAG run (~100 s); text packing and the int8 base have fast tests of their own
 def test_raw_text_on_a_quantized_base_runs_end_to_end(tmp_path_factory, tiny_gemma3):
     """Packed raw text, the base quantized to int8: the adapter is the product; benchmark scores it on the
     full-precision base in text mode and convert exports base + adapter, checked by the parity test."""

@@ -94,6 +94,7 @@ def setup(tmp_path_factory, tiny_gemma3):
     return {**setup, "reference": _adapter_arrays(root / "one-process" / ADAPTER)}
 
 
+@pytest.mark.slow  # the model-parallel test below also trains across two processes against this reference
 def test_two_processes_train_the_weights_of_one_process_with_two_devices(setup):
     out = setup["root"] / "two-processes"
     results = _finish(_start(setup, out, processes=2, devices_each=1))

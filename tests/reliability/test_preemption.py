@@ -34,7 +34,10 @@ def setup(tmp_path_factory, tiny_gemma3):
     return {"data": data, "model": tiny_gemma3, "reference": _adapter_arrays(reference / ADAPTER), "root": root}
 
 
-@pytest.mark.parametrize("stop_after", [1, STEPS // 2, STEPS - 1], ids=["early", "middle", "just-before-the-end"])
+# The middle point runs by default; the edges (long runs) with -m slow.
+@pytest.mark.parametrize("stop_after", [pytest.param(1, marks=pytest.mark.slow), STEPS // 2,
+                                        pytest.param(STEPS - 1, marks=pytest.mark.slow)],
+                         ids=["early", "middle", "just-before-the-end"])
 def test_sigterm_then_restart_ends_where_an_uninterrupted_run_ends(setup, stop_after):
     out = setup["root"] / f"stopped-after-{stop_after}"
     args = ["--data", str(setup["data"]), "--base-model", str(setup["model"]), *FLAGS, "--output", str(out)]
