@@ -1,6 +1,6 @@
 """The Beam engine on its in-process runner against the single-machine stage, on the same N rows (the demo dataset
 repeated with a row number, so none are duplicates; demo:gemma3-270m's tokenizer): rows/s of each and their
-ratio, runs interleaved, median and spread over the repeats. Each engine runs as its CLI would, in a fresh
+ratio, runs interleaved (A B, B A, ...), median and spread over the repeats; the engines' stats must agree. Each engine runs as its CLI would, in a fresh
 process (Beam in `.venv-beam`), so interpreter start and imports are counted for both. No claim is made for
 Dataflow's own speed: the in-process runner is one process on this machine.
 
@@ -43,7 +43,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in ENGINES}
     outputs = {}
     for repeat in range(args.repeats + 1):  # the first round warms the model cache and the page cache; not counted
-        for name, command in ENGINES.items():
+        for name, command in list(ENGINES.items())[:: 1 if repeat % 2 else -1]:  # A B, then B A
             out = work / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
             started = time.perf_counter()
