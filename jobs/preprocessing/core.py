@@ -68,6 +68,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
     coerced: Counter[str] = Counter({name: 0 for name in COERCIONS})
     rows_in = 0
     columns_checked = False
+    required = tuple(config.required_columns())
     workdir.mkdir(parents=True, exist_ok=True)
     spill_dir = Path(tempfile.mkdtemp(prefix="spill-", dir=workdir))
     count = spill.bucket_count(_input_bytes(local_input))
@@ -83,7 +84,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
     with (out / "quarantine.jsonl").open("w", encoding="utf-8") as quarantine:
         for record in read_records(config.input, local_input, fmt, config.hf_split, config.text_field, config.sample_by):
             rows_in += 1
-            outcome = rows.assess(config, record, coerced)
+            outcome = rows.assess(config, record, coerced, required)
             if outcome.missing and not columns_checked:
                 raise rows.columns_error(config, record, outcome.missing)
             columns_checked = columns_checked or record.data is not None

@@ -10,7 +10,6 @@ the optional context field counts as no context (`coerced.null_context_to_empty`
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -129,16 +128,12 @@ class Outcome:
     missing: tuple[str, ...] = ()  # mapped columns a readable record lacks
 
 
-@functools.lru_cache(maxsize=16)
-def _required(config: PreprocessConfig) -> tuple[str, ...]:
-    return tuple(config.required_columns())
-
-
-def assess(config: PreprocessConfig, record: Any, coerced: Counter) -> Outcome:
-    """The fate of a `sources.Record`; coercions are counted into `coerced`."""
+def assess(config: PreprocessConfig, record: Any, coerced: Counter, required: tuple[str, ...]) -> Outcome:
+    """The fate of a `sources.Record` (`required`: config.required_columns(), computed once by the caller);
+    coercions are counted into `coerced`."""
     if record.error is not None:
         return Outcome("reject", "bad_record", record.error)
-    missing = tuple(c for c in _required(config) if c not in record.data)
+    missing = tuple(c for c in required if c not in record.data)
     if missing:
         return Outcome("reject", "missing_field", f"missing field(s) {', '.join(missing)}", missing=missing)
     try:

@@ -91,11 +91,11 @@ class ReadUnit(beam.DoFn):
         yield pvalue.TaggedOutput(EVENTS_TAG, ("counts", None, counts))
 
     def _records(self, ordinal: int, records: Iterator[Any], counts: dict[str, Any]) -> Iterator[Any]:
-        config, first_seen = self.config, False
+        config, first_seen, required = self.config, False, tuple(self.config.required_columns())
         for index, record in enumerate(records):
             counts["rows_in"] += 1
             position = (ordinal, index)
-            outcome = rows.assess(config, record, counts["coerced"])
+            outcome = rows.assess(config, record, counts["coerced"], required)
             if record.data is not None and not first_seen:
                 first_seen = True
                 yield pvalue.TaggedOutput(EVENTS_TAG, ("first", position, outcome.missing and rows.columns_error(config, record, outcome.missing)))
