@@ -12,6 +12,7 @@ same pipeline with Beam's in-process runner, in the Beam environment `.venv-beam
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -79,10 +80,21 @@ class PreprocessDataflowOperator(BaseOperator):
         launch["jobName"] = re.sub(r"[^a-z0-9-]+", "-", launch["jobName"].lower())[:100].strip("-")
         if local.backend() == "local":
             return self.execute_local(context, launch["parameters"])
-        return self.launcher().execute(context)  # defers to the provider's TemplateJobStartTrigger
+        launcher = self.launcher()
+        self._gcs().delete_error()  # what is there after this launch fails is this launch's
+        return launcher.execute(context)  # defers to the provider's TemplateJobStartTrigger
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        return self.launcher().execute_complete(context, event)
+        try:
+            return self.launcher().execute_complete(context, event)
+        except AirflowException:
+            refused = self._gcs().read_error()
+            if refused is not None:  # the stage's exit 2: a retry cannot help
+                raise AirflowFailException(f"preprocessing refused its input (non-retriable): {refused}") from None
+            raise
+
+    def _gcs(self) -> ErrorFile:
+        return ErrorFile(self.body["launchParameter"]["parameters"]["output"], self.gcp_conn_id)
 
     def on_kill(self) -> None:
         if self._launcher is not None:
@@ -113,6 +125,34 @@ class PreprocessDataflowOperator(BaseOperator):
         if code != 0:
             raise AirflowException(f"preprocessing (Beam, in process) exited with code {code}: retriable")
         self.log.info("preprocessing (Beam, in process) finished in %.1f s", time.monotonic() - started)
+
+
+class ErrorFile:
+    """`_error.json` at the output prefix: the Beam engine writes a bad input's message there (Dataflow's job state
+    carries no exit code), so a refusal fails the task at once instead of being retried."""
+
+    NAME = "_error.json"
+
+    def __init__(self, output: str, gcp_conn_id: str) -> None:
+        bucket, _, prefix = output.removeprefix("gs://").partition("/")
+        self.bucket, self.object = bucket, f"{prefix.rstrip('/')}/{self.NAME}" if prefix else self.NAME
+        self.gcp_conn_id = gcp_conn_id
+
+    def _hook(self) -> Any:
+        from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+        return GCSHook(gcp_conn_id=self.gcp_conn_id)
+
+    def delete_error(self) -> None:
+        hook = self._hook()
+        if hook.exists(self.bucket, self.object):
+            hook.delete(self.bucket, self.object)
+
+    def read_error(self) -> str | None:
+        hook = self._hook()
+        if not hook.exists(self.bucket, self.object):
+            return None
+        return json.loads(hook.download(self.bucket, self.object)).get("error", "(no message)")
 
 
 def engine_task_id(params: dict[str, Any]) -> str:

@@ -46,8 +46,20 @@ def without_beam_provider(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, stub.__name__, stub)
 
 
-def launched(dag, monkeypatch, overrides):  # noqa: F811
+def fake_bucket(monkeypatch, objects: dict[str, bytes]) -> list[str]:
+    """GCSHook at its boundary: the objects of bucket `bkt`; returns the names deleted."""
+    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    deleted: list[str] = []
+    monkeypatch.setattr(GCSHook, "exists", lambda self, bucket, name: bucket == "bkt" and name in objects)
+    monkeypatch.setattr(GCSHook, "download", lambda self, bucket, name: objects[name])
+    monkeypatch.setattr(GCSHook, "delete", lambda self, bucket, name: deleted.append(name))
+    return deleted
+
+
+def launched(dag, monkeypatch, overrides, objects: dict[str, bytes] | None = None):  # noqa: F811
     without_beam_provider(monkeypatch)
+    deleted = fake_bucket(monkeypatch, objects or {})
     from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
 
     calls = []
@@ -66,6 +78,7 @@ def launched(dag, monkeypatch, overrides):  # noqa: F811
 
     with pytest.raises(TaskDeferred) as deferred:
         task.execute(context)
+    assert deleted == list(objects or {})  # a refusal left by an earlier attempt is cleared before the launch
     return calls, deferred.value, task
 
 
@@ -149,3 +162,18 @@ def test_without_the_beam_provider_the_task_says_what_to_install(dag, monkeypatc
     task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, SETTINGS)
     with pytest.raises(AirflowFailException, match="apache-airflow-providers-apache-beam"):
         task.execute(context)
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["bad-input", "other-failure"])
+def test_a_failed_job_fails_at_once_only_when_the_stage_refused_its_input(dag, monkeypatch, refused):  # noqa: F811
+    """Dataflow's job state carries no exit code; the Beam engine leaves `_error.json` for a bad input."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    _, _, task = launched(dag, monkeypatch, SETTINGS, {"runs/corpus-1/preprocess/_error.json": b"{}"})
+    objects = {"runs/corpus-1/preprocess/_error.json": json.dumps({"error": "--input: got 'x'", "exit_code": 2}).encode()}
+    fake_bucket(monkeypatch, objects if refused else {})
+    expected = AirflowFailException if refused else AirflowException
+    with pytest.raises(expected) as failure:
+        task.execute_complete({"ti": None}, {"status": "error", "message": "Job failed", "job_id": "j"})
+    assert isinstance(failure.value, AirflowFailException) == refused
+    assert ("--input: got 'x'" in str(failure.value)) == refused

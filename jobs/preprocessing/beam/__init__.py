@@ -88,14 +88,27 @@ def bad_input_in(err: BaseException) -> BadInputError | None:
 
 def run(config: PreprocessConfig, workdir: Path, options: Any) -> dict[str, Any]:
     """Run (or, on Dataflow, submit) the pipeline; returns the manifest, or the submitted job on Dataflow."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    standard = options.view_as(StandardOptions)
+    standard.runner = standard.runner or IN_PROCESS
+    try:
+        return _run(config, workdir, options, standard)
+    except BadInputError as err:
+        if standard.runner == DATAFLOW:  # the launcher's own refusals, as the workers' (jobs.preprocessing.beam.pipeline)
+            from jobs.preprocessing.beam.pipeline import record_error
+
+            record_error(config.output, err)
+        raise
+
+
+def _run(config: PreprocessConfig, workdir: Path, options: Any, standard: Any) -> dict[str, Any]:
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
 
     from jobs.preprocessing.beam.pipeline import build, stale_outputs
     from jobs.preprocessing.beam.plan import SHARD_BYTES
 
-    standard = options.view_as(StandardOptions)
-    standard.runner = standard.runner or IN_PROCESS
     fmt = input_format(config)
     units = input_units(config, fmt)
     proto = sources.tokenizer_proto(config.base_model, workdir)

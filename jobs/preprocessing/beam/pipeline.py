@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 TOKENIZE_BATCH = 4096  # rows per tokenizer call in a worker (Beam's batching picks up to this many)
 REJECTS_TAG, EVENTS_TAG = "rejects", "events"
+ERROR_FILE = "_error.json"  # a bad input's message and exit code, for the DAG (gemma_pipeline.dataflow)
 Position = tuple[int, int]
 
 
@@ -161,15 +162,25 @@ def earliest(events: list[tuple[Position, Any]]) -> tuple[Position, Any] | None:
 
 def decide(_: Any, config: PreprocessConfig, shard_bytes: int, counts: dict[str, Any], fatal: list, first: list,
            hist: dict[int, tuple[int, int]]) -> Plan:
-    """What a single-machine run would have stopped at, in reading order; else the split's plan."""
+    """What a single-machine run would have stopped at, in reading order; else the split's plan. A stop is also
+    written to the output prefix (`_error.json`), so the DAG can tell a bad input (no retry) from a failure."""
     stops = list(fatal)
     if (head := earliest(first)) is not None and head[1]:
         stops.insert(0, head)  # the first readable record lacks a mapped column: that error comes first at its row
-    if (stop := earliest(stops)) is not None:
-        raise stop[1]
-    kept = sum(count for count, _ in hist.values())
-    limit, n_eval = rows.split_sizes(kept, config, counts["rows_in"], counts["dropped"])
+    try:
+        if (stop := earliest(stops)) is not None:
+            raise stop[1]
+        kept = sum(count for count, _ in hist.values())
+        limit, n_eval = rows.split_sizes(kept, config, counts["rows_in"], counts["dropped"])
+    except BadInputError as err:
+        record_error(config.output, err)
+        raise
     return Plan.from_histogram(hist, limit, n_eval, shard_bytes)
+
+
+def record_error(output: str, err: BadInputError) -> None:
+    storage.write_bytes(storage.join(output, ERROR_FILE), json.dumps({"error": str(err), "exit_code": err.exit_code}).encode(),
+                        "application/json")
 
 
 def write_shard(element: tuple[tuple[str, int], list[tuple[Any, str, int, int]]], output: str, counts: dict[str, int]) -> dict[str, Any]:
@@ -275,4 +286,5 @@ def _assign(row: tuple[bytes, str, int, int], plan: Plan) -> Iterator[tuple[tupl
 def stale_outputs(output: str) -> list[str]:
     """Split, quarantine and stats files a previous run of either engine left at the prefix."""
     names = storage.list_files(output)
-    return [n for n in names if splits.SHARD.match(n) or n in ("train.jsonl", "eval.jsonl", "quarantine.jsonl", "stats.json")]
+    return [n for n in names if splits.SHARD.match(n) or n in ("train.jsonl", "eval.jsonl", "quarantine.jsonl", "stats.json",
+                                                             ERROR_FILE)]

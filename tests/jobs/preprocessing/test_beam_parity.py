@@ -198,3 +198,6 @@ def test_a_failed_case_leaves_no_manifest(results):
     root, single, beam, _ = results
     assert beam["folder-fail"]["code"] == 2 and "failing/2.jsonl:2" in beam["folder-fail"]["error"]
     assert not (root / "beam" / "folder-fail" / "_manifest.json").exists()
+    # What the DAG reads to fail at once rather than retry (Dataflow's job state carries no exit code).
+    left = json.loads((root / "beam" / "folder-fail" / "_error.json").read_text())
+    assert left["exit_code"] == 2 and left["error"] in beam["folder-fail"]["error"]
