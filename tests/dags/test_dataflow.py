@@ -33,12 +33,21 @@ def without_beam_provider(monkeypatch) -> None:
     import sys
     import types
 
-    if importlib.util.find_spec("airflow.providers.apache.beam") is not None:
-        return  # the real one (as on Composer)
+    try:
+        if importlib.util.find_spec("airflow.providers.apache.beam") is not None:
+            return  # the real one (as on Composer)
+    except ModuleNotFoundError:  # not even the airflow.providers.apache namespace
+        pass
+
     class Names:  # BeamRunnerType.DataflowRunner == "DataflowRunner", as the real enum's values are
         def __getattr__(self, name: str) -> str:
             return name
 
+    for package in ("airflow.providers.apache", "airflow.providers.apache.beam", "airflow.providers.apache.beam.hooks"):
+        if package not in sys.modules:
+            module = types.ModuleType(package)
+            module.__path__ = []
+            monkeypatch.setitem(sys.modules, package, module)
     stub = types.ModuleType("airflow.providers.apache.beam.hooks.beam")
     stub.BeamHook = type("UnusedBeamHook", (), {"__init__": lambda self, *args, **kwargs: None})
     stub.BeamRunnerType = Names()

@@ -83,12 +83,13 @@ def test_a_stage_killed_mid_upload_leaves_no_manifest_and_readers_refuse_it(setu
     prefix = f"{gcs}/runs/r/preprocess"
     with pytest.raises(KeyboardInterrupt):
         preprocess(PreprocessConfig(input=str(source), output=prefix, base_model=str(setup["model"])), tmp_path / "w")
+    emulator = os.environ["STORAGE_EMULATOR_HOST"]  # the gcs fixture's; undo() below takes it away
     monkeypatch.undo()
     listed = storage.list_files(prefix)
     assert uploaded and uploaded[0] in listed and MANIFEST not in listed  # partial, and visibly so
 
     reader = run_module("jobs.finetuning", "--data", prefix, "--base-model", str(setup["model"]), "--output",
-                        str(tmp_path / "ft"), env={"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]})
+                        str(tmp_path / "ft"), env={"STORAGE_EMULATOR_HOST": emulator})
     message = reader.stdout + reader.stderr
     assert reader.returncode == 2, message[-2000:]
     assert "--data" in message and MANIFEST in message and prefix in message

@@ -134,15 +134,13 @@ def results(tmp_path_factory, tiny_gemma3, gcs_server):
                            str(root / "results.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     beam = {r["id"]: r for r in json.loads((root / "results.json").read_text())}
-    os.environ["STORAGE_EMULATOR_HOST"] = gcs_server.url
     from jobs.common import storage
 
-    storage.client.cache_clear()
-    try:
-        single = {case_id: single_machine(o["single"]) for case_id, o in runs.items()}
-    finally:
-        del os.environ["STORAGE_EMULATOR_HOST"]
+    with pytest.MonkeyPatch.context() as patch:  # the catalogue's gs:// cases talk to the session's emulator
+        patch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
         storage.client.cache_clear()
+        single = {case_id: single_machine(o["single"]) for case_id, o in runs.items()}
+    storage.client.cache_clear()
     return root, single, beam, [case_id for case_id, _ in cases]
 
 
