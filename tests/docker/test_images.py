@@ -164,8 +164,9 @@ def test_the_beam_image_is_a_flex_template_launcher_and_worker_on_its_own_pins()
     assert "/opt/apache/beam /opt/apache/beam" in text and "python_template_launcher" in text
     assert re.search(r"^ENTRYPOINT \[\"/opt/apache/beam/boot\"\]$", text, re.M)
     sdk = re.search(r"beam_python3\.11_sdk:(\S+)", text).group(1)
-    pins = dict(line.split("==") for line in (DOCKER / "constraints-beam.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = {canonicalize_name(name): version for name, version in
+            (line.split("==") for line in (DOCKER / "constraints-beam.txt").read_text().splitlines()
+             if "==" in line and not line.startswith("#"))}
     assert pins["apache-beam"] == sdk  # the boot program and the installed SDK are one Beam release
     import tomllib
 
@@ -173,8 +174,9 @@ def test_the_beam_image_is_a_flex_template_launcher_and_worker_on_its_own_pins()
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["beam"]
     for requirement in map(Requirement, extra):
-        assert requirement.name in pins, f"{requirement.name} has no pin in docker/constraints-beam.txt"
-        assert requirement.specifier.contains(pins[requirement.name]), requirement
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} has no pin in docker/constraints-beam.txt"
+        assert requirement.specifier.contains(pins[name]), requirement
 
 
 def test_the_flex_template_metadata_is_generated_from_the_stage_options():
