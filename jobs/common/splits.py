@@ -10,7 +10,6 @@ from pathlib import Path
 
 from jobs.common.errors import BadInputError
 
-SPLITS = ("train", "eval")
 SHARD = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.jsonl$")
 
 

@@ -18,7 +18,7 @@ from jobs.common.manifest import StageRun, source_ref
 from jobs.preprocessing import archives, rows, spill
 from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI
-from jobs.preprocessing.rows import COERCIONS, DROP_REASONS, REJECTS
+from jobs.preprocessing.rows import COERCIONS, DROP_REASONS
 from jobs.preprocessing.sources import Record, detect_format, read_records
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,8 @@ def token_counter(tokenizer: Any) -> rows.TokenCounter:
     proto = getattr(tokenizer, "proto", None)
     if not isinstance(proto, bytes):
         return lambda texts: [len(ids) for ids in tokenizer(texts)]
-    import sentencepiece
-
-    processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
-    options = {"add_bos": bool(getattr(tokenizer, "add_bos", False)), "add_eos": bool(getattr(tokenizer, "add_eos", False))}
-    return lambda texts: [len(ids) for ids in processor.Encode(texts, **options)]
+    return rows.sentencepiece_counter(proto, bool(getattr(tokenizer, "add_bos", False)),
+                                      bool(getattr(tokenizer, "add_eos", False)))
 
 
 def _input_bytes(local: Path | None) -> int | None:
@@ -128,7 +125,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
                 loss_lengths[rows.loss_length(row)] += 1
                 position += 1
     shutil.rmtree(spill_dir, ignore_errors=True)
-    if not dropped_rejects(dropped):
+    if not rows.rejected(dropped):
         (out / "quarantine.jsonl").unlink()
     stats = rows.stats(config, rows_in, limit, n_eval, dropped, coerced, lengths, loss_lengths)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
@@ -136,6 +133,3 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
              {k: v for k, v in dropped.items() if v}, {k: v for k, v in coerced.items() if v})
     return stage.finish(out, stats)
 
-
-def dropped_rejects(dropped: Counter[str]) -> int:
-    return sum(dropped[reason] for reason in REJECTS)

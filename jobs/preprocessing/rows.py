@@ -165,6 +165,14 @@ def dedup_digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
+def sentencepiece_counter(proto: bytes, add_bos: bool = False, add_eos: bool = False) -> TokenCounter:
+    """Token counts of a batch of texts from a serialized SentencePiece model (both engines count this way)."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    return lambda texts: [len(ids) for ids in processor.Encode(texts, add_bos=add_bos, add_eos=add_eos)]
+
+
 def chat(config: PreprocessConfig, prompt: str, response: str) -> tuple[str, str]:
     if config.chat_format == "gemma":
         return USER_TURN.format(prompt=prompt), response + MODEL_TURN_END
@@ -274,6 +282,11 @@ def split_sizes(kept: int, config: PreprocessConfig, rows_in: int, dropped: Coun
     return limit, n_eval
 
 
+def rejected(dropped: Counter) -> int:
+    """Rows quarantined (or, with --on-bad-record fail, that would have stopped the stage)."""
+    return sum(dropped[reason] for reason in REJECTS)
+
+
 def stats(config: PreprocessConfig, rows_in: int, limit: int, n_eval: int, dropped: Counter, coerced: Counter,
           lengths: Counter, loss_lengths: Counter) -> dict[str, Any]:
     return {
@@ -284,7 +297,7 @@ def stats(config: PreprocessConfig, rows_in: int, limit: int, n_eval: int, dropp
         "eval_rows": n_eval,
         "dropped": dict(dropped),
         "coerced": dict(coerced),
-        "quarantined": sum(dropped[reason] for reason in REJECTS),
+        "quarantined": rejected(dropped),
         "token_length": percentiles(lengths),
         "loss_token_length": percentiles(loss_lengths),
         "total_tokens": sum(value * n for value, n in lengths.items()),

@@ -143,10 +143,8 @@ class Measure(beam.DoFn):
         self.config, self.tokenizer_uri = config, tokenizer_uri
 
     def setup(self) -> None:
-        import sentencepiece
-
-        processor = sentencepiece.SentencePieceProcessor(model_proto=storage.read_bytes(self.tokenizer_uri))
-        self.count = lambda texts: [len(ids) for ids in processor.Encode(texts)]
+        # keras-hub's Gemma tokenizers add no BOS/EOS themselves (the preprocessor does): plain Encode, as in core.
+        self.count = rows.sentencepiece_counter(storage.read_bytes(self.tokenizer_uri))
 
     def process(self, batch: list[tuple[Any, str]]) -> Iterator[Any]:
         counts = new_counts()
@@ -199,8 +197,7 @@ def finish(_: Any, config: PreprocessConfig, stage: StageRun, plan: Plan, counts
     """After every shard: the missing (empty) shards, stats.json, then the manifest over all of them."""
     files = {w["name"]: {"bytes": w["bytes"], "sha256": w["sha256"]} for w in written}
     counts["dropped"]["over_cap"] = plan.kept - plan.limit  # counted by `decide` into its own copy
-    quarantined = sum(counts["dropped"][reason] for reason in rows.REJECTS)
-    expected = {**plan.shards, **({"quarantine": quarantine_shards} if quarantined else {})}
+    expected = {**plan.shards, **({"quarantine": quarantine_shards} if rows.rejected(counts["dropped"]) else {})}
     empty = hashlib.sha256(b"").hexdigest()
     for split, count in expected.items():
         for index in range(count):
