@@ -34,8 +34,8 @@ def keras_contender(model, initial, train, args, by_length: bool, lm_head: str):
     """A warmed-up keras-hub trainer and its batches: (step function, batches, widths)."""
     import keras
 
+    from jobs.contract.configs.finetune import FinetuneConfig
     from jobs.finetuning import data as data_lib
-    from jobs.finetuning.config import FinetuneConfig
     from jobs.finetuning.distribution import setup
     from jobs.finetuning.train import Trainer, make_optimizer
 
@@ -98,9 +98,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from jobs.common import models
+    from jobs.contract.configs.preprocess import PreprocessConfig
     from jobs.demo_model.weights import model_dir as demo_model_dir
     from jobs.finetuning import data as data_lib
-    from jobs.preprocessing.config import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess
 
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))

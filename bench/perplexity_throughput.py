@@ -33,11 +33,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from jobs.benchmark import core
-    from jobs.benchmark.config import BenchmarkConfig
     from jobs.common import lm, models
+    from jobs.contract.configs.benchmark import BenchmarkConfig
+    from jobs.contract.configs.preprocess import PreprocessConfig
     from jobs.demo_model.weights import model_dir as demo_model_dir
     from jobs.finetuning import data as data_lib
-    from jobs.preprocessing.config import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess
 
     work = Path(tempfile.mkdtemp(prefix="bench-ppl-"))

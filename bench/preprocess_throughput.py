@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from jobs.common import sources
-    from jobs.preprocessing.config import PreprocessConfig
+    from jobs.contract.configs.preprocess import PreprocessConfig
     from jobs.preprocessing.core import run
     from jobs.preprocessing.demo import demo_rows
 

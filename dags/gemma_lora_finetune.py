@@ -12,10 +12,13 @@ from datetime import datetime, timedelta
 from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartJobOperator  # noqa: F401
 from airflow.providers.standard.decorators.python import python_task  # noqa: F401
 from airflow.sdk import DAG, Param, chain, task, task_group
-from gemma_pipeline import candidates, dataflow, jobspec, profiles, serving
+from gemma_pipeline import candidates, dataflow, form, jobspec
 from gemma_pipeline.operators import StageJobOperator
 from gemma_pipeline.report import RunReportOperator
 from gemma_pipeline.serve import ServeOperator
+
+from jobs.contract import stages
+from jobs.contract.layout import run_key
 
 # Deployment settings: set these as Composer environment variables.
 PROJECT_ID = os.environ.get("GEMMA_PIPELINE_PROJECT", "my-project")
@@ -36,36 +39,9 @@ DATAFLOW_SERVICE_ACCOUNT = os.environ.get("GEMMA_PIPELINE_DATAFLOW_SA", f"gemma-
 DATAFLOW_MACHINE_TYPE = os.environ.get("GEMMA_PIPELINE_DATAFLOW_MACHINE_TYPE", "n2-standard-4")
 DATAFLOW_MAX_WORKERS = int(os.environ.get("GEMMA_PIPELINE_DATAFLOW_MAX_WORKERS", "32"))
 
-RUN_KEY = "{{ run_key(params.run_name, run_id) }}"
-PREFIX = "gs://{{ params.bucket }}/runs/" + RUN_KEY
-PREFIXES = {stage: f"{PREFIX}/{stage}" for stage in jobspec.STAGES}
-# Stage options: declared once in each stage's config (jobs/<stage>/config.py); the Params derive from there.
-STAGE_PARAMS = jobspec.param_options()
-PARAM_TEMPLATES = jobspec.param_templates()
-
-params = {
-    "bucket": Param("my-gemma-bucket", type="string", pattern=r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$",
-                    description="Cloud Storage bucket for every stage's artifacts"),
-    "run_name": Param(None, type=["null", "string"], pattern=r"^([a-z0-9][a-z0-9-]{0,61}[a-z0-9])?$",
-                      description="artifacts go to gs://BUCKET/runs/RUN_NAME/ (empty: the Airflow run id); "
-                                  "reusing a name resumes that run, skipping the stages already finished"),
-    **{name: Param(opt.param_default, **opt.json_schema()) for name, opt in STAGE_PARAMS.items()},
-    **{f"{stage}_profile": Param(default, enum=profiles.names_for(stage), description=f"accelerator profile of the {stage} Job")
-       for stage, default in jobspec.DEFAULT_PROFILES.items()},
-    "candidates": Param([{}], **candidates.schema()),
-    "serve": Param("none", enum=list(serving.MODES),
-                   description="hand the champion to serving: none, vertex (Model Registry + vLLM), or gke (vLLM Deployment)"),
-    "preprocess_engine": Param("gke", enum=list(dataflow.ENGINES),
-                               description="gke: preprocess in one Job (instruction datasets); dataflow: the same stage "
-                                           "on Dataflow (Apache Beam) for corpora past one machine"),
-    "convert_all": Param(False, type="boolean", description="convert every finished candidate, not only the champion"),
-    "queue": Param(f"{NAMESPACE}-queue", type="string", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
-                   description="Kueue LocalQueue in the namespace"),
-    "priority_class": Param("development", enum=["production", "development"],
-                            description="Kueue WorkloadPriorityClass: production work may preempt development work"),
-    "queue_timeout_minutes": Param(240, type="integer", minimum=1, maximum=10080,
-                                   description="fail a stage whose Job Kueue has not admitted within this time"),
-}
+# Every Param with its schema and trigger-form section (run-level first, then by stage): gemma_pipeline.form,
+# derived from the stages' configs (jobs/contract/configs/) and the profiles; docs/configuration.md is generated from it.
+PARAMS = {name: Param(default, **schema) for name, (default, schema) in form.specs(NAMESPACE).items()}
 
 default_args = {
     "owner": "ml-platform",
@@ -90,41 +66,9 @@ default_args = {
 
 
 def stage_kwargs(stage: str) -> dict:
-    return {
-        "task_id": stage,
-        "stage": stage,
-        "name": f"gemma-{stage}",
-        "image": IMAGES[stage],
-        "gpu_image": IMAGES.get(f"{stage}-gpu", ""),
-        "cmds": jobspec.COMMANDS[stage],
-        "labels": {**jobspec.job_labels(stage, "{{ params.queue }}", "{{ params.priority_class }}"),
-                   "gemma-lora-pipeline/run": RUN_KEY},
-    }
-
-
-def preprocess_on_dataflow() -> dataflow.PreprocessDataflowOperator:
-    return dataflow.PreprocessDataflowOperator(
-        task_id="preprocess_dataflow",
-        body=dataflow.launch_body(
-            job_name="gemma-preprocess-" + RUN_KEY,
-            template=DATAFLOW_TEMPLATE,
-            parameters=dataflow.template_parameters(PARAM_TEMPLATES, PREFIXES),
-            environment={"tempLocation": DATAFLOW_TEMP, "serviceAccountEmail": DATAFLOW_SERVICE_ACCOUNT,
-                         "machineType": DATAFLOW_MACHINE_TYPE, "maxWorkers": DATAFLOW_MAX_WORKERS,
-                         "sdkContainerImage": IMAGES[jobspec.BEAM_IMAGE],
-                         "additionalUserLabels": {"gemma-lora-pipeline-run": RUN_KEY}}),
-        location=DATAFLOW_REGION,
-        project_id=PROJECT_ID,
-    )
-
-
-def stage_task(stage: str) -> StageJobOperator:
-    return StageJobOperator(
-        **stage_kwargs(stage),
-        arguments=jobspec.stage_args(stage, PARAM_TEMPLATES, PREFIXES),
-        profile_name="{{ params." + stage + "_profile }}",
-        progress_uri=f"{PREFIXES[stage]}/_progress.json",
-    )
+    """What a stage's task knows before the run; its Job's arguments, profile and labels come from the plan."""
+    return {"task_id": stage, "stage": stage, "name": f"gemma-{stage}", "image": IMAGES[stage],
+            "gpu_image": IMAGES.get(f"{stage}-gpu", "")}
 
 
 with DAG(
@@ -139,18 +83,16 @@ with DAG(
     catchup=False,
     max_active_runs=4,
     tags=["gemma", "lora", "gke", "kueue"],
-    params=params,
+    params=PARAMS,
     default_args=default_args,
-    user_defined_macros={"run_key": jobspec.run_key},
-    render_template_as_native_obj=False,
 ) as dag:
     @task(task_id="plan")
     def plan(params: dict | None = None, run_id: str | None = None, **context) -> list[dict]:
-        return candidates.plan_task(dict(params or {}), jobspec.run_key((params or {}).get("run_name"), run_id or ""),
+        return candidates.plan_task(dict(params or {}), run_key((params or {}).get("run_name"), run_id or ""),
                                     {**context, "params": params, "run_id": run_id})
 
     @task_group(group_id="candidate")
-    def candidate(finetune: dict, benchmark: dict, index: int, key: str, overrides: dict, prefixes: dict,
+    def candidate(finetune: dict, benchmark: dict, index: int, key: str, overrides: dict, run_prefix: str, prefixes: dict,
                   convert: dict) -> None:
         # One preprocess task of the two runs (the other is skipped by the engine branch).
         chain(StageJobOperator(**stage_kwargs("finetune"), plan=finetune, trigger_rule="none_failed_min_one_success"),
@@ -161,13 +103,19 @@ with DAG(
         return dataflow.engine_task_id(dict(params or {}))
 
     @task(task_id="select", trigger_rule="all_done")
-    def select(entries: list[dict], params: dict | None = None) -> list[dict]:
-        return candidates.record_champion(entries, dict(params or {}))
+    def select(planned: list[dict], params: dict | None = None) -> list[dict]:
+        return candidates.record_champion(planned, dict(params or {}))
 
     planned = plan()
+    preprocess = StageJobOperator(**stage_kwargs("preprocess"), plan=planned["preprocess"])
+    preprocess_dataflow = dataflow.PreprocessDataflowOperator(
+        task_id="preprocess_dataflow", plan=planned["dataflow"], template=DATAFLOW_TEMPLATE, location=DATAFLOW_REGION,
+        project_id=PROJECT_ID, environment={
+            "tempLocation": DATAFLOW_TEMP, "serviceAccountEmail": DATAFLOW_SERVICE_ACCOUNT, "machineType": DATAFLOW_MACHINE_TYPE,
+            "maxWorkers": DATAFLOW_MAX_WORKERS, "sdkContainerImage": IMAGES[stages.BEAM_IMAGE]})
     chosen = select(planned)
-    chain(planned, preprocess_engine(), [stage_task("preprocess"), preprocess_on_dataflow()], candidate.expand_kwargs(planned), chosen,
-          StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=chosen),
-          ServeOperator(task_id="serve", run_prefix=PREFIX, mode="{{ params.serve }}", project_id=PROJECT_ID,
-                        location=LOCATION, cluster_name=CLUSTER),
-          RunReportOperator(task_id="report", run_prefix=PREFIX, trigger_rule="all_done"))
+    chain(planned, preprocess_engine(), [preprocess, preprocess_dataflow], candidate.expand_kwargs(planned),
+          chosen, StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=chosen),
+          ServeOperator(task_id="serve", mode="{{ params.serve }}", project_id=PROJECT_ID, location=LOCATION,
+                        cluster_name=CLUSTER),
+          RunReportOperator(task_id="report", trigger_rule="all_done"))

@@ -9,9 +9,9 @@ ROWS = [{"instruction": f"What does function number {i} do?", "response": f"It r
 
 
 def tiny_pipeline(root: Path, model: Path, steps: int = 8) -> dict[str, Path]:
-    from jobs.finetuning.config import FinetuneConfig
+    from jobs.contract.configs.finetune import FinetuneConfig
+    from jobs.contract.configs.preprocess import PreprocessConfig
     from jobs.finetuning.core import run as finetune
-    from jobs.preprocessing.config import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess
 
     source = root / "d.jsonl"

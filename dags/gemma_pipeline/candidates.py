@@ -19,12 +19,13 @@ import re
 from typing import Any
 
 from gemma_pipeline import jobspec, profiles
+from jobs.contract import artifacts, documents, stages
+from jobs.contract.layout import DEFAULT_CANDIDATE, RunLayout
 
 # What a candidate may override: fine-tune Params only (see the module docstring for why not preprocessing's).
 FIELDS = ("lora_rank", "learning_rate", "max_steps", "epochs", "batch_size", "max_train_examples", "seed",
           "base_quantization", "model_parallel", "finetune_profile")
 MAX_CANDIDATES = 16
-CANDIDATE_LABEL = "gemma-lora-pipeline/candidate"
 
 
 def field_schemas() -> dict[str, dict[str, Any]]:
@@ -81,31 +82,36 @@ def validate(candidates: Any) -> list[dict[str, Any]]:
 def candidate_key(overrides: dict[str, Any]) -> str:
     """A folder name that is the same for the same overrides whatever their order: readable, plus a hash."""
     if not overrides:
-        return "default"
+        return DEFAULT_CANDIDATE
     canonical = json.dumps(overrides, sort_keys=True, separators=(",", ":"))
     readable = re.sub(r"[^a-z0-9]+", "-", "-".join(f"{k}-{v}" for k, v in sorted(overrides.items())).lower()).strip("-")
     return f"{readable[:40].rstrip('-')}-{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
 
 
-def plan(params: dict[str, Any], run_key: str) -> list[dict[str, Any]]:
-    """One entry per candidate: its key, overrides, prefixes, and the fine-tune and benchmark Jobs' arguments,
-    profile and labels (what the mapped tasks submit)."""
-    run_prefix = f"gs://{params['bucket']}/runs/{run_key}"
+def plan(params: dict[str, Any], run_key: str) -> dict[str, Any]:
+    """Every stage's Job of the run, rendered once from the Params: the shared preprocessing (as a Job, and as the
+    Dataflow launch's template parameters), then one entry per candidate with its key, overrides, prefixes and the
+    fine-tune, benchmark and convert Jobs' arguments, profile and labels (what the mapped tasks submit)."""
+    layout = RunLayout.of(params["bucket"], run_key)
+    run_labels = {jobspec.RUN_LABEL: run_key}
+    shared = layout.stages()
+    preprocess = stage_job("preprocess", params, shared, params["preprocess_profile"], run_labels)
     entries = []
     for index, overrides in enumerate(validate(params.get("candidates", [{}]))):
         key = candidate_key(overrides)
-        prefixes = stage_prefixes(run_prefix, key)
+        prefixes = layout.stages(key)
         # The quality gate judges the champion (in select), not every candidate.
         values = {**params, **overrides, "require_improvement": 0.0}
         profile = {"finetune": overrides.get("finetune_profile", params["finetune_profile"]),
                    "benchmark": params["benchmark_profile"], "convert": params["convert_profile"]}
         profiles.check_model_parallel(profiles.get(profile["finetune"]), int(values.get("model_parallel", 1)))
-        entries.append({
-            "index": index, "key": key, "overrides": overrides, "prefixes": prefixes,
-            **{stage: stage_job(stage, values, prefixes, profile[stage], key) for stage in ("finetune", "benchmark")},
-            "convert": stage_job("convert", values, prefixes, profile["convert"], key),
-        })
-    return entries
+        labels = {**run_labels, jobspec.CANDIDATE_LABEL: key[:63].rstrip("-")}
+        entries.append({"index": index, "key": key, "overrides": overrides, "run_prefix": layout.prefix, "prefixes": prefixes,
+                        **{stage: stage_job(stage, values, prefixes, profile[stage], labels) for stage in stages.CANDIDATE_STAGES}})
+    return {"run_key": run_key, "run_prefix": layout.prefix, "preprocess": preprocess,
+            "dataflow": {"job_name": f"gemma-preprocess-{run_key}", "run_key": run_key,
+                         "parameters": jobspec.template_parameters(preprocess["arguments"])},
+            "candidates": entries}
 
 
 def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: Any = None) -> list[dict[str, Any]]:
@@ -117,12 +123,14 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
     from gemma_pipeline import lease, local
     from gemma_pipeline.report import RunStore
 
+    if context is not None:
+        check_conf(context)
     try:
-        entries = plan(params, run_key)
+        planned = plan(params, run_key)
     except ValueError as err:
         raise AirflowFailException(str(err)) from err
     if context is None:
-        return entries
+        return planned
     if store is None and local.backend() == "local":
         with local.Emulator(local.local_root()) as emulator:
             emulator.ensure_bucket(params["bucket"])
@@ -131,28 +139,46 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
 
     run = context["dag_run"]
     try:
-        lease.acquire(store or RunStore(local.backend()), f"gs://{params['bucket']}/runs/{run_key}",
+        lease.acquire(store or RunStore(local.backend()), planned["run_prefix"],
                       {"dag_id": run.dag_id, "run_id": run.run_id}, lease.dag_run_active(context))
     except lease.LeaseHeld as err:
         raise AirflowFailException(str(err)) from err
     except NotFound as err:
         raise AirflowFailException(f"bucket: got {params['bucket']!r}; expected an existing Cloud Storage bucket "
                                    f"({err})") from err
-    return entries
+    # The candidates are what the mapped tasks expand over (a mapped task expands only over a return value); the
+    # preprocessing's two engines read their share under their own keys.
+    for key in ("preprocess", "dataflow"):
+        context["ti"].xcom_push(key=key, value=planned[key])
+    return planned["candidates"]
 
 
-def stage_prefixes(run_prefix: str, key: str = "default") -> dict[str, str]:
-    """Where each stage of a candidate writes: the shared preprocessing, and the candidate's own folders."""
-    return {s: f"{run_prefix}/preprocess" if s == "preprocess" else f"{run_prefix}/candidates/{key}/{s}" for s in jobspec.STAGES}
+def check_conf(context: Any) -> None:
+    """Refuse a trigger whose conf names a key that is not a Param (a typo such as `lora_rnak` would otherwise
+    be ignored and the run would train with the default), before any Job is submitted. The known keys are the
+    DAG's declared Params, not the task's `params`: Airflow merges the conf into those, typos included."""
+    dag_run = context.get("dag_run")
+    conf = getattr(dag_run, "conf", None) or {}
+    known = set(context["dag"].params)
+    unknown = sorted(set(conf) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"the trigger's conf has keys that are not params of this DAG: {', '.join(hints)}; "
+                                   f"expected only: {', '.join(sorted(known))}")
 
 
-def stage_job(stage: str, values: dict[str, Any], prefixes: dict[str, str], profile: str, key: str) -> dict[str, Any]:
+def stage_job(stage: str, values: dict[str, Any], prefixes: dict[str, str], profile: str,
+              labels: dict[str, str]) -> dict[str, Any]:
+    """One stage's Job as the task submits it: arguments, profile, where its progress appears, and its labels
+    (Kueue's queue and priority class, the run's and the candidate's)."""
     return {"arguments": jobspec.stage_args(stage, values, prefixes), "profile_name": profile,
-            "progress_uri": f"{prefixes[stage]}/_progress.json", "labels": {CANDIDATE_LABEL: key[:63].rstrip("-")}}
-
-
-def _eval(report: dict[str, Any], model: str) -> dict[str, Any]:
-    return report["models"][model]["splits"]["eval"]
+            "progress_uri": f"{prefixes[stage]}/{artifacts.PROGRESS}",
+            "labels": {**jobspec.job_labels(stage, values["queue"], values["priority_class"]), **labels}}
 
 
 def select(entries: list[dict[str, Any]], reports: dict[str, dict | None], require_improvement: float) -> dict[str, Any]:
@@ -164,9 +190,9 @@ def select(entries: list[dict[str, Any]], reports: dict[str, dict | None], requi
         report = reports.get(entry["key"])
         row: dict[str, Any] = {"key": entry["key"], "overrides": entry["overrides"], "prefixes": entry["prefixes"],
                                "status": "finished" if report else "missing",
-                               "lineage": {s: f"{entry['prefixes'][s]}/_manifest.json" for s in ("preprocess", "finetune", "benchmark")}}
+                               "lineage": {s: f"{entry['prefixes'][s]}/{artifacts.MANIFEST}" for s in ("preprocess", "finetune", "benchmark")}}
         if report:
-            tuned, base = _eval(report, "tuned"), _eval(report, "base")
+            tuned, base = documents.eval_split(report, "tuned"), documents.eval_split(report, "base")
             row |= {"perplexity": tuned["perplexity"], "ci95": [tuned.get("ci95_low"), tuned.get("ci95_high")],
                     "base_perplexity": base["perplexity"], "relative_improvement": report.get("relative_improvement"),
                     "tokens": tuned["tokens"], "tokens_sha256": tuned.get("tokens_sha256")}
@@ -207,12 +233,14 @@ def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store
         with local.Emulator(local.local_root()):
             return record_champion(entries, params, RunStore("local"))
     store = store or RunStore(local.backend())
+    layout = RunLayout(entries[0]["run_prefix"])
     reports, seconds = {}, {}
     for entry in entries:
-        manifests = {s: store.read_json(f"{entry['prefixes'][s]}/_manifest.json") for s in ("finetune", "benchmark")}
-        reports[entry["key"]] = store.read_json(f"{entry['prefixes']['benchmark']}/report.json") if manifests["benchmark"] else None
+        manifests = {s: store.read_json(f"{entry['prefixes'][s]}/{artifacts.MANIFEST}") for s in ("finetune", "benchmark")}
+        report_uri = f"{entry['prefixes']['benchmark']}/{artifacts.BENCHMARK_REPORT}"
+        reports[entry["key"]] = documents.BENCHMARK.load(store.read(report_uri), report_uri) if manifests["benchmark"] else None
         seconds[entry["key"]] = {s: (m or {}).get("wall_time_s") for s, m in manifests.items()}
-    run_prefix = entries[0]["prefixes"]["preprocess"].rsplit("/", 1)[0]
+    run_prefix = layout.prefix
     try:
         record = select(entries, reports, float(params.get("require_improvement") or 0))
     except ValueError as err:
@@ -224,9 +252,9 @@ def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store
     finished = {r["key"] for r in record["candidates"] if r["status"] == "finished"}
     converts = [e for e in entries if e["key"] in (finished if params.get("convert_all") else {record["champion"]})]
     record["convert_index"] = [e["key"] for e in converts].index(record["champion"])
-    store.write(f"{run_prefix}/champion.json", json.dumps(record, indent=2).encode(), "application/json")
+    store.write(layout.champion, documents.CHAMPION.dump(record), "application/json")
     if not record["quality_gate"]["passed"]:
         gate = record["quality_gate"]
         raise AirflowFailException(f"champion {record['champion']} improved perplexity by {gate['relative_improvement']:.2%}; "
-                                   f"require_improvement asks for {gate['required']:.2%}; see {run_prefix}/champion.json")
+                                   f"require_improvement asks for {gate['required']:.2%}; see {layout.champion}")
     return [entry["convert"] for entry in converts]

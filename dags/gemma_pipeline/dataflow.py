@@ -1,6 +1,6 @@
 """Preprocessing on Dataflow (DAG param `preprocess_engine=dataflow`): the Beam engine's Flex Template launched with
 the Google provider's `DataflowStartFlexTemplateOperator`, deferrable. The template's parameters are the
-preprocessing stage's own options, rendered from the same Params as the GKE Job's arguments; region, temp
+preprocessing stage's own options, rendered by the `plan` task with the GKE Job's arguments; region, temp
 location, worker service account and machine type are deployment settings (dags/gemma_lora_finetune.py).
 
 The provider's Dataflow module imports the Beam provider, which needs apache-beam, whose protobuf<7 breaks
@@ -12,7 +12,6 @@ same pipeline with Beam's in-process runner, in the Beam environment `.venv-beam
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -22,7 +21,10 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from gemma_pipeline import jobspec, local
+from gemma_pipeline import local
+from jobs.contract import artifacts, documents
+from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES, non_retriable_legend
+from jobs.contract.stages import BEAM_MODULE
 
 BEAM_PYTHON_ENV = "GEMMA_PIPELINE_BEAM_PYTHON"
 ENGINES = ("gke", "dataflow")
@@ -30,16 +32,12 @@ ENGINES = ("gke", "dataflow")
 FIXED_PARAMETERS = {"sdk_location": "container"}  # workers use the image's Beam, not a staged SDK
 
 
-def template_parameters(values: dict[str, Any], prefixes: dict[str, str]) -> dict[str, str]:
-    """The stage's arguments as template parameters: `--max-tokens 128` becomes {"max_tokens": "128"}."""
-    args = jobspec.stage_args("preprocess", values, prefixes)
-    return {**{flag[2:].replace("-", "_"): value for flag, value in zip(args[::2], args[1::2])}, **FIXED_PARAMETERS}
-
-
 def launch_body(job_name: str, template: str, parameters: dict[str, str], environment: dict[str, Any]) -> dict[str, Any]:
-    """The body of `projects.locations.flexTemplates.launch` (LaunchFlexTemplateRequest, less project and location)."""
-    return {"launchParameter": {"jobName": job_name, "containerSpecGcsPath": template, "parameters": parameters,
-                                "environment": environment}}
+    """The body of `projects.locations.flexTemplates.launch` (LaunchFlexTemplateRequest, less project and location):
+    the stage's options (`plan`'s template parameters) and Dataflow's own fixed ones."""
+    job_name = re.sub(r"[^a-z0-9-]+", "-", job_name.lower())[:100].strip("-")
+    return {"launchParameter": {"jobName": job_name, "containerSpecGcsPath": template,
+                                "parameters": {**parameters, **FIXED_PARAMETERS}, "environment": environment}}
 
 
 def beam_python() -> Path:
@@ -49,17 +47,24 @@ def beam_python() -> Path:
 
 class PreprocessDataflowOperator(BaseOperator):
     """Starts the Flex Template with the provider's `DataflowStartFlexTemplateOperator` (deferrable: the wait is the
-    provider's trigger). Empty parameters are left out after rendering (an empty option is the stage's default, and
-    Dataflow refuses empty values); on the local backend the pipeline runs in process."""
+    provider's trigger); on the local backend the pipeline runs in process. `plan`: the `plan` task's Dataflow
+    launch (job name and template parameters); `template` and `environment`: the deployment's."""
 
-    template_fields = ("body", "location", "project_id")
+    template_fields = ("plan", "location", "project_id")
 
-    def __init__(self, *, body: dict[str, Any], location: str, project_id: str, gcp_conn_id: str = "google_cloud_default",
-                 poll_sleep: int = 30, **kwargs: Any) -> None:
+    def __init__(self, *, plan: Any, template: str, environment: dict[str, Any], location: str, project_id: str,
+                 gcp_conn_id: str = "google_cloud_default", poll_sleep: int = 30, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.body, self.location, self.project_id = body, location, project_id
+        self.plan, self.template, self.environment = plan, template, environment
+        self.location, self.project_id = location, project_id
         self.gcp_conn_id, self.poll_sleep = gcp_conn_id, poll_sleep
         self._launcher: Any = None
+
+    @property
+    def body(self) -> dict[str, Any]:
+        environment = {**self.environment, "additionalUserLabels": {
+            **self.environment.get("additionalUserLabels", {}), "gemma-lora-pipeline-run": self.plan["run_key"]}}
+        return launch_body(self.plan["job_name"], self.template, self.plan["parameters"], environment)
 
     def launcher(self) -> Any:
         try:
@@ -75,11 +80,8 @@ class PreprocessDataflowOperator(BaseOperator):
         return self._launcher
 
     def execute(self, context: Any) -> Any:
-        launch = self.body["launchParameter"]
-        launch["parameters"] = {k: str(v) for k, v in launch["parameters"].items() if str(v) != ""}
-        launch["jobName"] = re.sub(r"[^a-z0-9-]+", "-", launch["jobName"].lower())[:100].strip("-")
         if local.backend() == "local":
-            return self.execute_local(context, launch["parameters"])
+            return self.execute_local(context, self.body["launchParameter"]["parameters"])
         launcher = self.launcher()
         self._gcs().delete_error()  # what is there after this launch fails is this launch's
         return launcher.execute(context)  # defers to the provider's TemplateJobStartTrigger
@@ -94,7 +96,7 @@ class PreprocessDataflowOperator(BaseOperator):
             raise
 
     def _gcs(self) -> ErrorFile:
-        return ErrorFile(self.body["launchParameter"]["parameters"]["output"], self.gcp_conn_id)
+        return ErrorFile(self.plan["parameters"]["output"], self.gcp_conn_id)
 
     def on_kill(self) -> None:
         if self._launcher is not None:
@@ -113,25 +115,26 @@ class PreprocessDataflowOperator(BaseOperator):
             for bucket in sorted(set(re.findall(r"gs://([^/\s]+)", " ".join(arguments)))):
                 emulator.ensure_bucket(bucket)
             with local.scratch_dir(root, "preprocess-dataflow", f"try-{ti.try_number}") as scratch:
-                command, env = local.process_spec({"command": [str(python), "-m", "jobs.preprocessing.beam"],
+                command, env = local.process_spec({"command": [str(python), "-m", BEAM_MODULE],
                                                    "args": arguments}, scratch)
                 command[0] = str(python)  # process_spec maps `python` to Airflow's; this is the Beam environment
                 env["STAGE_WORKDIR"] = str(scratch)
                 self.log.info("local backend: running the Beam pipeline in process (%s)", python)
                 started = time.monotonic()
                 code = local.run_process(command, env, scratch, lambda line: self.log.info("%s", line))
-        if code in jobspec.NON_RETRIABLE_EXIT_CODES:
-            raise AirflowFailException(f"preprocessing (Beam, in process) exited with code {code}: non-retriable")
+        if code in NON_RETRIABLE_EXIT_CODES:
+            raise AirflowFailException(f"preprocessing (Beam, in process) exited with code {code}: non-retriable "
+                                       f"({non_retriable_legend()})")
         if code != 0:
             raise AirflowException(f"preprocessing (Beam, in process) exited with code {code}: retriable")
         self.log.info("preprocessing (Beam, in process) finished in %.1f s", time.monotonic() - started)
 
 
 class ErrorFile:
-    """`_error.json` at the output prefix: the Beam engine writes a bad input's message there (Dataflow's job state
-    carries no exit code), so a refusal fails the task at once instead of being retried."""
+    """The error document (`artifacts.ERROR`) at the output prefix: the Beam engine writes a bad input's message there
+    (Dataflow's job state carries no exit code), so a refusal fails the task at once instead of being retried."""
 
-    NAME = "_error.json"
+    NAME = artifacts.ERROR
 
     def __init__(self, output: str, gcp_conn_id: str) -> None:
         bucket, _, prefix = output.removeprefix("gs://").partition("/")
@@ -152,7 +155,7 @@ class ErrorFile:
         hook = self._hook()
         if not hook.exists(self.bucket, self.object):
             return None
-        return json.loads(hook.download(self.bucket, self.object)).get("error", "(no message)")
+        return documents.ERROR.load(hook.download(self.bucket, self.object), f"gs://{self.bucket}/{self.object}")["error"]
 
 
 def engine_task_id(params: dict[str, Any]) -> str:

@@ -7,27 +7,16 @@ drain) do not count against `backoffLimit`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from gemma_pipeline.profiles import Profile
-from jobs.benchmark.config import BenchmarkConfig
-from jobs.common import code_identity, spec
-from jobs.convert.config import ConvertConfig
-from jobs.finetuning import multihost
-from jobs.finetuning.config import FinetuneConfig
-from jobs.preprocessing.config import PreprocessConfig
+from jobs.contract import env as contract_env
+from jobs.contract import spec, stages
+from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES
+from jobs.contract.layout import RunLayout, run_key
 
-STAGES = ("preprocess", "finetune", "benchmark", "convert")
-MODULES = {"preprocess": "jobs.preprocessing", "finetune": "jobs.finetuning", "benchmark": "jobs.benchmark", "convert": "jobs.convert"}
-# Stages that also have a GPU image (docker/<stage>.Dockerfile built with ACCELERATOR=gpu), used on GPU profiles.
-GPU_IMAGE_STAGES = ("finetune", "benchmark")
-BEAM_IMAGE = "preprocess-beam"  # the Dataflow Flex Template image of the Beam engine (preprocess_engine=dataflow)
-IMAGE_NAMES = (*STAGES, *(f"{stage}-gpu" for stage in GPU_IMAGE_STAGES), BEAM_IMAGE)
-# The Job names its command, so the spec alone says what runs (the local backend runs exactly this).
-COMMANDS = {stage: ["python", "-m", module] for stage, module in MODULES.items()}
-NON_RETRIABLE_EXIT_CODES = (2, 3, 4)
+STAGES = stages.NAMES
 CONTAINER = "stage"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The root filesystem is read-only: every cache and scratch path points into the /tmp emptyDir. Unbuffered
@@ -42,8 +31,11 @@ STAGE_ENV = {
     "STAGE_WORKDIR": "/tmp",
 }
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+STAGE_LABEL = "gemma-lora-pipeline/stage"
+RUN_LABEL = "gemma-lora-pipeline/run"
+CANDIDATE_LABEL = "gemma-lora-pipeline/candidate"
 # The stage records its image in its manifest: pinned by digest, that is the code identity a skip compares.
-IMAGE_ENV = code_identity.IMAGE_ENV
+IMAGE_ENV = contract_env.IMAGE_ENV
 # Tokens for gated models (hf://, Kaggle presets) come only from this Kubernetes Secret, never from params or
 # literals; optional, so a missing Secret or key leaves the variable unset instead of blocking the pod.
 TOKEN_SECRET_NAME = "gemma-pipeline-tokens"
@@ -74,23 +66,7 @@ def images(registry: str, tag: str) -> dict[str, str]:
     """Every image docker/cloudbuild.yaml pushes, by name."""
     if not tag or tag == "latest":
         raise ValueError(f"image tag: got {tag!r}; expected a release tag or a commit SHA (never latest)")
-    return {name: f"{registry}/{name}:{tag}" for name in IMAGE_NAMES}
-
-
-def safe_run_id(run_id: str) -> str:
-    """A run id usable in object names and Kubernetes labels: [a-z0-9-], at most 63 characters."""
-    cleaned = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
-    return cleaned[:63].rstrip("-") or "run"
-
-
-def run_key(run_name: str, run_id: str) -> str:
-    """The run's folder: the `run_name` param when given (a new DAG run with the same name resumes that run,
-    skipping finished stages), else the Airflow run id."""
-    return safe_run_id(run_name or run_id)
-
-
-def stage_prefix(bucket: str, run_id: str, stage: str) -> str:
-    return f"gs://{bucket}/runs/{safe_run_id(run_id)}/{stage}"
+    return {name: f"{registry}/{name}:{tag}" for name in stages.IMAGE_NAMES}
 
 
 def pod_failure_policy() -> dict[str, Any]:
@@ -109,7 +85,7 @@ VOLUME_MOUNTS = [{"name": "scratch", "mountPath": "/tmp"}]
 
 
 def job_labels(stage: str, queue: str, priority_class: str = "") -> dict[str, str]:
-    labels = {QUEUE_LABEL: queue, "app.kubernetes.io/part-of": "gemma-lora-pipeline", "gemma-lora-pipeline/stage": stage}
+    labels = {QUEUE_LABEL: queue, "app.kubernetes.io/part-of": "gemma-lora-pipeline", STAGE_LABEL: stage}
     if priority_class:
         labels[PRIORITY_LABEL] = priority_class
     return labels
@@ -119,14 +95,24 @@ def resources(profile: Profile) -> dict[str, dict[str, str]]:
     return {"requests": dict(profile.requests), **({"limits": dict(profile.limits)} if profile.limits else {})}
 
 
-def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    if stage not in STAGES:
-        raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGES)}")
+def stage_image(profile: Profile, image: str, gpu_image: str = "") -> str:
+    """A GPU profile runs the stage's GPU image (JAX's CUDA build) where it has one; the default carries jax[tpu]."""
+    return gpu_image if profile.accelerator_resource == "nvidia.com/gpu" and gpu_image else image
+
+
+def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, env: dict[str, str] | None = None,
+                 labels: dict[str, str] | None = None, pod_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The one builder of a stage's Job: the DAG's task submits it (with its run's `labels` and the provider's
+    `pod_labels` it finds the pods by) and `k8s/jobs` renders it."""
+    command = stages.get(stage).command
     profile = settings.profile
+    if stage == "finetune" and "--distribution" not in args:
+        args = [*args, *profile.distribution_args]  # the profile picks data or model parallel
+    job_labels_ = {**job_labels(stage, settings.queue, settings.priority_class), **(labels or {})}
     container = {
         "name": CONTAINER,
         "image": settings.image,
-        "command": list(COMMANDS[stage]),
+        "command": command,
         "args": list(args),
         "env": env_list({IMAGE_ENV: settings.image, **(env or {})}),
         "resources": resources(profile),
@@ -150,14 +136,14 @@ def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, 
         "backoffLimit": settings.backoff_limit,
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
         "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": {"gemma-lora-pipeline/stage": stage}}, "spec": pod},
+        "template": {"metadata": {"labels": {**job_labels_, **(pod_labels or {})}}, "spec": pod},
     }
     if settings.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": settings.namespace, "labels": job_labels(stage, settings.queue, settings.priority_class)},
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": job_labels_},
         "spec": spec,
     }
 
@@ -171,7 +157,7 @@ TOPOLOGY_ANNOTATION = "kueue.x-k8s.io/podset-required-topology"
 DWS_RUN_ANNOTATION = "provreq.kueue.x-k8s.io/maxRunDurationSeconds"
 # What the fine-tune reads to join its processes; the process id comes from the Indexed Job's
 # JOB_COMPLETION_INDEX, which Kubernetes sets in every pod.
-NUM_PROCESSES_ENV, COORDINATOR_ENV = multihost.NUM_PROCESSES_ENV, multihost.COORDINATOR_ENV
+NUM_PROCESSES_ENV, COORDINATOR_ENV = contract_env.NUM_PROCESSES_ENV, contract_env.COORDINATOR_ENV
 COORDINATOR_FIELD = f"metadata.annotations['{COORDINATOR_ANNOTATION}']"
 
 
@@ -238,14 +224,8 @@ def jobset_manifest(job: dict[str, Any], profile: Profile, max_run_seconds: int 
     return {"apiVersion": JOBSET_API, "kind": "JobSet", "metadata": metadata, "spec": jobset_spec}
 
 
-DEFAULT_PROFILES = {"preprocess": "cpu", "finetune": "tpu-v5e-1", "benchmark": "tpu-v5e-1", "convert": "cpu"}
-
-STAGE_CONFIGS: dict[str, type] = {"preprocess": PreprocessConfig, "finetune": FinetuneConfig,
-                                   "benchmark": BenchmarkConfig, "convert": ConvertConfig}
-
-
 def stage_options(stage: str) -> list[spec.Option]:
-    return spec.options(STAGE_CONFIGS[stage])
+    return spec.options(stages.get(stage).config)
 
 
 def param_options() -> dict[str, spec.Option]:
@@ -264,29 +244,22 @@ def param_defaults() -> dict[str, Any]:
     return {name: opt.param_default for name, opt in param_options().items()}
 
 
-def param_templates() -> dict[str, str]:
-    """Each stage Param as the Jinja template the DAG renders into the Job's arguments, spelled as the CLI
-    reads it: null as "" (the option's "none"), booleans as true/false."""
-    templates = {}
-    for name, opt in param_options().items():
-        value = f"params.{name}"
-        if opt.kind == "bool":
-            templates[name] = "{{ 'true' if " + value + " else 'false' }}"
-        else:
-            templates[name] = "{{ " + value + " if " + value + " is not none else '' }}"
-    return templates
+def run_layout(params: Any, run_id: str) -> RunLayout:
+    """The run's layout from a task's Params and run id: what the `plan` task planned, found again by any task."""
+    return RunLayout.of(params["bucket"], run_key(params.get("run_name"), run_id))
 
 
-def prefixes(bucket: str, run_id: str) -> dict[str, str]:
-    return {s: stage_prefix(bucket, run_id, s) for s in STAGES}
+def template_parameters(args: list[str]) -> dict[str, str]:
+    """A stage's arguments as Dataflow Flex Template parameters: `--max-tokens 128` becomes {"max_tokens": "128"}.
+    Empty values are left out (the option's default; Dataflow refuses empty parameters)."""
+    return {flag[2:].replace("-", "_"): value for flag, value in zip(args[::2], args[1::2]) if value != ""}
 
 
 def stage_args(stage: str, values: dict[str, Any], prefix: dict[str, str]) -> list[str]:
-    """The stage CLI's arguments: every option bound to a DAG Param, and every upstream prefix. `values` maps
-    Param names to values or to templates (the DAG renders them at run time); missing ones take the defaults.
-    The fine-tune's distribution flags come from its profile, at run time."""
-    if stage not in STAGES:
-        raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGES)}")
+    """The stage CLI's arguments, the one renderer of them: every option bound to a DAG Param, and every upstream
+    prefix. `values` maps Param names to values; missing ones take the defaults. The fine-tune's distribution
+    flags come from its profile (`job_manifest`)."""
+    stages.get(stage)
     merged = {**param_defaults(), **values}
     args: list[str] = []
     for opt in stage_options(stage):

@@ -14,7 +14,6 @@ report's cost table.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import re
@@ -38,6 +37,7 @@ from gemma_pipeline.kueue_wait import (
     wait_until_admitted,
 )
 from gemma_pipeline.triggers import JOBSET, JobSetTrigger, ProgressGKEJobTrigger
+from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES, non_retriable_legend
 
 NON_RETRIABLE_REASON = "PodFailurePolicy"
 JOBSET_FAIL_ACTION_REASON = "FailJobSetFailurePolicyAction"  # the JobSet controller's reason for a FailJobSet rule
@@ -67,12 +67,7 @@ class StageJobOperator(GKEStartJobOperator):
                  gpu_image: str = "", plan: Any = None, **kwargs: Any) -> None:
         """`plan`: a candidate's Job for this stage (arguments, profile, progress object, labels), known only at
         run time (a mapped task's share of `candidates.plan`); it replaces the fields built from templates."""
-        # The pipeline's pod policy, shared with k8s/jobs: non-root, read-only root filesystem, /tmp scratch.
-        kwargs.setdefault("base_container_name", jobspec.CONTAINER)
-        kwargs.setdefault("security_context", _k8s("V1PodSecurityContext", jobspec.POD_SECURITY))
-        kwargs.setdefault("container_security_context", _k8s("V1SecurityContext", jobspec.CONTAINER_SECURITY))
-        kwargs.setdefault("volumes", [_k8s("V1Volume", v) for v in jobspec.VOLUMES])
-        kwargs.setdefault("volume_mounts", [_k8s("V1VolumeMount", v) for v in jobspec.VOLUME_MOUNTS])
+        kwargs.setdefault("base_container_name", jobspec.CONTAINER)  # the container the provider reads logs of
         super().__init__(**kwargs)
         self.stage = stage
         self.profile_name = profile_name
@@ -86,25 +81,36 @@ class StageJobOperator(GKEStartJobOperator):
             self.arguments = list(self.plan["arguments"])
             self.profile_name = self.plan["profile_name"]
             self.progress_uri = self.plan["progress_uri"]
-            self.labels = {**(self.labels or {}), **self.plan["labels"]}
+            self.labels = dict(self.plan["labels"])
 
-    def build_job_request_obj(self, context: Any = None) -> k8s.V1Job:
-        self._apply_plan()
+    def job_settings(self) -> jobspec.JobSettings:
         profile = profiles.get(str(self.profile_name))
         if profile.multihost and self.stage not in profiles.MULTIHOST_STAGES:
             raise AirflowFailException(f"{self.stage}_profile: got {profile.name!r} ({profile.hosts} hosts); expected a "
                                        f"single-host profile: only {', '.join(profiles.MULTIHOST_STAGES)} runs on several hosts")
-        self.node_selector = dict(profile.node_selector)
-        self.tolerations = [k8s.V1Toleration(**t) for t in profile.tolerations]
-        self.container_resources = k8s.V1ResourceRequirements(**jobspec.resources(profile))
-        if profile.accelerator_resource == "nvidia.com/gpu" and self.gpu_image:
-            self.image = self.gpu_image  # JAX's CUDA build; the default image carries jax[tpu]
-        if self.stage == "finetune" and "--distribution" not in self.arguments:
-            self.arguments = [*self.arguments, *profile.distribution_args]
-        self.env_vars = [_k8s("V1EnvVar", e) for e in jobspec.env_list({jobspec.IMAGE_ENV: self.image})]
-        job = super().build_job_request_obj(context)
-        job.spec.pod_failure_policy = _k8s("V1PodFailurePolicy", jobspec.pod_failure_policy())
-        job.spec.template.spec.restart_policy = "Never"
+        return jobspec.JobSettings(
+            namespace=self.namespace, queue=self.labels[jobspec.QUEUE_LABEL], service_account=self.service_account_name,
+            image=jobspec.stage_image(profile, self.image, self.gpu_image), profile=profile,
+            ttl_seconds_after_finished=self.ttl_seconds_after_finished, backoff_limit=self.backoff_limit,
+            priority_class=self.labels.get(jobspec.PRIORITY_LABEL, ""), active_deadline_seconds=self.active_deadline_seconds or 0)
+
+    def build_job_request_obj(self, context: Any = None) -> k8s.V1Job:
+        """The Job from `jobspec.job_manifest`, the builder `k8s/jobs` renders with: the provider creates it and finds
+        its pods by the labels it gives every task's pods, and names it as it names every Job."""
+        from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import POD_NAME_MAX_LENGTH, add_unique_suffix
+        from airflow.providers.cncf.kubernetes.operators.job import JOB_NAME_PREFIX
+
+        self._apply_plan()
+        settings = self.job_settings()
+        self.image = settings.image
+        name = self.name if not self.random_name_suffix else add_unique_suffix(
+            name=self.name, max_len=POD_NAME_MAX_LENGTH - len(JOB_NAME_PREFIX))
+        body = jobspec.job_manifest(self.stage, settings, list(self.arguments), name=f"{JOB_NAME_PREFIX}{name}",
+                                    labels=self.labels, pod_labels=self._get_ti_pod_labels(context))
+        job = _k8s("V1Job", body)
+        # What the provider keeps of the pod it would have built: where to look for the pods (get_pods).
+        self.pod_request_obj = k8s.V1Pod(spec=job.spec.template.spec, metadata=k8s.V1ObjectMeta(
+            namespace=self.namespace, labels=dict(job.spec.template.metadata.labels)))
         return job
 
     def get_pods(self, pod_request_obj: k8s.V1Pod, context: Any, *, exclude_checked: bool = True) -> list[k8s.V1Pod]:
@@ -132,7 +138,6 @@ class StageJobOperator(GKEStartJobOperator):
         return super().defer(trigger=trigger, method_name=method_name, **kwargs)
 
     def execute(self, context: Any) -> Any:
-        check_conf(context)
         if local.backend() == "local":
             return self.execute_local(context)
         self._apply_plan()
@@ -197,8 +202,8 @@ class StageJobOperator(GKEStartJobOperator):
             failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), {})
             message = f"{event.get('message')}: {failed.get('reason', '')} {failed.get('message', '')}".strip()
             if failed.get("reason") == JOBSET_FAIL_ACTION_REASON:  # the NonRetriableExit rule: exit 2, 3 or 4
-                raise AirflowFailException(f"{message} (a host exited with a non-retriable code: 2 bad input, "
-                                           "3 quality gate, 4 export mismatch; see the pod logs)")
+                raise AirflowFailException(f"{message} (a host exited with a non-retriable code: {non_retriable_legend()}; "
+                                           "see the pod logs)")
             raise AirflowException(message)
         self._push_usage(context, jobset_seconds(jobset))
 
@@ -238,8 +243,8 @@ class StageJobOperator(GKEStartJobOperator):
         ti.xcom_push(key=KubernetesEngineJobLink.key, value={})
         if code != 0:
             message = f"stage {self.stage} exited with code {code} after {seconds} s (local backend)"
-            if code in jobspec.NON_RETRIABLE_EXIT_CODES:
-                raise AirflowFailException(f"{message}: non-retriable (2 bad input, 3 quality gate, 4 export mismatch)")
+            if code in NON_RETRIABLE_EXIT_CODES:
+                raise AirflowFailException(f"{message}: non-retriable ({non_retriable_legend()})")
             raise AirflowException(f"{message}: retriable")
         self._push_usage(context, seconds, backend="local")
         self.log.info("stage %s finished in %s s", self.stage, seconds)
@@ -293,22 +298,6 @@ class StageJobOperator(GKEStartJobOperator):
                 self.log.warning("could not fetch logs of pod %s: %s", name, err)
 
 
-def check_conf(context: Any) -> None:
-    """Refuse a trigger whose conf names a key that is not a Param (a typo such as `lora_rnak` would otherwise
-    be ignored and the run would train with the default), before any Job is submitted."""
-    dag_run = context.get("dag_run")
-    conf = getattr(dag_run, "conf", None) or {}
-    known = set(context["params"])
-    unknown = sorted(set(conf) - known)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise AirflowFailException(f"the trigger's conf has keys that are not params of this DAG: {', '.join(hints)}; "
-                                   f"expected only: {', '.join(sorted(known))}")
-
-
 def job_seconds(job: dict[str, Any]) -> float | None:
     """How long a finished Job held its hardware: from admission (startTime is set when Kueue unsuspends
     it) to completion, over all of its pod attempts."""
@@ -352,5 +341,4 @@ def failed_by_pod_failure_policy(job: Any) -> bool:
 def raise_if_non_retriable(error: AirflowException, job: Any) -> None:
     if not isinstance(error, AirflowFailException) and failed_by_pod_failure_policy(job):
         raise AirflowFailException(
-            f"{error} (the stage exited with a non-retriable code: 2 bad input, 3 quality gate, 4 export mismatch; "
-            "see the pod log)") from error
+            f"{error} (the stage exited with a non-retriable code: {non_retriable_legend()}; see the pod log)") from error

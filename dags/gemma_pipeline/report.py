@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,13 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from gemma_pipeline import jobspec, lease, local, profiles
+from jobs.contract import artifacts, splits, stages
+from jobs.contract import documents as docs
+from jobs.contract.layout import RunLayout
 
 PRICES_ENV = "GEMMA_PIPELINE_PRICES"
 PRICES_VARIABLE = "gemma_pipeline_prices"
-# What a user opens first in each stage's prefix.
-KEY_ARTIFACTS = {
-    "preprocess": ["train.jsonl", "eval.jsonl", "stats.json"],
-    "finetune": ["adapter.lora.h5", "model/", "metrics.json", "loss_curve.png", "tensorboard/"],
-    "benchmark": ["report.json", "perplexity.png"],
-    "convert": ["", "parity.json", "adapter/", "answers.json"],  # the directory is the model: from_pretrained
-}
-CHARTS = {"loss curve": ("finetune", "loss_curve.png"), "perplexity": ("benchmark", "perplexity.png")}
+CHARTS = {"loss curve": ("finetune", artifacts.LOSS_CURVE), "perplexity": ("benchmark", artifacts.PERPLEXITY_CHART)}
 
 
 def price_table() -> dict[str, float]:
@@ -93,10 +88,9 @@ def stage_row(stage: str, manifest: dict[str, Any] | None, usage: dict[str, Any]
 
 def summarize(manifests: dict[str, dict | None], documents: dict[str, dict | None]) -> dict[str, Any]:
     fine = (manifests.get("finetune") or {}).get("metrics", {})
-    bench = documents.get("benchmark/report.json") or {}
-    models = bench.get("models", {})
-    split = lambda name: models.get(name, {}).get("splits", {}).get("eval", {})  # noqa: E731
-    parity = documents.get("convert/parity.json")
+    bench = documents.get("benchmark") or {}
+    split = lambda name: docs.eval_split(bench, name)  # noqa: E731
+    parity = documents.get("parity")
     return {
         "base_perplexity": split("base").get("perplexity"), "tuned_perplexity": split("tuned").get("perplexity"),
         "base_ci95": [split("base").get("ci95_low"), split("base").get("ci95_high")],
@@ -111,37 +105,38 @@ def summarize(manifests: dict[str, dict | None], documents: dict[str, dict | Non
 def key_artifacts(stage: str, manifest: dict[str, Any]) -> list[str]:
     """What a user opens first; for preprocessing, the splits as written: one file each, or (Beam engine) the first
     of each split's shards."""
+    written = list(stages.get(stage).writes)
     if stage != "preprocess":
-        return KEY_ARTIFACTS[stage]
+        return written
     outputs = manifest.get("outputs") or {}
-    return [n for n in sorted(outputs) if n in KEY_ARTIFACTS[stage] or re.fullmatch(r"(train|eval)-00000-of-\d{5}\.jsonl", n)] \
-        or KEY_ARTIFACTS[stage]
+    first_shard = lambda n: (m := splits.SHARD.match(n)) and m["split"] in (artifacts.TRAIN, artifacts.EVAL) and m["index"] == "00000"  # noqa: E731
+    return [n for n in sorted(outputs) if n in written or first_shard(n)] or written
 
 
 def stage_prefixes(run_prefix: str, champion: dict[str, Any] | None) -> dict[str, str | None]:
     """Where the report reads each stage: the shared preprocessing, and the champion's candidate folders."""
-    chosen = next((r for r in (champion or {}).get("candidates", []) if r.get("champion")), None)
-    prefixes = (chosen or {}).get("prefixes", {})
-    return {"preprocess": f"{run_prefix}/preprocess", **{s: prefixes.get(s) for s in jobspec.STAGES if s != "preprocess"}}
+    prefixes = (docs.champion_row(champion) or {}).get("prefixes", {})
+    layout = RunLayout(run_prefix)
+    return {s: prefixes.get(s) if stages.get(s).per_candidate else layout.stage(s) for s in stages.NAMES}
 
 
 def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | None], documents: dict[str, dict | None],
           usages: dict[str, dict | None], prices: dict[str, float], champion: dict[str, Any] | None = None,
           run_started: str = "") -> dict[str, Any]:
-    stages = [stage_row(s, manifests.get(s), usages.get(s), prices, run_started) for s in jobspec.STAGES]
+    rows = [stage_row(s, manifests.get(s), usages.get(s), prices, run_started) for s in stages.NAMES]
     where = stage_prefixes(run_prefix, champion)
-    costs = [r["cost_usd"] for r in stages if r["cost_usd"] is not None]
+    costs = [r["cost_usd"] for r in rows if r["cost_usd"] is not None]
     return {
         "run_prefix": run_prefix,
-        "complete": all(r["done"] for r in stages),
+        "complete": all(r["done"] for r in rows),
         "params": params,
         "summary": summarize(manifests, documents),
-        "stages": stages,
+        "stages": rows,
         "total_cost_usd": round(sum(costs), 4) if costs else None,
-        "artifacts": {s: [f"{where[s]}/{name}" for name in key_artifacts(s, manifests[s])] for s in jobspec.STAGES
+        "artifacts": {s: [f"{where[s]}/{name}" for name in key_artifacts(s, manifests[s])] for s in stages.NAMES
                       if manifests.get(s)},
         "champion": champion,
-        "answers": documents.get("convert/answers.json") or [],
+        "answers": documents.get("answers") or [],
         "prices": prices,
     }
 
@@ -327,12 +322,13 @@ class RunReportOperator(BaseOperator):
 
     template_fields = ("run_prefix",)
 
-    def __init__(self, *, run_prefix: str, gcp_conn_id: str = "google_cloud_default", **kwargs: Any) -> None:
+    def __init__(self, *, run_prefix: str = "", gcp_conn_id: str = "google_cloud_default", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.run_prefix = run_prefix
         self.gcp_conn_id = gcp_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
+        self.run_prefix = self.run_prefix or jobspec.run_layout(context["params"], context["run_id"]).prefix
         backend = local.backend()
         if backend == "local":
             with local.Emulator(local.local_root()):
@@ -341,8 +337,8 @@ class RunReportOperator(BaseOperator):
             report = self._write(context, RunStore(backend, self.gcp_conn_id))
         if not report["complete"]:
             missing = [r["stage"] for r in report["stages"] if not r["done"]]
-            raise AirflowFailException(f"stages without a manifest: {', '.join(missing)}; report at {self.run_prefix}/report.md")
-        return {"report": f"{self.run_prefix}/report.md", "summary": report["summary"]}
+            raise AirflowFailException(f"stages without a manifest: {', '.join(missing)}; report at {self.run_prefix}/{artifacts.RUN_REPORT_MD}")
+        return {"report": f"{self.run_prefix}/{artifacts.RUN_REPORT_MD}", "summary": report["summary"]}
 
     def _write(self, context: Any, store: RunStore) -> dict[str, Any]:
         prefix = self.run_prefix.rstrip("/")
@@ -351,12 +347,14 @@ class RunReportOperator(BaseOperator):
         if holder is not None and holder.get("run_id") != run_id:  # this run lost the race for its run_name
             raise AirflowFailException(f"no report written: {prefix} belongs to DAG run {holder.get('run_id')!r}, "
                                        "and this run wrote nothing there")
-        champion = store.read_json(f"{prefix}/champion.json")
+        layout = RunLayout(prefix)
+        champion_data = store.read(layout.champion)
+        champion = docs.CHAMPION.load(champion_data, layout.champion) if champion_data else None
         where = stage_prefixes(prefix, champion)
         read = lambda stage, name: store.read_json(f"{where[stage]}/{name}") if where[stage] else None  # noqa: E731
-        manifests = {s: read(s, "_manifest.json") for s in jobspec.STAGES}
-        documents = {"benchmark/report.json": read("benchmark", "report.json"), "convert/parity.json": read("convert", "parity.json"),
-                     "convert/answers.json": read("convert", "answers.json")}
+        manifests = {s: read(s, artifacts.MANIFEST) for s in stages.NAMES}
+        documents = {"benchmark": read("benchmark", artifacts.BENCHMARK_REPORT), "parity": read("convert", artifacts.PARITY),
+                     "answers": read("convert", artifacts.ANSWERS)}
         usages = self._usages(context, champion)
         params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
         started = context["dag_run"].start_date if context.get("dag_run") else None
@@ -366,10 +364,11 @@ class RunReportOperator(BaseOperator):
         relative = {t: f"{where[stage]}/{name}".removeprefix(prefix + "/") for t, (stage, name) in CHARTS.items() if where[stage]}
         md = markdown(report, {t: relative[t] for t, data in images.items() if data})
         inline = {t: "data:image/png;base64," + base64.b64encode(data).decode() for t, data in images.items() if data}
-        store.write(f"{prefix}/report.json", json.dumps(report, indent=2, default=str).encode(), "application/json")
-        store.write(f"{prefix}/report.md", md.encode(), "text/markdown")
-        store.write(f"{prefix}/report.html", to_html(markdown(report, inline)).encode(), "text/html")
-        self.log.info("run report: %s/report.md (and .html, .json)\n%s\n\n%s", prefix, summary_table(report), stage_table(report))
+        store.write(layout.file(artifacts.RUN_REPORT_JSON), json.dumps(report, indent=2, default=str).encode(), "application/json")
+        store.write(layout.file(artifacts.RUN_REPORT_MD), md.encode(), "text/markdown")
+        store.write(layout.file(artifacts.RUN_REPORT_HTML), to_html(markdown(report, inline)).encode(), "text/html")
+        self.log.info("run report: %s (and .html, .json)\n%s\n\n%s", layout.file(artifacts.RUN_REPORT_MD), summary_table(report),
+                      stage_table(report))
         if lease.release(store, prefix, run_id):
             self.log.info("released the lease on %s: the run_name is free for the next run", prefix)
         return report

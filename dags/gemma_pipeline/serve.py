@@ -12,7 +12,9 @@ from airflow.providers.google.cloud.operators.kubernetes_engine import GKEOperat
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from gemma_pipeline import local, serving
+from gemma_pipeline import jobspec, local, serving
+from jobs.contract import documents
+from jobs.contract.layout import RunLayout
 
 
 def _label(value: str) -> str:  # Vertex label values: lowercase letters, digits, - and _, at most 63
@@ -22,7 +24,7 @@ def _label(value: str) -> str:  # Vertex label values: lowercase letters, digits
 class ServeOperator(GKEOperatorMixin, BaseOperator):
     template_fields = ("run_prefix", "mode")
 
-    def __init__(self, *, run_prefix: str, mode: str, project_id: str, location: str, cluster_name: str,
+    def __init__(self, *, mode: str, run_prefix: str = "", project_id: str, location: str, cluster_name: str,
                  gcp_conn_id: str = "google_cloud_default", timeout_s: int = 1800, **kwargs: Any) -> None:
         for key in ("namespace", "service_account_name", "wait_until_job_complete", "deferrable", "parallelism",
                     "completions", "suspend", "backoff_limit", "ttl_seconds_after_finished", "get_logs",
@@ -44,9 +46,12 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
             raise AirflowSkipException(f"serve={self.mode} needs Google Cloud; the local backend has no Vertex AI or GKE")
         from gemma_pipeline.report import RunStore
 
-        record = RunStore("gke", self.gcp_conn_id).read_json(f"{self.run_prefix}/champion.json")
-        if not record:
-            raise AirflowFailException(f"no {self.run_prefix}/champion.json: nothing to serve")
+        layout = RunLayout(self.run_prefix) if self.run_prefix else jobspec.run_layout(context["params"], context["run_id"])
+        self.run_prefix = layout.prefix
+        data = RunStore("gke", self.gcp_conn_id).read(layout.champion)
+        if not data:
+            raise AirflowFailException(f"no {layout.champion}: nothing to serve")
+        record = documents.CHAMPION.load(data, layout.champion)
         paths = serving.champion_paths(record)
         return self.to_vertex(context, paths) if self.mode == "vertex" else self.to_gke(paths, record)
 

@@ -9,9 +9,9 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF only tokenizes: no cuInit error on CPU (docs/operations.md)
 
-from jobs.benchmark.config import DESCRIPTION, BenchmarkConfig  # noqa: E402
 from jobs.benchmark.core import run  # noqa: E402
 from jobs.common.cli import main  # noqa: E402
+from jobs.contract.configs.benchmark import DESCRIPTION, BenchmarkConfig  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(BenchmarkConfig, run, DESCRIPTION))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict
@@ -13,27 +12,24 @@ from typing import Any
 import numpy as np
 
 from jobs.benchmark import perplexity as ppl
-from jobs.benchmark.config import BenchmarkConfig
 from jobs.common import lm, models, storage
 from jobs.common.cli import local_output_dir
-from jobs.common.errors import BadInputError, QualityGateError
 from jobs.common.manifest import StageRun, read_manifest, stage_in_upstream, upstream_ref
+from jobs.contract import artifacts, documents
+from jobs.contract import rows as rows_lib
+from jobs.contract.configs.benchmark import BenchmarkConfig
+from jobs.contract.errors import BadInputError, QualityGateError
 from jobs.finetuning import data as data_lib
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "adapter.lora.h5"  # what the fine-tune writes
 
 
 def resolve_mode(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
-    text = data_lib.row_kind(rows[0]) == "text"
+    text = rows_lib.kind_of(rows[0]) == rows_lib.TEXT
     if config.mode == "response" and text:
         raise BadInputError("--mode", config.mode, "text or auto for raw-text data (it has no responses)")
     return config.mode if config.mode != "auto" else "text" if text else "response"
-
-
-def _document(row: dict[str, Any]) -> str:
-    return row["text"] if "text" in row else "".join(text for text, _ in data_lib.segments_of(row))
 
 
 def eval_windows(config: BenchmarkConfig, rows: list[dict[str, Any]], tokenizer) -> tuple[ppl.Windows, int]:
@@ -42,7 +38,7 @@ def eval_windows(config: BenchmarkConfig, rows: list[dict[str, Any]], tokenizer)
         if split.truncated:
             log.warning("%d examples exceed --max-length %d and were truncated", split.truncated, config.max_length)
         return ppl.example_windows(split.tokens, split.lengths, split.loss_mask), len(rows)
-    return text_windows(config, [_document(r) for r in rows], tokenizer), len(rows)
+    return text_windows(config, [rows_lib.document_of(r) for r in rows], tokenizer), len(rows)
 
 
 def text_windows(config: BenchmarkConfig, docs: list[str], tokenizer) -> ppl.Windows:
@@ -96,9 +92,9 @@ def _tuned(config: BenchmarkConfig, workdir: Path) -> tuple[str, Callable[[], An
     adapter), the adapter applied to the full-precision base (the report's uri says which)."""
     settings = (read_manifest(config.finetune) or {}).get("config", {})
     if not models.adapter_only(settings):
-        local = str(storage.stage_in(storage.join(config.finetune, "model"), workdir / "tuned", name="model"))
-        return storage.join(config.finetune, "model"), lambda: models.load_causal_lm(local, workdir, field="--finetune")
-    adapter = storage.join(config.finetune, ADAPTER)
+        local = str(storage.stage_in(storage.join(config.finetune, artifacts.MERGED_MODEL), workdir / "tuned", name=artifacts.MERGED_MODEL))
+        return storage.join(config.finetune, artifacts.MERGED_MODEL), lambda: models.load_causal_lm(local, workdir, field="--finetune")
+    adapter = storage.join(config.finetune, artifacts.ADAPTER)
     log.info("the fine-tune trained on a %s base: scoring its adapter on the full-precision base %s",
              settings["base_quantization"], config.base_model)
     return (f"{adapter} on {config.base_model} (full precision; trained on a {settings['base_quantization']} base)",
@@ -119,7 +115,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     out = local_output_dir(config.output, workdir)
 
     data_dir = stage_in_upstream(config.data, inputs[0], workdir / "data", name="data")
-    rows = data_lib.read_split(data_dir, "eval", "--data")
+    rows = data_lib.read_split(data_dir, artifacts.EVAL, "--data")
     if config.max_examples:
         rows = rows[: config.max_examples]
     if not rows:
@@ -163,8 +159,8 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
         report["relative_improvement"] = metrics["relative_improvement"] = (base - tuned) / base
     gate_failed = bool(config.require_improvement) and report["relative_improvement"] < config.require_improvement
     report["quality_gate"] = {"required": config.require_improvement, "passed": not gate_failed}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    chart(report, out / "perplexity.png")
+    (out / artifacts.BENCHMARK_REPORT).write_bytes(documents.BENCHMARK.dump(report))
+    chart(report, out / artifacts.PERPLEXITY_CHART)
     if gate_failed:
         storage.publish_dir(out, config.output)  # the report explains the failure; no manifest: not complete
         raise QualityGateError(

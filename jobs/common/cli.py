@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jobs.common import spec, storage
-from jobs.common.errors import (
+from jobs.common import storage
+from jobs.contract import spec
+from jobs.contract.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     BadInputError,
@@ -49,7 +50,10 @@ def parse_bool(text: str) -> bool:
 
 def parser_for(config_cls: type, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one `--flag` per config option; unknown options are errors (exit 2)."""
-    prog = "python -m " + config_cls.__module__.rsplit(".", 1)[0]  # jobs.<stage>.config -> jobs.<stage>
+    from jobs.contract import stages
+
+    module = next((s.module for s in stages.REGISTRY.values() if s.config is config_cls), config_cls.__module__)
+    prog = "python -m " + module
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     for opt in spec.options(config_cls):
         text = opt.help.replace("%", "%%")  # argparse %-formats help strings

@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-IMAGE_ENV = "GEMMA_PIPELINE_IMAGE"
-STAGE_MODULES = {"preprocess": "jobs.preprocessing", "finetune": "jobs.finetuning", "benchmark": "jobs.benchmark",
-                 "convert": "jobs.convert"}
+from jobs.contract import stages
+from jobs.contract.env import IMAGE_ENV
+
 _ROOT = Path(__file__).resolve().parent.parent.parent  # the directory holding the `jobs` package
 
 
@@ -73,7 +73,4 @@ def code_identity(stage: str) -> dict[str, Any]:
     image = os.environ.get(IMAGE_ENV, "")
     if "@sha256:" in image:
         return {"image": image}
-    entry = STAGE_MODULES.get(stage)
-    if entry is None:
-        raise ValueError(f"stage: got {stage!r}; expected one of {', '.join(STAGE_MODULES)}")
-    return {"source_sha256": source_digest(entry)}
+    return {"source_sha256": source_digest(stages.get(stage).module)}

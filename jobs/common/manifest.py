@@ -19,13 +19,11 @@ from typing import Any
 
 from jobs.common import faults, storage
 from jobs.common.code_identity import code_identity
-from jobs.common.errors import BadInputError
+from jobs.contract import artifacts, documents
+from jobs.contract.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"
-PROGRESS = "_progress.json"
-SCHEMA_VERSION = 2  # 2: `code` (image or source digest) is part of the skip decision
 
 
 def code_version() -> str:
@@ -57,7 +55,7 @@ def peak_rss_bytes() -> int:
 
 
 def read_manifest(prefix: str) -> dict[str, Any] | None:
-    uri = storage.join(prefix, MANIFEST)
+    uri = storage.join(prefix, artifacts.MANIFEST)
     if not storage.exists(uri):
         return None
     return json.loads(storage.read_bytes(uri))
@@ -68,10 +66,10 @@ def upstream_ref(prefix: str, field_name: str) -> dict[str, str]:
     try:
         manifest = read_manifest(prefix)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadInputError(field_name, prefix, f"a prefix with a readable {MANIFEST}", str(err)) from err
+        raise BadInputError(field_name, prefix, f"a prefix with a readable {artifacts.MANIFEST}", str(err)) from err
     if manifest is None:
         raise BadInputError(
-            field_name, prefix, f"the output prefix of a finished stage (no {MANIFEST} there: incomplete or wrong URI)"
+            field_name, prefix, f"the output prefix of a finished stage (no {artifacts.MANIFEST} there: incomplete or wrong URI)"
         )
     return {"uri": prefix, "manifest_sha256": digest_json(manifest)}
 
@@ -86,12 +84,12 @@ def stage_in_upstream(prefix: str, ref: dict[str, str], workdir: Path, name: str
     never trained or scored on."""
     manifest = read_manifest(prefix)
     if manifest is None or digest_json(manifest) != ref["manifest_sha256"]:
-        raise UpstreamChanged(f"{prefix}: its {MANIFEST} changed or went away after this stage started; retry")
+        raise UpstreamChanged(f"{prefix}: its {artifacts.MANIFEST} changed or went away after this stage started; retry")
     local = storage.stage_in(prefix, workdir, name=name)
     for rel, meta in manifest["outputs"].items():
         path = local / rel
         if not path.is_file() or sha256_file(path) != meta["sha256"]:
-            raise UpstreamChanged(f"{prefix}/{rel} does not match its {MANIFEST} (rewritten while read?); retry")
+            raise UpstreamChanged(f"{prefix}/{rel} does not match its {artifacts.MANIFEST} (rewritten while read?); retry")
     return local
 
 
@@ -112,7 +110,7 @@ class ConcurrentWriter(RuntimeError):
     """Another writer changed this stage's manifest while it ran; retrying sees (and may skip to) its result."""
 
     def __init__(self, output: str, err: Exception) -> None:
-        super().__init__(f"another writer changed {storage.join(output, MANIFEST)} while this stage ran ({err}); "
+        super().__init__(f"another writer changed {storage.join(output, artifacts.MANIFEST)} while this stage ran ({err}); "
                          "this run stops without touching it. Two DAG runs with one run_name? The lease prevents that; "
                          "see docs/operations.md")
 
@@ -152,7 +150,7 @@ class StageRun:
     def already_done(self) -> dict[str, Any] | None:
         """The existing manifest when it was made by this stage with the same code, config and inputs, else None
         (and the log says why the stage runs)."""
-        self.generation = storage.generation(storage.join(self.output, MANIFEST))
+        self.generation = storage.generation(storage.join(self.output, artifacts.MANIFEST))
         try:
             existing = read_manifest(self.output)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -162,7 +160,7 @@ class StageRun:
             log.info("RUNNING %s: %s", self.stage, "; ".join(reasons))
             return None
         log.info("SKIPPED: %s already has a manifest for the same code, config and inputs (%s); nothing to do",
-                 self.output, storage.join(self.output, MANIFEST))
+                 self.output, storage.join(self.output, artifacts.MANIFEST))
         return existing
 
     def invalidate(self) -> None:
@@ -170,14 +168,14 @@ class StageRun:
         final write are conditional on the generation seen at the start: if another writer touched the manifest
         meanwhile (two runs on one prefix), this stage stops rather than overwrite or remove its work."""
         try:
-            storage.delete(storage.join(self.output, MANIFEST), if_generation_match=self.generation or None)
+            storage.delete(storage.join(self.output, artifacts.MANIFEST), if_generation_match=self.generation or None)
         except storage.Conflict as err:
             raise ConcurrentWriter(self.output, err) from err
         self.generation = 0
 
     def finish(self, local_dir: Path, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publish `local_dir` to the output prefix, then write the manifest last."""
-        names = storage.publish_dir(local_dir, self.output, skip=(MANIFEST, PROGRESS))
+        names = storage.publish_dir(local_dir, self.output, skip=artifacts.BOOKKEEPING)
         files = {name: {"bytes": (local_dir / name).stat().st_size, "sha256": sha256_file(local_dir / name)} for name in names}
         return self.finish_files(files, metrics, extra)
 
@@ -185,7 +183,7 @@ class StageRun:
                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the manifest over files already at the output prefix ({name: {bytes, sha256}}), last."""
         manifest = {
-            "schema_version": SCHEMA_VERSION,
+            documents.VERSION_KEY: documents.MANIFEST.version,
             "stage": self.stage,
             "code_version": code_version(),
             "code": self.code,
@@ -201,11 +199,11 @@ class StageRun:
         }
         faults.point("manifest")
         try:
-            storage.write_bytes(storage.join(self.output, MANIFEST), json.dumps(manifest, indent=2).encode(),
+            storage.write_bytes(storage.join(self.output, artifacts.MANIFEST), json.dumps(manifest, indent=2).encode(),
                                 "application/json", if_generation_match=self.generation)
         except storage.Conflict as err:
             raise ConcurrentWriter(self.output, err) from err
-        log.info("wrote %s", storage.join(self.output, MANIFEST))
+        log.info("wrote %s", storage.join(self.output, artifacts.MANIFEST))
         return manifest
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common import sources
-from jobs.common.errors import BadInputError
 from jobs.common.sources import EXPECTED, model_ref
+from jobs.contract.errors import BadInputError
 from jobs.demo_model.weights import model_dir
 
 __all__ = ["EXPECTED", "SUPPORTED_CLASSES", "load_causal_lm", "load_with_adapter", "model_ref", "resolve"]

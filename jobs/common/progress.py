@@ -3,13 +3,12 @@ DAG polls so a running task shows step, loss, tokens/s and ETA before the Job fi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 
 from jobs.common import storage
-from jobs.common.manifest import PROGRESS
+from jobs.contract import artifacts, documents
 
 log = logging.getLogger("progress")
 
@@ -21,7 +20,7 @@ def format_eta(seconds: float) -> str:
 
 class Progress:
     def __init__(self, output: str, stage: str, total_steps: int, publish_every_s: float = 30.0, publish: bool = True) -> None:
-        self.uri = storage.join(output, PROGRESS)
+        self.uri = storage.join(output, artifacts.PROGRESS)
         self.publish = publish  # False on all but one of several processes: they log, one writes
         self.stage, self.total = stage, total_steps
         self.publish_every_s = publish_every_s
@@ -43,7 +42,7 @@ class Progress:
             record = {"stage": self.stage, "step": step, "total_steps": self.total, "eta_s": eta if rate else None,
                       "updated_at": now, "line": line, **metrics}
             try:
-                storage.write_bytes(self.uri, json.dumps(record).encode(), "application/json")
+                storage.write_bytes(self.uri, documents.PROGRESS.dump(record), "application/json")
             except Exception as err:  # progress is best effort; never fail training over it
                 log.warning("could not publish progress to %s: %s", self.uri, err)
         return line

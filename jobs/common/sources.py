@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jobs import demo_model
 from jobs.common import storage
-from jobs.common.errors import BadInputError
+from jobs.contract.errors import BadInputError
 
 SUPPORTED_HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 EXPECTED = "a keras-hub preset name, hf://ORG/NAME, demo:gemma3-270m, or a gs:// or local preset or HF checkpoint directory"

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from jobs.common import faults
-from jobs.common.errors import BadInputError
+from jobs.contract.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

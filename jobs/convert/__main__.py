@@ -12,7 +12,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF only tokenizes: no cuInit error on CPU (docs/operations.md)
 
 from jobs.common.cli import main  # noqa: E402
-from jobs.convert.config import DESCRIPTION, ConvertConfig  # noqa: E402
+from jobs.contract.configs.convert import DESCRIPTION, ConvertConfig  # noqa: E402
 from jobs.convert.core import run  # noqa: E402
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.common import splits, storage
-
-TEXT_PROMPT_WORDS = 24
+from jobs.common import storage
+from jobs.contract import artifacts, splits
+from jobs.contract import rows as rows_lib
 
 
 def eval_prompts(data: str, workdir: Path, count: int) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    for name in splits.files(storage.list_files(data), "eval", data):  # the first shards suffice
+    for name in splits.files(storage.list_files(data), artifacts.EVAL, data):  # the first shards suffice
         if len(rows) == count:
             break
         path = storage.stage_in(storage.join(data, name), workdir / "answers-data")
@@ -24,13 +24,7 @@ def eval_prompts(data: str, workdir: Path, count: int) -> list[dict[str, str]]:
                 break
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "text" in row:  # raw text: the document's opening is the prompt, its next words the reference
-                words = row["text"].split(" ")
-                rows.append({"prompt": " ".join(words[:TEXT_PROMPT_WORDS]),
-                             "reference": " ".join(words[TEXT_PROMPT_WORDS:])[:200]})
-            else:
-                rows.append({"prompt": row["prompt"], "reference": row["response"]})
+            rows.append(rows_lib.prompt_and_reference(json.loads(line)))
     return rows
 
 

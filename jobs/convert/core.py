@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 
 from jobs.common import models, storage
-from jobs.common.errors import BadInputError, ExportMismatchError
 from jobs.common.manifest import StageRun, peak_rss_bytes, read_manifest, upstream_ref
-from jobs.convert.config import ConvertConfig
+from jobs.contract import artifacts, documents
+from jobs.contract.configs.convert import ConvertConfig
+from jobs.contract.errors import BadInputError, ExportMismatchError
 from jobs.convert.safetensors_io import reshard
-
-ADAPTER = "adapter.lora.h5"  # what the fine-tune writes
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def base_model_of(config: ConvertConfig) -> str:
 
 def adapter_uri(config: ConvertConfig) -> str:
     """The keras-hub LoRA file: the one given, or the fine-tune's."""
-    return config.adapter or (storage.join(config.finetune, ADAPTER) if config.finetune else "")
+    return config.adapter or (storage.join(config.finetune, artifacts.ADAPTER) if config.finetune else "")
 
 
 def from_adapter(config: ConvertConfig) -> bool:
@@ -62,7 +61,7 @@ def from_adapter(config: ConvertConfig) -> bool:
 def load_reference(config: ConvertConfig, workdir: Path):
     """The Keras model the export must reproduce: the merged preset, or the full-precision base with the adapter."""
     if not from_adapter(config):
-        return models.load_causal_lm(storage.join(config.finetune, "model"), workdir, field="--finetune")
+        return models.load_causal_lm(storage.join(config.finetune, artifacts.MERGED_MODEL), workdir, field="--finetune")
     return load_lora_model(config, workdir, adapter_uri(config))
 
 
@@ -185,14 +184,14 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     log.info("parity: %s", json.dumps(parity))
     if not parity["passed"]:
         raise ExportMismatchError(f"export does not reproduce the Keras model, nothing published: {json.dumps(parity)}")
-    (out / "parity.json").write_text(json.dumps(parity, indent=2))
+    (out / artifacts.PARITY).write_bytes(documents.PARITY.dump(parity))
     peft = export_peft_adapter(config, workdir, out, parity["tolerance"]) if config.peft_adapter else None
     if config.data and config.answers:
         from jobs.convert import answers
 
-        base_dir = (out / "base") if config.export_base else (workdir / "base-export")
+        base_dir = (out / artifacts.BASE_EXPORT) if config.export_base else (workdir / "base-export")
         rows = answers.eval_prompts(config.data, workdir, config.answers)
-        answers.write(rows, base_dir if peft else None, out, out / "answers.json")
+        answers.write(rows, base_dir if peft else None, out, out / artifacts.ANSWERS)
         log.info("answers of the base and the export to %d eval prompts: answers.json", len(rows))
     settings = _finetune_settings(config) if config.finetune else {}
     metrics = {
@@ -220,18 +219,18 @@ def export_peft_adapter(config: ConvertConfig, workdir: Path, out: Path, toleran
 
     model = load_lora_model(config, workdir, adapter_uri(config))
     expected = reference_outputs(model, config.sample_texts())
-    base_dir = (out / "base") if config.export_base else (workdir / "base-export")
+    base_dir = (out / artifacts.BASE_EXPORT) if config.export_base else (workdir / "base-export")
     shutil.rmtree(base_dir, ignore_errors=True)
     export(model, base_dir)  # a LoRA-enabled model exports its base kernels: the delta stays in the adapter
-    adapter_config = peft_adapter.write(model.backbone, out / "adapter", base_model_of(config))
+    adapter_config = peft_adapter.write(model.backbone, out / artifacts.PEFT_ADAPTER, base_model_of(config))
     del model
     release_memory()
     if config.export_base:
         reshard(base_dir, config.dtype, config.max_shard_mb * 1024 * 1024)
-    result = peft_adapter.verify(expected, base_dir, out / "adapter", tolerance)
+    result = peft_adapter.verify(expected, base_dir, out / artifacts.PEFT_ADAPTER, tolerance)
     result |= {"rank": adapter_config["r"], "target_modules": adapter_config["target_modules"]}
     log.info("PEFT adapter parity: %s", json.dumps(result))
     if not result["passed"]:
         raise ExportMismatchError(f"the PEFT adapter does not reproduce the Keras LoRA model, nothing published: {json.dumps(result)}")
-    (out / "adapter" / "peft_parity.json").write_text(json.dumps(result, indent=2))
+    (out / artifacts.PEFT_ADAPTER / artifacts.PEFT_PARITY).write_text(json.dumps(result, indent=2))
     return result

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEMO_MODEL_URI = "demo:gemma3-270m"
+from jobs.contract.demo import DEMO_MODEL_URI  # noqa: F401 (re-exported: the demo model's own URI)
+
 SENTENCEPIECE = "tokenizer.model"
 COMPLETE = "_COMPLETE"
 

@@ -10,7 +10,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF only tokenizes: no cuInit error on CPU (docs/operations.md)
 
 from jobs.common.cli import main  # noqa: E402
-from jobs.finetuning.config import DESCRIPTION, FinetuneConfig  # noqa: E402
+from jobs.contract.configs.finetune import DESCRIPTION, FinetuneConfig  # noqa: E402
 from jobs.finetuning.core import run  # noqa: E402
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from jobs.common import storage
-from jobs.common.errors import BadInputError
+from jobs.contract import artifacts
+from jobs.contract.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = artifacts.CHECKPOINTS
 COMPLETE = "_COMPLETE"
 _NAME = re.compile(r"^step-(\d{8})$")
 

@@ -14,19 +14,18 @@ from typing import Any
 
 from jobs.common import models, storage
 from jobs.common.cli import local_output_dir
-from jobs.common.errors import BadInputError, PreemptedError
 from jobs.common.manifest import StageRun, digest_json, peak_rss_bytes, stage_in_upstream, upstream_ref
 from jobs.common.progress import Progress
+from jobs.contract import artifacts
+from jobs.contract.configs.finetune import FinetuneConfig
+from jobs.contract.errors import BadInputError, PreemptedError
 from jobs.finetuning import checkpoint, multihost
 from jobs.finetuning import data as data_lib
-from jobs.finetuning.config import FinetuneConfig
 from jobs.finetuning.distribution import check_model_parallel, setup
 from jobs.finetuning.train import Trainer, make_optimizer
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "adapter.lora.h5"
-MERGED = "model"
 
 
 class _Preemption:
@@ -46,12 +45,12 @@ class _Preemption:
 
 def _load_splits(config: FinetuneConfig, data_ref: dict[str, str], workdir: Path, tokenizer):
     data_dir = stage_in_upstream(config.data, data_ref, workdir / "data", name="data")
-    train_rows = data_lib.read_split(data_dir, "train", "--data")
+    train_rows = data_lib.read_split(data_dir, artifacts.TRAIN, "--data")
     if config.max_train_examples:
         # The train split is in the preprocessing's seeded hash order, so its head is a random sample; the eval
         # split is untouched, so candidates that differ in data size are still scored on the same rows.
         train_rows = train_rows[: config.max_train_examples]
-    eval_rows = data_lib.read_split(data_dir, "eval", "--data", required=False)
+    eval_rows = data_lib.read_split(data_dir, artifacts.EVAL, "--data", required=False)
     if not train_rows:
         raise BadInputError("--data", config.data, "a preprocessing output with at least one training row")
     train = data_lib.tokenize(train_rows, tokenizer, config.sequence_length)
@@ -254,17 +253,17 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     if not primary:
         multihost.barrier("finetune-published")  # the primary writes and publishes; the others wait for it
         return {"process": multihost.process_index(), "published_by": 0}
-    model.backbone.save_lora_weights(str(out / ADAPTER))
+    model.backbone.save_lora_weights(str(out / artifacts.ADAPTER))
     if config.base_quantization == "none":
         # Saving a LoRA-enabled model stores merged kernels (kernel + A @ B); the preset reloads as a plain model.
-        model.save_to_preset(str(out / MERGED))
+        model.save_to_preset(str(out / artifacts.MERGED_MODEL))
         if config.mixed_precision:
-            _store_float32_policy(out / MERGED)
+            _store_float32_policy(out / artifacts.MERGED_MODEL)
     else:
         log.info("base quantized to %s: the adapter is the product (a merged, re-quantized model would be lossy); "
                  "benchmark and convert apply it to the full-precision base", config.base_quantization)
-    _plot_loss(history, evals, out / "loss_curve.png")
-    _write_tensorboard(history, evals, out / "tensorboard")
+    _plot_loss(history, evals, out / artifacts.LOSS_CURVE)
+    _write_tensorboard(history, evals, out / artifacts.TENSORBOARD)
     steps_run = total_steps - start_step
     metrics = {
         "steps": total_steps,
@@ -285,7 +284,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
         "base_quantization": config.base_quantization,
         "product": "merged model and adapter" if config.base_quantization == "none" else "adapter",
     }
-    (out / "metrics.json").write_text(json.dumps({**metrics, "history": history, "evals": evals}, indent=2))
+    (out / artifacts.TRAIN_METRICS).write_text(json.dumps({**metrics, "history": history, "evals": evals}, indent=2))
     if storage.is_gcs(config.output):
         shutil.rmtree(out / checkpoint.CHECKPOINTS, ignore_errors=True)  # uploaded as they were made
     progress.update(total_steps, steps_run, force=True, loss=metrics["final_train_loss"] or 0.0, done=True)

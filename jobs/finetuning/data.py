@@ -9,7 +9,6 @@ loop is hand-written JAX (transformers' `group_by_length` lives inside its Train
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common import splits
-from jobs.common.errors import BadInputError
 from jobs.common.lm import bucket_width
+from jobs.contract import rows as rows_lib
+from jobs.contract import splits
+from jobs.contract.errors import BadInputError
 
 
 @dataclass
@@ -31,35 +31,14 @@ class TokenizedSplit:
     segments: np.ndarray | None = None  # (n, sequence_length) packed text: the document of each input position
 
 
-def row_kind(row: dict[str, Any]) -> str:
-    if isinstance(row.get("text"), str):
-        return "text"
-    if isinstance(row.get("segments"), list):
-        return "chat"
-    if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-        return "instruction"
-    return ""
-
-
 def read_rows(path: Path | list[Path], field: str) -> list[dict[str, Any]]:
-    """Rows of a split file, or of a split's shards in order."""
+    """Rows of a split file, or of a split's shards in order (the format: jobs.contract.rows)."""
     paths = path if isinstance(path, list) else [path]
-    rows, where = [], []
     for part in paths:
         if not part.exists():
             raise BadInputError(field, str(part), "a preprocessing output with this file")
-        for number, line in enumerate(part.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                rows.append(json.loads(line))
-                where.append(f"{part}:{number}")
-    kinds = {row_kind(row) for row in rows}
-    for index, row in enumerate(rows):
-        if not row_kind(row):
-            raise BadInputError(field, where[index], "rows with string 'prompt' and 'response' fields, a "
-                                "'segments' list (chat) or a string 'text' (raw text)")
-    if len(kinds) > 1:
-        raise BadInputError(field, str(paths[0]), "rows of one mode", f"found {', '.join(sorted(kinds))} rows")
-    return rows
+    return rows_lib.parse(((f"{part}:{number}", line) for part in paths
+                           for number, line in enumerate(part.read_text(encoding="utf-8").splitlines(), start=1)), field)
 
 
 def read_split(data_dir: Path, split: str, field: str, required: bool = True) -> list[dict[str, Any]]:
@@ -71,15 +50,10 @@ def read_split(data_dir: Path, split: str, field: str, required: bool = True) ->
     return read_rows(parts, field) if parts else []
 
 
-def segments_of(row: dict[str, Any]) -> list[list[Any]]:
-    """A row as [text, loss] segments: a pair is [[prompt, no loss], [response, loss]]."""
-    return row["segments"] if "segments" in row else [[row["prompt"], False], [row["response"], True]]
-
-
 def tokenize(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> TokenizedSplit:
     """BOS + segments + EOS per row; the loss covers the tokens of loss segments (the response, or every
     assistant turn) and the EOS after a final loss segment. Raw-text rows are packed instead (`pack`)."""
-    if rows and row_kind(rows[0]) == "text":
+    if rows and rows_lib.kind_of(rows[0]) == rows_lib.TEXT:
         return pack(rows, tokenizer, sequence_length)
     n = len(rows)
     width = sequence_length + 1
@@ -88,7 +62,7 @@ def tokenize(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> Tok
     mask = np.zeros((n, sequence_length), dtype=np.float32)
     lengths = np.zeros((n,), dtype=np.int32)
     truncated = 0
-    row_segments = [segments_of(r) for r in rows]
+    row_segments = [rows_lib.segments_of(r) for r in rows]
     texts = [text for segments in row_segments for text, _ in segments]
     pieces = iter(tokenizer(texts) if texts else [])
     for i, segments in enumerate(row_segments):

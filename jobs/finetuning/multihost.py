@@ -21,12 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.common.errors import BadInputError
+from jobs.contract.env import COORDINATOR_ENV, NUM_PROCESSES_ENV
+from jobs.contract.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-COORDINATOR_ENV = "GEMMA_PIPELINE_COORDINATOR"
-NUM_PROCESSES_ENV = "GEMMA_PIPELINE_NUM_PROCESSES"
 PROCESS_ID_ENV = "GEMMA_PIPELINE_PROCESS_ID"
 INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of an Indexed Job (a JobSet's replicated Job)
 TPU_HOSTS_ENV = "TPU_WORKER_HOSTNAMES"

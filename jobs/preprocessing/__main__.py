@@ -10,7 +10,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF only tokenizes: no cuInit error on CPU (docs/operations.md)
 
 from jobs.common.cli import main  # noqa: E402
-from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig  # noqa: E402
+from jobs.contract.configs.preprocess import DESCRIPTION, PreprocessConfig  # noqa: E402
 from jobs.preprocessing.core import run  # noqa: E402
 
 if __name__ == "__main__":

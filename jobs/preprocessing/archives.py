@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from jobs.common.errors import BadInputError
+from jobs.contract.errors import BadInputError
 
 # codec -> (magic bytes, file suffixes)
 CODECS: dict[str, tuple[bytes, tuple[str, ...]]] = {

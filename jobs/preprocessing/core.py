@@ -15,8 +15,9 @@ from typing import Any
 from jobs.common import sources, storage
 from jobs.common.cli import local_output_dir
 from jobs.common.manifest import StageRun, source_ref
+from jobs.contract import artifacts
+from jobs.contract.configs.preprocess import PreprocessConfig
 from jobs.preprocessing import archives, rows, spill
-from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI
 from jobs.preprocessing.rows import COERCIONS, DROP_REASONS
 from jobs.preprocessing.sources import Record, detect_format, read_records
@@ -78,7 +79,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         quarantine.write(rows.quarantine_line(record, detail))
 
     # 1. Stream the input: validate and render each row, spill it to a bucket by its dedup key.
-    with (out / "quarantine.jsonl").open("w", encoding="utf-8") as quarantine:
+    with (out / artifacts.split_file(artifacts.QUARANTINE)).open("w", encoding="utf-8") as quarantine:
         for record in read_records(config.input, local_input, fmt, config.hf_split, config.text_field, config.sample_by):
             rows_in += 1
             outcome = rows.assess(config, record, coerced, required)
@@ -115,7 +116,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
     lengths: Counter[int] = Counter()
     loss_lengths: Counter[int] = Counter()
     position = 0
-    with (out / "train.jsonl").open("w", encoding="utf-8") as train, (out / "eval.jsonl").open("w", encoding="utf-8") as evals:
+    with (out / artifacts.split_file(artifacts.TRAIN)).open("w", encoding="utf-8") as train, (out / artifacts.split_file(artifacts.EVAL)).open("w", encoding="utf-8") as evals:
         for bucket in by_order.drain():
             for _, row in sorted(bucket, key=lambda pair: pair[0]):
                 if position >= limit:
@@ -126,9 +127,9 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
                 position += 1
     shutil.rmtree(spill_dir, ignore_errors=True)
     if not rows.rejected(dropped):
-        (out / "quarantine.jsonl").unlink()
+        (out / artifacts.split_file(artifacts.QUARANTINE)).unlink()
     stats = rows.stats(config, rows_in, limit, n_eval, dropped, coerced, lengths, loss_lengths)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    (out / artifacts.STATS).write_text(json.dumps(stats, indent=2))
     log.info("rows in %d, out %d (train %d, eval %d), dropped %s, coerced %s", rows_in, limit, limit - n_eval, n_eval,
              {k: v for k, v in dropped.items() if v}, {k: v for k, v in coerced.items() if v})
     return stage.finish(out, stats)

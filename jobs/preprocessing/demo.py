@@ -13,8 +13,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-DEMO_URI = "demo:stdlib-docs"
-DEMO_TEXT_URI = "demo:python-docs"  # raw text for continued pre-training: the reference topics pydoc ships
+from jobs.contract.demo import DEMO_TEXT_URI, DEMO_URI  # noqa: F401 (re-exported: the demo sets' own URIs)
+
 MODULES = (
     "abc", "argparse", "array", "base64", "bisect", "builtins", "calendar", "collections", "colorsys",
     "contextlib", "copy", "csv", "datetime", "decimal", "difflib", "email.utils", "enum", "filecmp",

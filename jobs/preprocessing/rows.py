@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.common.errors import BadInputError
-from jobs.preprocessing.config import PreprocessConfig
+from jobs.contract import rows as contract_rows
+from jobs.contract.configs.preprocess import PreprocessConfig
+from jobs.contract.errors import BadInputError
 from jobs.preprocessing.modes import ChatError, clean_text, render_chat
 
 # Rejects are quarantined (skip) or fatal (fail); the others are counted drops of rows that are well formed.
@@ -188,8 +189,7 @@ def _instruction_rows(config: PreprocessConfig, items: list, count: TokenCounter
         if p_count + r_count + 2 > config.max_tokens:  # with BOS and EOS
             dropped["too_long"] += 1
             continue
-        kept.append({"prompt": prompt, "response": response, "prompt_tokens": p_count + 1,
-                     "response_tokens": r_count + 1, "source": location})
+        kept.append(contract_rows.instruction(prompt, response, p_count + 1, r_count + 1, location))
     return kept
 
 
@@ -205,17 +205,15 @@ def _chat_rows(config: PreprocessConfig, items: list, count: TokenCounter, dropp
         if total > config.max_tokens:
             dropped["too_long"] += 1
             continue
-        last = max(i for i, (_, loss) in enumerate(segments) if loss)
-        kept.append({"segments": segments, "prompt": "".join(t for t, _ in segments[:last]),
-                     "response": segments[last][0], "tokens": total,
-                     "loss_tokens": sum(c for c, (_, loss) in zip(counts, segments) if loss) + 1, "source": location})
+        loss_tokens = sum(c for c, (_, loss) in zip(counts, segments) if loss) + 1
+        kept.append(contract_rows.chat(segments, total, loss_tokens, location))
     return kept
 
 
 def _text_rows(config: PreprocessConfig, items: list, count: TokenCounter, dropped: Counter) -> list[dict[str, Any]]:
     """Documents are kept whole whatever their length: the fine-tune packs them into full sequences."""
     counts = count([doc for doc, _ in items]) if items else []
-    return [{"text": doc, "tokens": count + 2, "source": location} for (doc, location), count in zip(items, counts)]
+    return [contract_rows.text(doc, count + 2, location) for (doc, location), count in zip(items, counts)]
 
 
 def build(config: PreprocessConfig, items: list, count: TokenCounter, dropped: Counter) -> list[dict[str, Any]]:
@@ -223,12 +221,7 @@ def build(config: PreprocessConfig, items: list, count: TokenCounter, dropped: C
     return {"instruction": _instruction_rows, "chat": _chat_rows, "text": _text_rows}[config.mode](config, items, count, dropped)
 
 
-def identity(row: dict[str, Any]) -> tuple[str, str]:
-    if "text" in row:
-        return row["text"], ""
-    if "segments" in row:
-        return "".join(text for text, _ in row["segments"]), ""
-    return row["prompt"], row["response"]
+identity = contract_rows.identity
 
 
 def order_key(seed: int, row: dict[str, Any]) -> bytes:
@@ -237,16 +230,7 @@ def order_key(seed: int, row: dict[str, Any]) -> bytes:
     return hashlib.sha256(f"{seed}\x00{prompt}\x00{response}".encode()).digest()
 
 
-def length(row: dict[str, Any]) -> int:
-    return row["tokens"] if "tokens" in row else row["prompt_tokens"] + row["response_tokens"]
-
-
-def loss_length(row: dict[str, Any]) -> int:
-    return row.get("loss_tokens", row.get("tokens", row.get("response_tokens", 0)))
-
-
-def line(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"
+length, loss_length, line = contract_rows.length, contract_rows.loss_length, contract_rows.line
 
 
 def percentiles(counts: Counter[int]) -> dict[str, int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jobs.common.errors import BadInputError
+from jobs.contract.errors import BadInputError
 from jobs.preprocessing.archives import codec_of, open_input, strip_suffix
 from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI, demo_rows, demo_text_rows
 from jobs.preprocessing.modes import split_text

@@ -8,10 +8,12 @@ import json
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
-from gemma_pipeline import candidates, jobspec
+from gemma_pipeline import candidates, form, jobspec
 
-PARAMS = {**jobspec.param_defaults(), "bucket": "bkt", "run_name": None, "finetune_profile": "tpu-v5e-1",
-          "benchmark_profile": "tpu-v5e-1", "convert_profile": "cpu", "require_improvement": 0.0}
+from jobs.contract import artifacts, documents
+
+PARAMS = {**{name: default for name, (default, _) in form.specs().items()}, "bucket": "bkt", "run_name": None,
+          "require_improvement": 0.0}
 
 
 def _args(entry, stage):
@@ -56,7 +58,10 @@ def test_keys_are_stable_readable_and_distinct():
 
 
 def test_the_plan_shares_preprocessing_and_gives_each_candidate_its_own_folders():
-    entries = candidates.plan({**PARAMS, "candidates": [{}, {"lora_rank": 8, "seed": 5, "finetune_profile": "cpu"}]}, "r1")
+    plan = candidates.plan({**PARAMS, "candidates": [{}, {"lora_rank": 8, "seed": 5, "finetune_profile": "cpu"}]}, "r1")
+    entries = plan["candidates"]
+    assert _args(plan, "preprocess")["--output"] == "gs://bkt/runs/r1/preprocess"
+    assert plan["dataflow"]["parameters"]["output"] == "gs://bkt/runs/r1/preprocess"
     default, ranked = entries
     assert [e["index"] for e in entries] == [0, 1] and default["key"] == "default"
     for entry in entries:
@@ -66,14 +71,15 @@ def test_the_plan_shares_preprocessing_and_gives_each_candidate_its_own_folders(
         assert benchmark["--finetune"] == finetune["--output"]
         assert benchmark["--require-improvement"] == "0.0"  # the gate judges the champion, in select
         assert _args(entry, "convert")["--finetune"] == finetune["--output"]
-        assert entry["finetune"]["labels"] == {candidates.CANDIDATE_LABEL: entry["key"]}
+        assert entry["finetune"]["labels"][jobspec.CANDIDATE_LABEL] == entry["key"]
+        assert entry["finetune"]["labels"][jobspec.RUN_LABEL] == "r1" and entry["finetune"]["labels"][jobspec.QUEUE_LABEL]
     assert _args(default, "finetune")["--lora-rank"] == str(PARAMS["lora_rank"])
     assert _args(ranked, "finetune")["--lora-rank"] == "8" and _args(ranked, "finetune")["--seed"] == "5"
     assert ranked["finetune"]["profile_name"] == "cpu" and default["finetune"]["profile_name"] == "tpu-v5e-1"
 
 
 def test_model_parallel_must_divide_each_candidates_devices_per_host_before_any_job():
-    entry = candidates.plan({**PARAMS, "model_parallel": 4, "finetune_profile": "tpu-v5e-16"}, "r1")[0]
+    entry = candidates.plan({**PARAMS, "model_parallel": 4, "finetune_profile": "tpu-v5e-16"}, "r1")["candidates"][0]
     assert _args(entry, "finetune")["--model-parallel"] == "4"  # 4 chips per host: the model spans one host
     for profile, devices in (("gpu-h100-8x2", 8), ("cpu", 1)):
         with pytest.raises(AirflowFailException, match=f"model_parallel: got 3; expected a divisor of the {devices} "
@@ -89,7 +95,7 @@ def _report(ppl, low, high, base=300.0, digest="abc"):
 
 
 def _entries(n):
-    return candidates.plan({**PARAMS, "candidates": [{}] + [{"lora_rank": 2 ** (i + 2)} for i in range(n - 1)]}, "r1")
+    return candidates.plan({**PARAMS, "candidates": [{}] + [{"lora_rank": 2 ** (i + 2)} for i in range(n - 1)]}, "r1")["candidates"]
 
 
 def test_the_champion_is_the_lowest_perplexity_and_overlaps_are_said():
@@ -119,6 +125,9 @@ class FakeStore:
     def read_json(self, uri):
         return json.loads(self.objects[uri]) if uri in self.objects else None
 
+    def read(self, uri):
+        return self.objects.get(uri)
+
     def write(self, uri, data, content_type):
         self.objects[uri] = data
 
@@ -127,8 +136,8 @@ def _store(entries, reports):
     objects = {}
     for entry, report in zip(entries, reports, strict=True):
         if report is not None:
-            objects[entry["prefixes"]["benchmark"] + "/report.json"] = report
-            objects[entry["prefixes"]["benchmark"] + "/_manifest.json"] = {"stage": "benchmark"}
+            objects[f"{entry['prefixes']['benchmark']}/{artifacts.BENCHMARK_REPORT}"] = {documents.VERSION_KEY: 1, **report}
+            objects[f"{entry['prefixes']['benchmark']}/{artifacts.MANIFEST}"] = {"stage": "benchmark"}
     return FakeStore(objects)
 
 

@@ -12,6 +12,7 @@ import pytest
 from gemma_pipeline import candidates, jobspec, profiles
 from kubernetes.client import models as k8s
 
+from jobs.contract import layout, stages
 from tests.conftest import ROOT
 
 RUN_ID = "manual__2026-11-22T10:00:00+00:00"
@@ -32,7 +33,7 @@ def _render_fields(task, dag, overrides=None):
     params = _params(dag, overrides)
     ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, run_id=RUN_ID, try_number=1, map_index=-1)
     context = {"params": params, "run_id": RUN_ID, "ti": ti, "task_instance": ti, "dag": dag, "task": task,
-               "logical_date": datetime(2026, 11, 22), "run_key": jobspec.run_key}
+               "logical_date": datetime(2026, 11, 22)}
     task.render_template_fields(context, jinja_env=dag.get_template_env())
     return task, context
 
@@ -45,13 +46,20 @@ def _params(dag, overrides=None):
     return {**{k: v.value if hasattr(v, "value") else v for k, v in dag.params.items()}, **(overrides or {})}
 
 
-def stage_task(dag, stage, overrides=None, candidate=0):
-    """The task that runs `stage`, holding the plan its mapped instance `candidate` gets at run time."""
-    task = dag.get_task(TASK_OF[stage])
-    if stage == "preprocess":
-        return task
+def planned(dag, overrides=None) -> dict:
     params = _params(dag, overrides)
-    plan = candidates.plan(params, jobspec.run_key(params.get("run_name"), RUN_ID))[candidate][stage]
+    return candidates.plan(params, layout.run_key(params.get("run_name"), RUN_ID))
+
+
+def stage_task(dag, stage, overrides=None, candidate=0):
+    """The task that runs `stage`, holding the plan it (its mapped instance `candidate`) gets at run time."""
+    task = dag.get_task(TASK_OF.get(stage, stage))
+    plan = planned(dag, overrides)
+    if stage in ("preprocess", "preprocess_dataflow"):
+        task = copy.deepcopy(task)
+        task.plan = plan["preprocess" if stage == "preprocess" else "dataflow"]
+        return task
+    plan = plan["candidates"][candidate][stage]
     if stage == "convert":
         return task.unmap({"plan": plan})
     task = copy.deepcopy(task)
@@ -79,7 +87,8 @@ def test_exact_task_order(dag):
     for upstream, downstream in zip(chained, chained[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     # The plan feeds the candidates' mapped tasks and the select task; nothing else skips a step.
-    assert dag.get_task("plan").downstream_task_ids == {"preprocess_engine", "candidate.finetune", "candidate.benchmark", "select"}
+    assert dag.get_task("plan").downstream_task_ids == {"preprocess_engine", "preprocess", "preprocess_dataflow",
+                                                        "candidate.finetune", "candidate.benchmark", "select"}
     assert dag.get_task("candidate.benchmark").downstream_task_ids == {"select"}
     # One fine-tune and one benchmark per candidate, a convert per chosen candidate.
     assert dag.task_group_dict["candidate"].__class__.__name__ == "MappedTaskGroup"
@@ -124,7 +133,7 @@ def test_job_each_task_would_submit(dag, stage):
     assert container.security_context.read_only_root_filesystem is True
     assert [m.mount_path for m in container.volume_mounts] == ["/tmp"] and pod.volumes[0].empty_dir is not None
     assert {e.name: e.value for e in container.env}["HOME"] == "/tmp"
-    assert container.command == ["python", "-m", jobspec.MODULES[stage]]
+    assert container.command == ["python", "-m", stages.get(stage).module]
     prefix = "gs://bkt/runs/manual-2026-11-22t10-00-00-00-00"
     own = f"{prefix}/{stage}" if stage == "preprocess" else f"{prefix}/candidates/default/{stage}"
     assert own in container.args
@@ -147,8 +156,7 @@ def test_run_name_param_names_the_artifact_folder(dag):
     assert job.metadata.labels["gemma-lora-pipeline/run"] == "nightly-7"
     for overrides, prefix in (({"run_name": "nightly-7"}, "gs://bkt/runs/nightly-7"),
                               ({}, "gs://bkt/runs/manual-2026-11-22t10-00-00-00-00")):
-        report, _ = _render_fields(dag.get_task("report"), dag, {"bucket": "bkt", **overrides})
-        assert report.run_prefix == prefix
+        assert jobspec.run_layout(_params(dag, {"bucket": "bkt", **overrides}), RUN_ID).prefix == prefix
 
 
 def test_job_matches_the_validated_schema(dag):

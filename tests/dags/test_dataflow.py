@@ -14,10 +14,11 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from gemma_pipeline import dataflow, jobspec
+from gemma_pipeline import dataflow
 
+from jobs.contract import documents, stages
 from tests.conftest import ROOT
-from tests.dags.test_dag import RUN_ID, _render, _render_fields, dag  # noqa: F401  (dag: the shared fixture)
+from tests.dags.test_dag import RUN_ID, _render, _render_fields, dag, stage_task  # noqa: F401  (dag: the shared fixture)
 
 SETTINGS = {"preprocess_engine": "dataflow", "bucket": "bkt", "run_name": "corpus-1", "max_tokens": 256,
             "data_mode": "text", "template": ""}
@@ -80,7 +81,7 @@ def launched(dag, monkeypatch, overrides, objects: dict[str, bytes] | None = Non
     monkeypatch.setattr(DataflowHook, "launch_job_with_flex_template", launch)
     monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
     monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", "google-cloud-platform://")  # no credentials are used
-    task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, overrides)
+    task, context = _render_fields(stage_task(dag, "preprocess_dataflow", overrides), dag, overrides)
     ti = TI(**vars(context["ti"]), pushed={})
     context.update(ti=ti, task_instance=ti)
     from airflow.providers.common.compat.sdk import TaskDeferred
@@ -105,7 +106,7 @@ def test_the_launch_request_is_the_dataflow_apis_own_shape(dag, monkeypatch):  #
     environment = launch.environment
     assert environment.temp_location.startswith("gs://") and environment.service_account_email.endswith(".gserviceaccount.com")
     assert environment.machine_type and environment.max_workers >= 1
-    assert environment.sdk_container_image.endswith(f"/{jobspec.BEAM_IMAGE}:{re.split(':', environment.sdk_container_image)[-1]}")
+    assert environment.sdk_container_image.endswith(f"/{stages.BEAM_IMAGE}:{re.split(':', environment.sdk_container_image)[-1]}")
     assert environment.additional_user_labels == {"gemma-lora-pipeline-run": "corpus-1"}
     # Every parameter is one the template declares; none is empty (an empty option is the stage's default).
     declared = {p["name"] for p in json.loads((ROOT / "docker" / "preprocess-beam.metadata.json").read_text())["parameters"]}
@@ -120,13 +121,13 @@ def test_the_launch_request_is_the_dataflow_apis_own_shape(dag, monkeypatch):  #
 def test_the_template_parameters_are_the_gke_jobs_arguments(dag, monkeypatch):  # noqa: F811
     """The Beam CLI, given the parameters as Dataflow passes them, builds the config the GKE Job's arguments build."""
     from jobs.common.cli import config_from_args, parser_for
+    from jobs.contract.configs.preprocess import DESCRIPTION, PreprocessConfig
     from jobs.preprocessing.beam.template import dashed
-    from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig
 
     calls, _, _ = launched(dag, monkeypatch, SETTINGS)
     parameters = calls[0]["body"]["launchParameter"]["parameters"]
     beam_args = dashed([f"--{k}={v}" for k, v in parameters.items() if k not in dataflow.FIXED_PARAMETERS])
-    job = _render(dag.get_task("preprocess"), dag, SETTINGS)
+    job = _render(stage_task(dag, "preprocess", SETTINGS), dag, SETTINGS)
     gke_args = job.spec.template.spec.containers[0].args
     parser = parser_for(PreprocessConfig, DESCRIPTION)
     assert config_from_args(PreprocessConfig, parser.parse_args(beam_args)) == config_from_args(PreprocessConfig, parser.parse_args(gke_args))
@@ -148,13 +149,13 @@ def test_on_the_local_backend_the_task_runs_the_pipeline_in_process(dag, tmp_pat
     monkeypatch.setenv("GEMMA_PIPELINE_LOCAL_ROOT", str(tmp_path / "root"))
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     settings = {**SETTINGS, "base_model": str(tiny_gemma3), "data_mode": "instruction", "dataset": "demo:stdlib-docs"}
-    task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, settings)
+    task, context = _render_fields(stage_task(dag, "preprocess_dataflow", settings), dag, settings)
     task.execute(context)
     out = tmp_path / "root" / "gcs" / "bkt" / "runs" / "corpus-1" / "preprocess"
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["engine"] == "beam" and any(name.startswith("train-") for name in manifest["outputs"])
     bad = {**settings, "max_tokens": 8}  # nothing fits: exit 2, no retry
-    task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, {**bad, "run_name": "corpus-2"})
+    task, context = _render_fields(stage_task(dag, "preprocess_dataflow", {**bad, "run_name": "corpus-2"}), dag, {**bad, "run_name": "corpus-2"})
     from airflow.sdk.exceptions import AirflowFailException
 
     with pytest.raises(AirflowFailException, match="code 2: non-retriable"):
@@ -168,7 +169,7 @@ def test_without_the_beam_provider_the_task_says_what_to_install(dag, monkeypatc
 
     monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
     monkeypatch.setitem(sys.modules, "airflow.providers.google.cloud.operators.dataflow", None)  # unimportable
-    task, context = _render_fields(dag.get_task("preprocess_dataflow"), dag, SETTINGS)
+    task, context = _render_fields(stage_task(dag, "preprocess_dataflow", SETTINGS), dag, SETTINGS)
     with pytest.raises(AirflowFailException, match="apache-airflow-providers-apache-beam"):
         task.execute(context)
 
@@ -179,7 +180,7 @@ def test_a_failed_job_fails_at_once_only_when_the_stage_refused_its_input(dag, m
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
     _, _, task = launched(dag, monkeypatch, SETTINGS, {"runs/corpus-1/preprocess/_error.json": b"{}"})
-    objects = {"runs/corpus-1/preprocess/_error.json": json.dumps({"error": "--input: got 'x'", "exit_code": 2}).encode()}
+    objects = {"runs/corpus-1/preprocess/_error.json": documents.ERROR.dump({"error": "--input: got 'x'", "exit_code": 2})}
     fake_bucket(monkeypatch, objects if refused else {})
     expected = AirflowFailException if refused else AirflowException
     with pytest.raises(expected) as failure:

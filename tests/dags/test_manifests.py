@@ -13,6 +13,8 @@ import pytest
 import yaml
 from gemma_pipeline import jobspec, kueue, manifests, preflight, profiles
 
+from jobs.contract import layout, stages
+from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT
 
 SCHEMAS = ROOT / "tests" / "data" / "schemas" / "kueue-v0.19.2"
@@ -123,7 +125,7 @@ def test_unknown_job_field_is_rejected():
 def test_every_profile_builds_a_valid_job(profile):
     p = profiles.get(profile)
     settings = jobspec.JobSettings(namespace="team-a", queue="team-a-queue", service_account="sa", image="img:1.0", profile=p)
-    job = jobspec.job_manifest("finetune", settings, jobspec.stage_args("finetune", {}, jobspec.prefixes("b", "run")), name="x")
+    job = jobspec.job_manifest("finetune", settings, jobspec.stage_args("finetune", {}, RunLayout.of("b", "run").stages()), name="x")
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     if p.accelerator_resource:
         assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][p.accelerator_resource] == p.requests[p.accelerator_resource]
@@ -324,95 +326,29 @@ def test_quantities():
 
 
 def test_run_ids_are_made_safe():
-    assert jobspec.safe_run_id("manual__2026-11-22T10:00:00+00:00") == "manual-2026-11-22t10-00-00-00-00"
-    assert jobspec.stage_prefix("b", "Run/../x", "finetune") == "gs://b/runs/run-x/finetune"
+    assert layout.safe_run_id("manual__2026-11-22T10:00:00+00:00") == "manual-2026-11-22t10-00-00-00-00"
+    assert RunLayout.of("b", layout.safe_run_id("Run/../x")).stage("finetune") == "gs://b/runs/run-x/candidates/default/finetune"
+    assert RunLayout.of("b", layout.safe_run_id("Run/../x")).stage("preprocess") == "gs://b/runs/run-x/preprocess"
 
 
-# What the DAG fills at run time and the kubectl tree leaves to kustomize or the container env: the only
-# places the two Jobs may differ.
-RUN_TIME_LABELS = {"gemma-lora-pipeline/run", "gemma-lora-pipeline/candidate"}
-
-
-def _comparable(job: dict, image: str, prefix: str) -> dict:
-    job = copy.deepcopy(job)
-    meta = job["metadata"]
-    meta.pop("name"), meta.pop("namespace", None), meta.pop("annotations", None)
-    meta["labels"] = {k: v for k, v in meta["labels"].items()
-                      if k not in RUN_TIME_LABELS and not k.startswith(("airflow", "kubernetes_job_operator"))}
-    template = job["spec"]["template"]
-    template["metadata"]["labels"] = {k: v for k, v in template["metadata"].get("labels", {}).items()
-                                      if k.startswith("gemma-lora-pipeline/") and k not in RUN_TIME_LABELS}
-    template["metadata"].pop("annotations", None)
-    template["metadata"].pop("name", None)
-    template["metadata"].pop("namespace", None)
-    container = template["spec"]["containers"][0]
-    assert container.pop("image") == image
-    container["args"] = [a.replace(prefix, "gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)") for a in container["args"]]
-    container["env"] = [e for e in container["env"]
-                        if e["name"] not in (*manifests.RUN_ENV, jobspec.IMAGE_ENV)]
-    return _without_api_defaults(job)
-
-
-# Values the provider's model objects spell out that the API server would default to anyway.
-API_DEFAULTS = {"hostNetwork": False, "terminationMessagePolicy": "File"}
-
-
-def _without_api_defaults(value):
-    if isinstance(value, dict):
-        return {k: _without_api_defaults(v) for k, v in value.items()
-                if v not in ({}, [], None) and API_DEFAULTS.get(k, object()) != v}
-    if isinstance(value, list):
-        return [_without_api_defaults(v) for v in value]
-    return value
-
-
-@pytest.mark.parametrize("stage", jobspec.STAGES)
-def test_the_dag_task_submits_the_kubectl_manifest(stage):
-    """One Job, two doors: the Job the DAG's task builds (through the provider) equals the k8s/jobs one, apart
-    from the run-time fields: name, namespace, image, bucket/run prefixes, and the labels Airflow adds."""
+@pytest.mark.parametrize("stage", stages.NAMES)
+def test_the_dag_task_submits_the_jobspec_job(stage):
+    """One builder, two doors: the Job the DAG's task hands the provider is `jobspec.job_manifest` of its plan, with
+    the name and the pod labels the provider gives every task; k8s/jobs renders the same builder
+    (test_checked_in_job_manifests_are_current)."""
     from airflow.dag_processing.dagbag import DagBag
     from kubernetes.client import ApiClient
 
-    from tests.dags.test_dag import _render, stage_task
+    from tests.dags.test_dag import _render, _render_fields, stage_task
 
     bag_dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
-    overrides = {f"{s}_profile": p for s, p in manifests.BASE_PROFILES.items()}
-    overrides.update(bucket="bkt", run_name="r1", queue=manifests.EXAMPLE["queue"])
+    overrides = {"bucket": "bkt", "run_name": "r1", "finetune_profile": "gpu-l4-1"}
     task = stage_task(bag_dag, stage, overrides)
     dag_job = ApiClient().sanitize_for_serialization(_render(task, bag_dag, overrides))
-    kubectl_job = _overlay_job(stage)
-    registry_image = f"{manifests.EXAMPLE['registry']}/{stage}:{manifests.EXAMPLE['tag']}"
-    ours = _comparable(kubectl_job, registry_image, "gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)")
-    theirs = _comparable(dag_job, task.image, "gs://bkt/runs/r1")
-    assert theirs == ours
-
-
-def test_the_dag_task_submits_the_kubectl_jobset():
-    """The multi-host door too: the JobSet the DAG's task would create (its Job wrapped by jobset_manifest)
-    equals k8s/jobs' finetune-multihost one apart from the run-time fields."""
-    from airflow.dag_processing.dagbag import DagBag
-    from kubernetes.client import ApiClient
-
-    from tests.dags.test_dag import _render, stage_task
-
-    bag_dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
-    overrides = {f"{s}_profile": p for s, p in manifests.BASE_PROFILES.items()}
-    overrides.update(finetune_profile=manifests.MULTIHOST_PROFILE, bucket="bkt", run_name="r1", queue=manifests.EXAMPLE["queue"])
-    task = stage_task(bag_dag, "finetune", overrides)
-    dag_job = ApiClient().sanitize_for_serialization(_render(task, bag_dag, overrides))
-    dag_jobset = jobspec.jobset_manifest(dag_job, profiles.get(manifests.MULTIHOST_PROFILE))
-    [kubectl_jobset] = [o for o in _kustomize(ROOT / "k8s" / "jobs" / "overlays" / "example" / "finetune-multihost")
-                        if o["kind"] == "JobSet"]
-
-    def split(jobset: dict, image: str, prefix: str) -> tuple[dict, dict]:
-        """The JobSet without its child Job, and the child Job made comparable as a Job."""
-        jobset = copy.deepcopy(jobset)
-        [replicated] = jobset["spec"].pop("replicatedJobs")
-        meta = jobset.pop("metadata")
-        child = {"metadata": {"name": "x", "labels": meta["labels"]}, "spec": replicated["template"]["spec"]}
-        return jobset, _comparable(child, image, prefix)
-
-    registry_image = f"{manifests.EXAMPLE['registry']}/finetune:{manifests.EXAMPLE['tag']}"
-    ours = split(kubectl_jobset, registry_image, "gs://$(GEMMA_BUCKET)/runs/$(GEMMA_RUN)")
-    theirs = split(dag_jobset, task.image, "gs://bkt/runs/r1")
-    assert theirs == ours
+    rendered, context = _render_fields(task, bag_dag, overrides)
+    rendered.__dict__["hook"] = None
+    rendered._apply_plan()
+    expected = jobspec.job_manifest(stage, rendered.job_settings(), list(rendered.arguments), name=dag_job["metadata"]["name"],
+                                    labels=rendered.labels, pod_labels=rendered._get_ti_pod_labels(context))
+    assert dag_job == expected
+    assert dag_job["metadata"]["name"].startswith(f"job-gemma-{stage}-")

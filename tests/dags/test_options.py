@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from gemma_pipeline import candidates, jobspec
+from gemma_pipeline import jobspec
 
-from jobs.common import cli, spec
+from jobs.common import cli
+from jobs.contract import spec, stages
+from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT
 from tests.dags.test_dag import _render, dag, stage_task  # noqa: F401  (the parsed DAG fixture)
 
@@ -54,7 +56,9 @@ def test_dag_params_are_the_stage_options(dag):  # noqa: F811
     for name, opt in jobspec.param_options().items():
         param = dag.params.get_param(name)
         assert param.value == opt.param_default, name
-        assert {**param.schema, "description": param.description} == opt.json_schema(), name
+        schema = {k: v for k, v in param.schema.items() if k != "section"}
+        assert {**schema, "description": param.description} == opt.json_schema(), name
+        assert param.schema["section"], name  # every Param sits in a section of the trigger form
 
 
 def test_every_optional_param_is_nullable_or_has_a_default(dag):  # noqa: F811
@@ -75,8 +79,8 @@ def test_job_arguments_parse_back_to_the_params(dag, stage):  # noqa: F811
     settings = {**PROBES, "bucket": "bkt", "run_name": "probe", "finetune_profile": "tpu-v5e-4"}
     job = _render(stage_task(dag, stage, settings), dag, settings)
     args = job.spec.template.spec.containers[0].args
-    parsed = cli.parser_for(jobspec.STAGE_CONFIGS[stage], "").parse_args(args)
-    prefixes = candidates.stage_prefixes("gs://bkt/runs/probe")
+    parsed = cli.parser_for(stages.get(stage).config, "").parse_args(args)
+    prefixes = RunLayout("gs://bkt/runs/probe").stages()
     for opt in jobspec.stage_options(stage):
         if opt.param == "require_improvement" and stage == "benchmark":
             assert parsed.require_improvement == 0  # the gate judges the champion, in the select task
@@ -91,7 +95,7 @@ def test_job_arguments_parse_back_to_the_params(dag, stage):  # noqa: F811
 def test_null_params_render_as_the_clis_none(dag, stage):  # noqa: F811
     settings = {"context_field": None, "template": None}
     job = _render(stage_task(dag, stage, settings), dag, settings)
-    parsed = cli.parser_for(jobspec.STAGE_CONFIGS[stage], "").parse_args(job.spec.template.spec.containers[0].args)
+    parsed = cli.parser_for(stages.get(stage).config, "").parse_args(job.spec.template.spec.containers[0].args)
     for name in ("context_field", "template"):
         if hasattr(parsed, name):
             assert getattr(parsed, name) == ""
@@ -99,7 +103,7 @@ def test_null_params_render_as_the_clis_none(dag, stage):  # noqa: F811
 
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_help_works_and_lists_every_option(stage):
-    module = jobspec.MODULES[stage]
+    module = stages.get(stage).module
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from gemma_pipeline import candidates, report
+from gemma_pipeline import report
 from gemma_pipeline.operators import job_seconds
+
+from jobs.contract.layout import RunLayout
 
 MANIFESTS = {
     "preprocess": {"wall_time_s": 10.0, "peak_rss_bytes": 2**30, "metrics": {}},
@@ -16,10 +18,10 @@ MANIFESTS = {
     "convert": None,
 }
 DOCUMENTS = {
-    "benchmark/report.json": {"mode": "response", "relative_improvement": 0.46, "models": {
+    "benchmark": {"mode": "response", "relative_improvement": 0.46, "models": {
         "base": {"splits": {"eval": {"perplexity": 353.7, "ci95_low": 224.6, "ci95_high": 564.3}}},
         "tuned": {"splits": {"eval": {"perplexity": 190.6, "ci95_low": 134.4, "ci95_high": 276.9}}}}},
-    "convert/parity.json": None,
+    "parity": None,
 }
 USAGES = {"preprocess": {"backend": "gke", "profile": "cpu", "seconds": 30.0},
           "finetune": {"backend": "gke", "profile": "tpu-v5e-4", "seconds": 3600.0},
@@ -35,10 +37,10 @@ def prices(monkeypatch):
 
 CHAMPION = {"champion": "default", "index": 0, "why": "lowest eval perplexity", "candidates": [
     {"key": "default", "overrides": {}, "status": "finished", "champion": True, "perplexity": 190.6, "ci95": [180.0, 200.0],
-     "relative_improvement": 0.46, "prefixes": candidates.stage_prefixes("gs://b/runs/r"),
+     "relative_improvement": 0.46, "prefixes": RunLayout("gs://b/runs/r").stages(),
      "seconds": {"finetune": 3600.0, "benchmark": 360.0}, "profiles": {"finetune": "tpu-v5e-4", "benchmark": "cpu"}},
     {"key": "lora-rank-8-abc", "overrides": {"lora_rank": 8}, "status": "missing", "champion": False,
-     "prefixes": candidates.stage_prefixes("gs://b/runs/r", "lora-rank-8-abc")}]}
+     "prefixes": RunLayout("gs://b/runs/r").stages("lora-rank-8-abc")}]}
 
 
 def test_cost_is_price_times_hours_held(prices):

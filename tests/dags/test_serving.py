@@ -9,15 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from gemma_pipeline import candidates, serving
+from gemma_pipeline import serving
 from gemma_pipeline.serve import ServeOperator
 
+from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT
 
 RUN = "gs://bkt/runs/r1"
 RECORD = {"champion": "lora-rank-8-abc", "candidates": [
-    {"key": "default", "champion": False, "prefixes": candidates.stage_prefixes(RUN)},
-    {"key": "lora-rank-8-abc", "champion": True, "prefixes": candidates.stage_prefixes(RUN, "lora-rank-8-abc")}]}
+    {"key": "default", "champion": False, "prefixes": RunLayout(RUN).stages()},
+    {"key": "lora-rank-8-abc", "champion": True, "prefixes": RunLayout(RUN).stages("lora-rank-8-abc")}]}
 EXPORT = f"{RUN}/candidates/lora-rank-8-abc/convert"
 
 

@@ -17,12 +17,13 @@ import yaml
 from gemma_pipeline import jobspec
 from packaging.utils import canonicalize_name
 
+from jobs.contract import stages
 from tests.conftest import ROOT
 from tests.docker import deps
 
 DOCKER = ROOT / "docker"
 DOCKERFILES = {stage: DOCKER / f"{stage}.Dockerfile" for stage in jobspec.STAGES}
-BEAM_DOCKERFILE = DOCKER / f"{jobspec.BEAM_IMAGE}.Dockerfile"
+BEAM_DOCKERFILE = DOCKER / f"{stages.BEAM_IMAGE}.Dockerfile"
 
 
 def _hadolint() -> str:
@@ -48,7 +49,7 @@ def test_dockerfile_policy(stage):
     assert text.count("FROM ") == 2 and " AS build" in text  # the build tools stay in the first stage
     assert re.search(r"^USER 1000:1000$", text, re.M)
     entry = re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1)
-    assert entry == f'["python", "-m", "{jobspec.MODULES[stage]}"]'
+    assert entry == f'["python", "-m", "{stages.get(stage).module}"]'
     assert f'".[{stage}]"' in text and "--constraint docker/constraints.txt" in text
     # No credentials baked in: nothing secret-looking as ENV or ARG.
     assert not re.search(r"^(ENV|ARG)\s.*(TOKEN|SECRET|PASSWORD|API_KEY|CREDENTIALS)", text, re.M | re.I)
@@ -56,12 +57,12 @@ def test_dockerfile_policy(stage):
 
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_entrypoint_module_exists(stage):
-    assert importlib.util.find_spec(f"{jobspec.MODULES[stage]}.__main__") is not None
+    assert importlib.util.find_spec(f"{stages.get(stage).module}.__main__") is not None
 
 
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_the_stage_extra_provides_everything_the_stage_imports(stage):
-    assert deps.missing_for_stage(ROOT, stage, f"{jobspec.MODULES[stage]}.__main__") == {}
+    assert deps.missing_for_stage(ROOT, stage, f"{stages.get(stage).module}.__main__") == {}
 
 
 def test_the_preprocess_image_carries_no_torch_and_no_transformers():
@@ -99,7 +100,7 @@ def test_constraints_pin_every_requirement_of_every_stage_extra():
 def test_cloud_build_pushes_exactly_the_images_the_dag_names():
     build = yaml.safe_load((DOCKER / "cloudbuild.yaml").read_text())
     pushed = {re.fullmatch(r"\$\{_REGISTRY\}/([a-z-]+):\$\{COMMIT_SHA\}", image).group(1) for image in build["images"]}
-    assert pushed == set(jobspec.IMAGE_NAMES)
+    assert pushed == set(stages.IMAGE_NAMES)
     for step in build["steps"]:
         args = step["args"]
         assert not step["name"].endswith(":latest") and ":" in step["name"]
@@ -113,14 +114,14 @@ def test_cloud_build_pushes_exactly_the_images_the_dag_names():
         assert dockerfile == f"docker/{name.removesuffix('-gpu')}.Dockerfile"
         if name.endswith("-gpu"):
             assert accelerator == ["ACCELERATOR=gpu"]
-        elif name in jobspec.GPU_IMAGE_STAGES:
+        elif name in stages.REGISTRY and stages.REGISTRY[name].gpu_image:
             assert accelerator == ["ACCELERATOR=tpu"]
         assert not step["name"].endswith(":latest") and ":" in step["name"]
 
 
 def test_the_dag_maps_profiles_to_those_images():
     images = jobspec.images("REG", "abc123")
-    assert set(images) == set(jobspec.IMAGE_NAMES)
+    assert set(images) == set(stages.IMAGE_NAMES)
     assert images["finetune-gpu"] == "REG/finetune-gpu:abc123"
     with pytest.raises(ValueError, match="never latest"):
         jobspec.images("REG", "latest")

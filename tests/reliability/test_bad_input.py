@@ -67,8 +67,8 @@ from pathlib import Path
 import pytest
 
 from jobs.common.cli import main
-from jobs.common.errors import EXIT_BAD_INPUT
-from jobs.common.manifest import MANIFEST
+from jobs.contract.artifacts import MANIFEST
+from jobs.contract.errors import EXIT_BAD_INPUT
 from tests.pipeline import tiny_pipeline
 
 
@@ -83,10 +83,10 @@ class Case:
 
 
 STAGES = {
-    "preprocess": ("jobs.preprocessing.config", "PreprocessConfig", "jobs.preprocessing.core"),
-    "finetune": ("jobs.finetuning.config", "FinetuneConfig", "jobs.finetuning.core"),
-    "benchmark": ("jobs.benchmark.config", "BenchmarkConfig", "jobs.benchmark.core"),
-    "convert": ("jobs.convert.config", "ConvertConfig", "jobs.convert.core"),
+    "preprocess": ("jobs.contract.configs.preprocess", "PreprocessConfig", "jobs.preprocessing.core"),
+    "finetune": ("jobs.contract.configs.finetune", "FinetuneConfig", "jobs.finetuning.core"),
+    "benchmark": ("jobs.contract.configs.benchmark", "BenchmarkConfig", "jobs.benchmark.core"),
+    "convert": ("jobs.contract.configs.convert", "ConvertConfig", "jobs.convert.core"),
 }
 
 CASES = [
@@ -176,7 +176,7 @@ def ctx(tmp_path_factory, tiny_gemma3, gcs_server):
     files = root / "files"
     catalogue_files(files)
     paths = tiny_pipeline(root, tiny_gemma3, steps=2)
-    from jobs.preprocessing.config import PreprocessConfig
+    from jobs.contract.configs.preprocess import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess
 
     (files / "doc.txt").write_text("A short document.\n\nAnother paragraph of it.\n\nAnd a third.\n")

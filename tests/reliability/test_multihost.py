@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.common.errors import EXIT_PREEMPTED
-from jobs.common.manifest import MANIFEST
+from jobs.contract.artifacts import MANIFEST
+from jobs.contract.errors import EXIT_PREEMPTED
 from jobs.finetuning import checkpoint
 from jobs.finetuning.core import ADAPTER, MERGED
 from tests.conftest import ROOT

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from jobs.common.errors import EXIT_PREEMPTED
-from jobs.common.manifest import MANIFEST
-from jobs.finetuning.config import FinetuneConfig
+from jobs.contract.artifacts import MANIFEST
+from jobs.contract.configs.finetune import FinetuneConfig
+from jobs.contract.errors import EXIT_PREEMPTED
 from jobs.finetuning.core import ADAPTER, run
 from tests.conftest import ROOT, run_module
 from tests.jobs.finetuning.test_finetuning import _adapter_arrays
@@ -64,7 +64,7 @@ def test_sigterm_then_restart_ends_where_an_uninterrupted_run_ends(setup, stop_a
 
 def test_a_stage_killed_mid_upload_leaves_no_manifest_and_readers_refuse_it(setup, gcs, monkeypatch, tmp_path):
     from jobs.common import storage
-    from jobs.preprocessing.config import PreprocessConfig
+    from jobs.contract.configs.preprocess import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess
 
     uploaded = []

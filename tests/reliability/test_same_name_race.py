@@ -12,7 +12,8 @@ from gemma_pipeline import lease
 from gemma_pipeline.report import RunStore
 
 from jobs.common import storage
-from jobs.common.manifest import MANIFEST, ConcurrentWriter, StageRun
+from jobs.common.manifest import ConcurrentWriter, StageRun
+from jobs.contract.artifacts import MANIFEST
 
 
 @pytest.fixture

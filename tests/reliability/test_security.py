@@ -12,6 +12,8 @@ import pytest
 import yaml
 from gemma_pipeline import jobspec, local, profiles
 
+from jobs.contract import layout
+from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT, run_module
 
 SECRET_PATTERNS = [
@@ -63,7 +65,7 @@ def test_pods_run_with_least_privilege_and_workload_identity():
 
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_every_stage_writes_only_under_the_runs_prefix(stage):
-    prefix = jobspec.prefixes("bkt", "run-7")
+    prefix = RunLayout.of("bkt", "run-7").stages()
     args = jobspec.stage_args(stage, {}, prefix)
     assert args[args.index("--output") + 1] == f"gs://bkt/runs/run-7/{stage}"
 
@@ -77,13 +79,13 @@ def test_run_names_cannot_escape_the_runs_folder(name):
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
     with pytest.raises(ParamValidationError):
         Param(name, **dag.params.get_param("run_name").schema).resolve(suppress_exception=False)
-    assert "/" not in jobspec.run_key(name, "x") and ".." not in jobspec.run_key(name, "x")
+    assert "/" not in layout.run_key(name, "x") and ".." not in layout.run_key(name, "x")
 
 
 @pytest.mark.parametrize("uri", ["gs://bkt/runs/../../etc", "gs://bkt/a/../b", "gs://../x"])
 def test_storage_refuses_traversal(uri):
     from jobs.common import storage
-    from jobs.common.errors import BadInputError
+    from jobs.contract.errors import BadInputError
 
     with pytest.raises(BadInputError, match=r"'\.\.'"):
         storage.split_gcs(uri)

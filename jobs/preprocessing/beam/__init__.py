@@ -18,9 +18,9 @@ from typing import Any
 
 from jobs import demo_model
 from jobs.common import sources, storage
-from jobs.common.errors import BadInputError
 from jobs.common.manifest import StageRun, digest_json, read_manifest, source_ref
-from jobs.preprocessing.config import PreprocessConfig
+from jobs.contract.configs.preprocess import PreprocessConfig
+from jobs.contract.errors import BadInputError
 from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI
 from jobs.preprocessing.sources import SUFFIXES, detect_format, input_files, ordered
 

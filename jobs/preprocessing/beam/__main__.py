@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from jobs.common.cli import main
+from jobs.contract.configs.preprocess import DESCRIPTION, PreprocessConfig
 from jobs.preprocessing.beam.options import pipeline_options
 from jobs.preprocessing.beam.template import dashed
-from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig
 
 if __name__ == "__main__":
     import logging

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.common.errors import BadInputError
+from jobs.contract.errors import BadInputError
 
 
 def pipeline_options(args: list[str]) -> Any:

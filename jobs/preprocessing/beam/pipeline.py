@@ -24,12 +24,13 @@ from typing import Any
 import apache_beam as beam
 from apache_beam import pvalue
 
-from jobs.common import splits, storage
-from jobs.common.errors import BadInputError
+from jobs.common import storage
 from jobs.common.manifest import ConcurrentWriter, StageRun, read_manifest
+from jobs.contract import artifacts, documents, splits
+from jobs.contract.configs.preprocess import PreprocessConfig
+from jobs.contract.errors import BadInputError
 from jobs.preprocessing import rows
 from jobs.preprocessing.beam.plan import SHARD_BYTES, Plan, prefix
-from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.rows import COERCIONS, DROP_REASONS
 from jobs.preprocessing.sources import read_file, read_records
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 TOKENIZE_BATCH = 4096  # rows per tokenizer call in a worker (Beam's batching picks up to this many)
 REJECTS_TAG, EVENTS_TAG = "rejects", "events"
-ERROR_FILE = "_error.json"  # a bad input's message and exit code, for the DAG (gemma_pipeline.dataflow)
 Position = tuple[int, int]
 
 
@@ -177,7 +177,7 @@ def decide(_: Any, config: PreprocessConfig, shard_bytes: int, counts: dict[str,
 
 
 def record_error(output: str, err: BadInputError) -> None:
-    storage.write_bytes(storage.join(output, ERROR_FILE), json.dumps({"error": str(err), "exit_code": err.exit_code}).encode(),
+    storage.write_bytes(storage.join(output, artifacts.ERROR), documents.ERROR.dump({"error": str(err), "exit_code": err.exit_code}),
                         "application/json")
 
 
@@ -197,7 +197,7 @@ def finish(_: Any, config: PreprocessConfig, stage: StageRun, plan: Plan, counts
     """After every shard: the missing (empty) shards, stats.json, then the manifest over all of them."""
     files = {w["name"]: {"bytes": w["bytes"], "sha256": w["sha256"]} for w in written}
     counts["dropped"]["over_cap"] = plan.kept - plan.limit  # counted by `decide` into its own copy
-    expected = {**plan.shards, **({"quarantine": quarantine_shards} if rows.rejected(counts["dropped"]) else {})}
+    expected = {**plan.shards, **({artifacts.QUARANTINE: quarantine_shards} if rows.rejected(counts["dropped"]) else {})}
     empty = hashlib.sha256(b"").hexdigest()
     for split, count in expected.items():
         for index in range(count):
@@ -207,14 +207,14 @@ def finish(_: Any, config: PreprocessConfig, stage: StageRun, plan: Plan, counts
                 files[name] = {"bytes": 0, "sha256": empty}
     lengths, loss_lengths = Counter(), Counter()
     for w in written:
-        if not w["name"].startswith("quarantine"):
+        if not w["name"].startswith(artifacts.QUARANTINE):
             lengths.update(w["lengths"])
             loss_lengths.update(w["loss_lengths"])
     stats = rows.stats(config, counts["rows_in"], plan.limit, plan.n_eval, counts["dropped"], counts["coerced"],
                        lengths, loss_lengths)
     data = json.dumps(stats, indent=2).encode()
-    storage.write_bytes(storage.join(config.output, "stats.json"), data, "application/json")
-    files["stats.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    storage.write_bytes(storage.join(config.output, artifacts.STATS), data, "application/json")
+    files[artifacts.STATS] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     try:
         stage.finish_files(dict(sorted(files.items())), stats, {"engine": "beam"})
     except ConcurrentWriter:
@@ -254,9 +254,9 @@ def build(p: beam.Pipeline, config: PreprocessConfig, fmt: str, units: list[tupl
     quarantine_shards = counts | "QuarantineShards" >> beam.Map(
         lambda c: min(len(units), max(1, -(-c["quarantine_bytes"] // shard_bytes))))
     quarantined = read[REJECTS_TAG] | "QuarantineShard" >> beam.Map(
-        lambda r, shards: (("quarantine", r[0][0] * shards // len(units)), (r[0], r[1], 0, 0)),
+        lambda r, shards: ((artifacts.QUARANTINE, r[0][0] * shards // len(units)), (r[0], r[1], 0, 0)),
         beam.pvalue.AsSingleton(quarantine_shards))
-    shard_counts = (settled | "ShardCounts" >> beam.Map(lambda plan, q: {**plan.shards, "quarantine": q},
+    shard_counts = (settled | "ShardCounts" >> beam.Map(lambda plan, q: {**plan.shards, artifacts.QUARANTINE: q},
                                                        beam.pvalue.AsSingleton(quarantine_shards)))
     written = ((assigned, quarantined) | "ToWrite" >> beam.Flatten() | "Shards" >> beam.GroupByKey()
                | "Write" >> beam.Map(write_shard, config.output, beam.pvalue.AsSingleton(shard_counts)))
@@ -283,5 +283,5 @@ def _assign(row: tuple[bytes, str, int, int], plan: Plan) -> Iterator[tuple[tupl
 def stale_outputs(output: str) -> list[str]:
     """Split, quarantine and stats files a previous run of either engine left at the prefix."""
     names = storage.list_files(output)
-    return [n for n in names if splits.SHARD.match(n) or n in ("train.jsonl", "eval.jsonl", "quarantine.jsonl", "stats.json",
-                                                             ERROR_FILE)]
+    return [n for n in names if splits.SHARD.match(n) or n in (*map(artifacts.split_file, (artifacts.TRAIN, artifacts.EVAL, artifacts.QUARANTINE)),
+                                                             artifacts.STATS, artifacts.ERROR)]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from jobs.common import spec
-from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig
+from jobs.contract import spec
+from jobs.contract.configs.preprocess import DESCRIPTION, PreprocessConfig
 
 # Beam's own options the DAG sets as template parameters (the rest come from the launch environment).
 BEAM_PARAMETERS = {"sdk_location": "where workers get the Beam SDK: 'container' (this image's own)"}

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from jobs.benchmark import perplexity as ppl
-from jobs.benchmark.config import BenchmarkConfig
 from jobs.benchmark.core import run
-from jobs.common.errors import BadInputError, QualityGateError
-from jobs.common.manifest import MANIFEST
-from jobs.convert.config import ConvertConfig
+from jobs.contract.artifacts import MANIFEST
+from jobs.contract.configs.benchmark import BenchmarkConfig
+from jobs.contract.configs.convert import ConvertConfig
+from jobs.contract.errors import BadInputError, QualityGateError
 from jobs.convert.core import run as convert
 from tests.pipeline import tiny_pipeline
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from jobs.common import manifest
-from jobs.common.errors import BadInputError
+from jobs.contract import artifacts
+from jobs.contract.errors import BadInputError
 
 
 def _run(out, config=None, inputs=None):
@@ -20,7 +21,7 @@ def test_manifest_records_outputs_and_rerun_is_skipped(tmp_path):
     stage = _run(out)
     assert not stage.already_done()
     written = stage.finish(out, {"rows": 3})
-    on_disk = json.loads((out / manifest.MANIFEST).read_text())
+    on_disk = json.loads((out / artifacts.MANIFEST).read_text())
     assert on_disk == written
     assert on_disk["outputs"]["data.txt"]["bytes"] == 7
     assert on_disk["outputs"]["data.txt"]["sha256"] == manifest.sha256_file(out / "data.txt")
@@ -32,23 +33,23 @@ def test_manifest_records_outputs_and_rerun_is_skipped(tmp_path):
 
 
 def test_invalidate_removes_manifest(tmp_path):
-    (tmp_path / manifest.MANIFEST).write_text("{}")
+    (tmp_path / artifacts.MANIFEST).write_text("{}")
     _run(tmp_path).invalidate()
-    assert not (tmp_path / manifest.MANIFEST).exists()
+    assert not (tmp_path / artifacts.MANIFEST).exists()
 
 
 def test_upstream_without_manifest_is_bad_input(tmp_path):
     with pytest.raises(BadInputError, match="--data.*incomplete or wrong URI"):
         manifest.upstream_ref(str(tmp_path), "--data")
-    (tmp_path / manifest.MANIFEST).write_text("{not json")
+    (tmp_path / artifacts.MANIFEST).write_text("{not json")
     with pytest.raises(BadInputError, match="readable _manifest.json"):
         manifest.upstream_ref(str(tmp_path), "--data")
 
 
 def test_upstream_digest_changes_with_manifest(tmp_path):
-    (tmp_path / manifest.MANIFEST).write_text(json.dumps({"stage": "a"}))
+    (tmp_path / artifacts.MANIFEST).write_text(json.dumps({"stage": "a"}))
     first = manifest.upstream_ref(str(tmp_path), "--data")
-    (tmp_path / manifest.MANIFEST).write_text(json.dumps({"stage": "b"}))
+    (tmp_path / artifacts.MANIFEST).write_text(json.dumps({"stage": "b"}))
     assert manifest.upstream_ref(str(tmp_path), "--data") != first
 
 
@@ -73,7 +74,7 @@ def test_a_stage_reruns_when_its_code_changes_and_skips_when_it_does_not(tmp_pat
     import shutil
 
     from jobs.common import code_identity
-    from jobs.preprocessing.config import PreprocessConfig
+    from jobs.contract.configs.preprocess import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess
     from tests.conftest import ROOT
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.common import splits
-from jobs.common.errors import BadInputError
+from jobs.contract import splits
+from jobs.contract.errors import BadInputError
 
 
 def test_a_split_is_one_file_or_a_complete_set_of_shards_in_order():

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.common import storage
-from jobs.common.errors import BadInputError
+from jobs.contract.errors import BadInputError
 
 
 def _tree(root):

@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pytest
 
-from jobs.common.errors import BadInputError, ExportMismatchError
-from jobs.common.manifest import MANIFEST
+from jobs.contract.artifacts import MANIFEST
+from jobs.contract.configs.convert import ConvertConfig
+from jobs.contract.errors import BadInputError, ExportMismatchError
 from jobs.convert import core
-from jobs.convert.config import ConvertConfig
 from jobs.convert.safetensors_io import reshard
 from tests.pipeline import tiny_pipeline_processes
 

@@ -18,7 +18,7 @@ def two_step_losses(kind: str, model_parallel: int, preset: str, quantization: s
     import keras_hub
     import numpy as np
 
-    from jobs.finetuning.config import FinetuneConfig
+    from jobs.contract.configs.finetune import FinetuneConfig
     from jobs.finetuning.distribution import check_model_parallel, setup
     from jobs.finetuning.train import Trainer, make_optimizer
 

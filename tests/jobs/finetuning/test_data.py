@@ -72,7 +72,7 @@ def test_a_bucketed_batch_is_the_prefix_of_the_full_width_batch():
 def test_bucketed_eval_equals_full_width_eval(tiny_gemma3):
     import keras_hub
 
-    from jobs.finetuning.config import FinetuneConfig
+    from jobs.contract.configs.finetune import FinetuneConfig
     from jobs.finetuning.distribution import setup
     from jobs.finetuning.train import Trainer, make_optimizer
 

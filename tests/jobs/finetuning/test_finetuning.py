@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 
-from jobs.common.errors import BadInputError
-from jobs.common.manifest import MANIFEST
-from jobs.finetuning.config import FinetuneConfig
+from jobs.contract.artifacts import MANIFEST
+from jobs.contract.configs.finetune import FinetuneConfig
+from jobs.contract.configs.preprocess import PreprocessConfig
+from jobs.contract.errors import BadInputError
 from jobs.finetuning.core import ADAPTER, MERGED, run
-from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.core import run as preprocess
 from tests.conftest import run_module
 

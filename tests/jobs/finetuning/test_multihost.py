@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.common.errors import BadInputError
+from jobs.contract.errors import BadInputError
 from jobs.finetuning import multihost
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.common.errors import BadInputError
-from jobs.finetuning.config import FinetuneConfig
+from jobs.contract.configs.finetune import FinetuneConfig
+from jobs.contract.errors import BadInputError
 from tests.jobs.finetuning.test_finetuning import _config, prepared  # noqa: F401  (module fixture)
 
 

@@ -17,9 +17,9 @@ def error_line(text: str) -> str:
 
 def main(cases_path: str, results_path: str) -> None:
     from jobs.common.cli import main as stage_main
+    from jobs.contract.configs.preprocess import DESCRIPTION, PreprocessConfig
     from jobs.preprocessing.beam import run
     from jobs.preprocessing.beam.options import pipeline_options
-    from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig
 
     results = []
     for case in json.loads(open(cases_path).read()):

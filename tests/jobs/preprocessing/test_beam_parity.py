@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.common import splits
 from jobs.common.cli import main
+from jobs.contract import splits
 from tests.jobs.preprocessing.beam_cases import error_line
 from tests.reliability.test_bad_input import CASES, catalogue_files
 
@@ -92,7 +92,7 @@ def good_inputs(files: Path) -> list[tuple[str, list[str]]]:
 
 
 def single_machine(args: list[str]) -> dict:
-    from jobs.preprocessing.config import DESCRIPTION, PreprocessConfig
+    from jobs.contract.configs.preprocess import DESCRIPTION, PreprocessConfig
     from jobs.preprocessing.core import run
 
     captured = io.StringIO()

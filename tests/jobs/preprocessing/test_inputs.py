@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from jobs.common.errors import BadInputError
+from jobs.contract.configs.preprocess import PreprocessConfig
+from jobs.contract.errors import BadInputError
 from jobs.preprocessing import spill
-from jobs.preprocessing.config import PreprocessConfig
 from jobs.preprocessing.core import run
 from jobs.preprocessing.rows import percentiles as _percentiles
 

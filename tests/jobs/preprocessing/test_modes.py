@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from jobs.common.errors import BadInputError
-from jobs.preprocessing.config import PreprocessConfig
+from jobs.contract.configs.preprocess import PreprocessConfig
+from jobs.contract.errors import BadInputError
 from jobs.preprocessing.core import run
 from jobs.preprocessing.modes import ChatError, clean_text, render_chat
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.common.errors import BadInputError
-from jobs.common.manifest import MANIFEST
-from jobs.preprocessing.config import PreprocessConfig
+from jobs.contract.artifacts import MANIFEST
+from jobs.contract.configs.preprocess import PreprocessConfig
+from jobs.contract.errors import BadInputError
 from jobs.preprocessing.core import run
 from jobs.preprocessing.demo import DEMO_URI, demo_rows
 from jobs.preprocessing.rows import DROP_REASONS

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from jobs.common.errors import BadInputError
+from jobs.contract.errors import BadInputError
 
 _UNSET: Any = dataclasses.MISSING
 

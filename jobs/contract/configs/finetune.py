@@ -1,14 +1,14 @@
-"""Typed, validated configuration of the fine-tuning stage: every option declared once (see jobs.common.spec)."""
+"""Typed, validated configuration of the fine-tuning stage: every option declared once (see jobs.contract.spec)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from jobs.common import spec
-from jobs.common.errors import BadInputError
-from jobs.common.spec import option
-from jobs.demo_model import DEMO_MODEL_URI
+from jobs.contract import spec
+from jobs.contract.demo import DEMO_MODEL_URI
+from jobs.contract.errors import BadInputError
+from jobs.contract.spec import option
 
 DESCRIPTION = "LoRA fine-tuning of a Gemma / Gemma 3 causal LM with keras-hub on JAX."
 

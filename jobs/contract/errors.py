@@ -15,6 +15,13 @@ EXIT_QUALITY_GATE = 3
 EXIT_EXPORT_MISMATCH = 4
 EXIT_PREEMPTED = 143
 NON_RETRIABLE_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_QUALITY_GATE, EXIT_EXPORT_MISMATCH)
+# What each non-retriable code means, in the words task logs and errors use.
+EXIT_MEANINGS = {EXIT_BAD_INPUT: "bad input", EXIT_QUALITY_GATE: "quality gate", EXIT_EXPORT_MISMATCH: "export mismatch"}
+
+
+def non_retriable_legend() -> str:
+    """'2 bad input, 3 quality gate, 4 export mismatch': the legend every non-retriable failure message carries."""
+    return ", ".join(f"{code} {EXIT_MEANINGS[code]}" for code in NON_RETRIABLE_EXIT_CODES)
 
 
 class BadInputError(Exception):

@@ -1,4 +1,4 @@
-"""Typed, validated configuration of the preprocessing stage: every option declared once (see jobs.common.spec)."""
+"""Typed, validated configuration of the preprocessing stage: every option declared once (see jobs.contract.spec)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import string
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.common import spec
-from jobs.common.errors import BadInputError
-from jobs.common.spec import option
-from jobs.demo_model import DEMO_MODEL_URI
-from jobs.preprocessing.demo import DEMO_TEXT_URI, DEMO_URI
+from jobs.contract import spec
+from jobs.contract.demo import DEMO_MODEL_URI, DEMO_TEXT_URI, DEMO_URI
+from jobs.contract.errors import BadInputError
+from jobs.contract.spec import option
 
 DESCRIPTION = "Clean, template and split a dataset: instruction pairs, chat conversations or raw-text documents."
 

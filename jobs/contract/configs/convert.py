@@ -1,13 +1,13 @@
-"""Typed, validated configuration of the convert stage: every option declared once (see jobs.common.spec)."""
+"""Typed, validated configuration of the convert stage: every option declared once (see jobs.contract.spec)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.common import spec
-from jobs.common.errors import BadInputError
-from jobs.common.spec import option
+from jobs.contract import spec
+from jobs.contract.errors import BadInputError
+from jobs.contract.spec import option
 
 DESCRIPTION = "Merge LoRA, export to Hugging Face transformers format, and verify it."
 

@@ -1,0 +1,64 @@
+"""The one Cloud Storage layout of a run:
+
+    gs://BUCKET/runs/RUN/preprocess/                    shared by every candidate
+    gs://BUCKET/runs/RUN/candidates/<key>/<stage>/      finetune, benchmark, convert of one candidate
+    gs://BUCKET/runs/RUN/{champion.json, report.*, _lease.json}
+
+RUN is the `run_name` param, or the Airflow run id made safe for object names and labels."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from jobs.contract import artifacts, stages
+
+RUNS = "runs"
+CANDIDATES = "candidates"
+DEFAULT_CANDIDATE = "default"  # the key of a candidate with no overrides
+
+
+def safe_run_id(run_id: str) -> str:
+    """A run id usable in object names and Kubernetes labels: [a-z0-9-], at most 63 characters."""
+    cleaned = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
+    return cleaned[:63].rstrip("-") or "run"
+
+
+def run_key(run_name: str | None, run_id: str) -> str:
+    """The run's folder: the `run_name` param when given (a new DAG run with the same name resumes that run,
+    skipping finished stages), else the Airflow run id."""
+    return safe_run_id(run_name or run_id)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    prefix: str  # gs://BUCKET/runs/RUN (no trailing slash)
+
+    @classmethod
+    def of(cls, bucket: str, key: str) -> RunLayout:
+        return cls(f"gs://{bucket}/{RUNS}/{key}")
+
+    def stage(self, stage: str, candidate: str = DEFAULT_CANDIDATE) -> str:
+        if not stages.get(stage).per_candidate:
+            return f"{self.prefix}/{stage}"
+        return f"{self.prefix}/{CANDIDATES}/{candidate}/{stage}"
+
+    def stages(self, candidate: str = DEFAULT_CANDIDATE) -> dict[str, str]:
+        """Every stage's prefix for one candidate (the shared ones included)."""
+        return {name: self.stage(name, candidate) for name in stages.NAMES}
+
+    def file(self, name: str) -> str:
+        """One of the run's own files (`artifacts.CHAMPION`, the report, the lease)."""
+        return f"{self.prefix}/{name}"
+
+    @property
+    def champion(self) -> str:
+        return self.file(artifacts.CHAMPION)
+
+    @property
+    def lease(self) -> str:
+        return self.file(artifacts.LEASE)
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix.rstrip('/')}/{name}" if name else prefix.rstrip("/")
