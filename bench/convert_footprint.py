@@ -19,16 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.contract import artifacts, stages
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_FINETUNE = ROOT / "runs/local/gcs/local-gemma-bucket/runs/demo/candidates/default/finetune"
 
 
 def convert(args: list[str], output: Path) -> dict:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jobs.convert", "--output", str(output), *args], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", stages.get("convert").module, "--output", str(output), *args], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    metrics = json.loads((output / "_manifest.json").read_text())["metrics"]
+    metrics = json.loads((output / artifacts.MANIFEST).read_text())["metrics"]
     return {"wall_s": wall, **metrics}
 
 
@@ -36,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--finetune", type=Path, default=DEMO_FINETUNE)
     args = parser.parse_args()
-    manifest = args.finetune / "_manifest.json"
+    manifest = args.finetune / artifacts.MANIFEST
     if not manifest.exists():
         sys.exit(f"no finished fine-tune at {args.finetune}: run the main command first (see README)")
     settings = json.loads(manifest.read_text())["config"]
@@ -45,7 +47,7 @@ def main() -> None:
     runs = {
         "merged preset": convert(["--finetune", str(args.finetune)], work / "merged"),
         "base + adapter": convert(["--finetune", str(args.finetune), "--base-model", base,
-                                   "--adapter", str(args.finetune / "adapter.lora.h5")], work / "adapter"),
+                                   "--adapter", str(args.finetune / artifacts.ADAPTER)], work / "adapter"),
     }
     print(f"{'input':<16}{'wall s':>8}{'export s':>10}{'checkpoint MiB':>16}{'peak RSS MiB':>14}{'RSS/ckpt':>10}")
     for name, m in runs.items():

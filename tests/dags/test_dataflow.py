@@ -18,7 +18,7 @@ from gemma_pipeline import dataflow
 
 from jobs.contract import documents, stages
 from tests.conftest import ROOT
-from tests.dags.test_dag import RUN_ID, _render, _render_fields, dag, stage_task  # noqa: F401  (dag: the shared fixture)
+from tests.support.dag import _render, _render_fields, stage_task
 
 SETTINGS = {"preprocess_engine": "dataflow", "bucket": "bkt", "run_name": "corpus-1", "max_tokens": 256,
             "data_mode": "text", "template": ""}

@@ -339,7 +339,7 @@ def test_the_dag_task_submits_the_jobspec_job(stage):
     from airflow.dag_processing.dagbag import DagBag
     from kubernetes.client import ApiClient
 
-    from tests.dags.test_dag import _render, _render_fields, stage_task
+    from tests.support.dag import _render, _render_fields, stage_task
 
     bag_dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
     overrides = {"bucket": "bkt", "run_name": "r1", "finetune_profile": "gpu-l4-1"}

@@ -13,7 +13,7 @@ from jobs.common import cli
 from jobs.contract import spec, stages
 from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT
-from tests.dags.test_dag import _render, dag, stage_task  # noqa: F401  (the parsed DAG fixture)
+from tests.support.dag import _render, stage_task
 
 
 def _probe(opt: spec.Option):

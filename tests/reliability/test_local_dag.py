@@ -95,6 +95,7 @@ def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
     assert "| perplexity after |" in first_run.stdout and f"| finetune | done | {profile} |" in first_run.stdout
 
 
+@pytest.mark.slow  # a second DAG run; the skip decision itself is tested in tests/jobs/common/test_manifest.py
 def test_the_same_run_name_again_skips_every_finished_stage(first_run, root, tiny_gemma3):
     assert first_run.returncode == 0
     again = _local_run(root, _conf(tiny_gemma3))
@@ -128,6 +129,7 @@ def test_an_added_candidate_runs_alone_and_a_changed_param_reruns_only_what_it_a
     assert json.loads(convert.read_text())["config"]["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow  # a DAG run; exit 2 -> no retry is tested on the operator in tests/dags/test_local.py
 def test_bad_input_fails_at_once_without_retry_and_still_reports(first_run, root, tiny_gemma3):
     bad = _local_run(root, _conf(tiny_gemma3, run_name="ci-bad", response_field="no_such_column"))
     assert bad.returncode == 1
@@ -138,3 +140,13 @@ def test_bad_input_fails_at_once_without_retry_and_still_reports(first_run, root
     report = json.loads((root / "gcs" / BUCKET / "runs" / "ci-bad" / "report.json").read_text())
     assert report["complete"] is False and [s["done"] for s in report["stages"]] == [False] * 4
     assert "no candidate's benchmark finished" in bad.stdout
+
+
+def test_D10_a_conf_key_that_is_not_a_param_fails_the_run_before_any_job(root, tiny_gemma3):
+    """Airflow merges a trigger's conf into the task's params, typos included: the plan checks the conf against the
+    DAG's declared Params, in a real run, and nothing is submitted."""
+    run = _local_run(root, {"lora_rnak": 8, "run_name": "typo", "base_model": str(tiny_gemma3)}, timeout=240)
+    assert run.returncode != 0
+    assert "'lora_rnak' (did you mean 'lora_rank'?)" in run.stdout
+    assert not re.search(r"\[DAG TEST\] starting task_id=preprocess\b", run.stdout)
+    assert not (root / "gcs" / BUCKET / "runs" / "typo").exists()

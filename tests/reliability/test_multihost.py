@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.contract.artifacts import MANIFEST
+from jobs.contract.artifacts import ADAPTER, MANIFEST
+from jobs.contract.artifacts import MERGED_MODEL as MERGED
 from jobs.contract.errors import EXIT_PREEMPTED
 from jobs.finetuning import checkpoint
-from jobs.finetuning.core import ADAPTER, MERGED
 from tests.conftest import ROOT
 from tests.jobs.finetuning.test_finetuning import _adapter_arrays
 from tests.pipeline import tiny_pipeline

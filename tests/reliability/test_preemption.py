@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from jobs.contract.artifacts import MANIFEST
+from jobs.contract.artifacts import ADAPTER, MANIFEST
 from jobs.contract.configs.finetune import FinetuneConfig
 from jobs.contract.errors import EXIT_PREEMPTED
-from jobs.finetuning.core import ADAPTER, run
+from jobs.finetuning.core import run
 from tests.conftest import ROOT, run_module
 from tests.jobs.finetuning.test_finetuning import _adapter_arrays
 from tests.pipeline import tiny_pipeline

@@ -15,6 +15,7 @@ from gemma_pipeline import jobspec, local, profiles
 from jobs.contract import layout
 from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT, run_module
+from tests.support import nonempty
 
 SECRET_PATTERNS = [
     re.compile(r"hf_[A-Za-z0-9]{30,}"),  # Hugging Face token
@@ -36,23 +37,40 @@ def test_no_secret_literals_in_the_repository():
     assert hits == []
 
 
-def _jobs() -> list[dict]:
-    return [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "k8s" / "jobs").glob("*.yaml"))]
+def _jobs(dag=None) -> list[dict]:
+    """Every Job the project ships: the checked-in k8s/jobs tree (Jobs, and the Job inside each JobSet), and, given
+    the DAG, the Job each of its stage tasks would submit."""
+    found = []
+    for path in sorted((ROOT / "k8s" / "jobs").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Job":
+                found.append(doc)
+            elif doc and doc.get("kind") == "JobSet":
+                found += [{"spec": r["template"]["spec"]} for r in doc["spec"]["replicatedJobs"]]
+    if dag is not None:
+        from kubernetes.client import ApiClient
+
+        from tests.support.dag import render, stage_task
+
+        found += [ApiClient().sanitize_for_serialization(render(stage_task(dag, s), dag)) for s in jobspec.STAGES]
+    return nonempty(found, "Job manifests")
 
 
-def test_tokens_come_only_from_secret_references():
-    for job in _jobs():
-        for env in job["spec"]["template"]["spec"]["containers"][0]["env"]:
+def test_tokens_come_only_from_secret_references(dag):
+    jobs = _jobs(dag)
+    assert len(jobs) >= 2 * len(jobspec.STAGES)  # the kubectl tree's and the DAG's
+    for job in jobs:
+        for env in nonempty(job["spec"]["template"]["spec"]["containers"][0]["env"], "env entries"):
             if re.search(r"TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL|USERNAME", env["name"]):
                 assert "value" not in env, env
                 ref = env["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == jobspec.TOKEN_SECRET_NAME and ref["optional"] is True
             else:
-                assert "valueFrom" not in env
+                assert "secretKeyRef" not in env.get("valueFrom", {}), env
 
 
-def test_pods_run_with_least_privilege_and_workload_identity():
-    for job in _jobs():
+def test_pods_run_with_least_privilege_and_workload_identity(dag):
+    for job in _jobs(dag):
         pod = job["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert pod["serviceAccountName"] == "gemma-pipeline"  # bound to a Google service account, no key files
@@ -65,9 +83,9 @@ def test_pods_run_with_least_privilege_and_workload_identity():
 
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_every_stage_writes_only_under_the_runs_prefix(stage):
-    prefix = RunLayout.of("bkt", "run-7").stages()
-    args = jobspec.stage_args(stage, {}, prefix)
-    assert args[args.index("--output") + 1] == f"gs://bkt/runs/run-7/{stage}"
+    layout = RunLayout.of("bkt", "run-7")
+    args = jobspec.stage_args(stage, {}, layout.stages())
+    assert args[args.index("--output") + 1] == layout.stage(stage) and layout.stage(stage).startswith("gs://bkt/runs/run-7/")
 
 
 @pytest.mark.parametrize("name", ["../other-team", "a/b", "..", "UPPER", "x" * 70])

@@ -8,11 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
-from jobs.contract.artifacts import MANIFEST
+from jobs.contract.artifacts import ADAPTER, MANIFEST
+from jobs.contract.artifacts import MERGED_MODEL as MERGED
 from jobs.contract.configs.finetune import FinetuneConfig
 from jobs.contract.configs.preprocess import PreprocessConfig
 from jobs.contract.errors import BadInputError
-from jobs.finetuning.core import ADAPTER, MERGED, run
+from jobs.finetuning.core import run
 from jobs.preprocessing.core import run as preprocess
 from tests.conftest import run_module
 

@@ -1,0 +1,58 @@
+"""The contract is defined once: no artifact name, exit code, prefix layout or default profile is spelled outside
+`jobs/contract/` (and generated or documentation files). A restated one fails here, naming the file and line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from jobs.contract import artifacts, documents, stages
+from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES
+from tests.conftest import ROOT
+from tests.support import nonempty
+
+CODE = ("dags", "jobs", "bench")
+NAMES = nonempty(sorted({v for k, v in vars(artifacts).items() if k.isupper() and isinstance(v, str) and "." in v}),
+                 "artifact file names")
+
+
+def _sources() -> list:
+    return nonempty([p for d in CODE for p in (ROOT / d).rglob("*.py")
+                     if "contract" not in p.relative_to(ROOT).parts], "source files")
+
+
+def _literals(pattern: str) -> list[str]:
+    found = []
+    for path in _sources():
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            code = line.split("#", 1)[0]
+            if re.search(pattern, code):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    return found
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_artifact_names_are_spelled_only_in_the_contract(name):
+    assert _literals(r"[\"']" + re.escape(name) + r"[\"'/]") == []
+
+
+def test_exit_codes_and_the_layout_are_spelled_only_in_the_contract():
+    codes = r",\s*".join(map(str, NON_RETRIABLE_EXIT_CODES))
+    assert _literals(r"\(\s*" + codes + r"\s*\)|EXIT_\w+\s*=\s*\d") == []
+    assert _literals(r"/runs/\{|/candidates/\{|[\"']candidates/") == []  # a prefix built outside RunLayout
+
+
+def test_default_profiles_and_stage_modules_are_declared_once():
+    for stage in stages.REGISTRY.values():
+        assert _literals(rf"[\"']{re.escape(stage.module)}[\"']") == [], stage.module
+    assert _literals(r"DEFAULT_PROFILES\s*=|BASE_PROFILES\s*=") == []
+
+
+def test_every_document_has_a_schema_version():
+    docs = nonempty([d for d in vars(documents).values() if isinstance(d, documents.Document)], "documents")
+    for doc in docs:
+        assert doc.version >= 1 and doc.name in vars(artifacts).values()
+        assert doc.load(doc.dump({k: 0 for k in doc.required}))[documents.VERSION_KEY] == doc.version
+        with pytest.raises(documents.DocumentError, match="schema_version"):
+            doc.load({k: 0 for k in doc.required})
