@@ -12,10 +12,11 @@ from datetime import datetime, timedelta
 from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartJobOperator  # noqa: F401
 from airflow.providers.standard.decorators.python import python_task  # noqa: F401
 from airflow.sdk import DAG, Param, chain, task, task_group
-from gemma_pipeline import candidates, dataflow, form, jobspec
-from gemma_pipeline.operators import StageJobOperator
-from gemma_pipeline.report import RunReportOperator
-from gemma_pipeline.serve import ServeOperator
+from gemma_pipeline.operators import dataflow, tasks
+from gemma_pipeline.operators.report import RunReportOperator
+from gemma_pipeline.operators.serve import ServeOperator
+from gemma_pipeline.operators.stage import StageJobOperator
+from gemma_pipeline.plan import form, jobspec
 
 from jobs.contract import stages
 from jobs.contract.layout import run_key
@@ -39,7 +40,7 @@ DATAFLOW_SERVICE_ACCOUNT = os.environ.get("GEMMA_PIPELINE_DATAFLOW_SA", f"gemma-
 DATAFLOW_MACHINE_TYPE = os.environ.get("GEMMA_PIPELINE_DATAFLOW_MACHINE_TYPE", "n2-standard-4")
 DATAFLOW_MAX_WORKERS = int(os.environ.get("GEMMA_PIPELINE_DATAFLOW_MAX_WORKERS", "32"))
 
-# Every Param with its schema and trigger-form section (run-level first, then by stage): gemma_pipeline.form,
+# Every Param with its schema and trigger-form section (run-level first, then by stage): gemma_pipeline.plan.form,
 # derived from the stages' configs (jobs/contract/configs/) and the profiles; docs/configuration.md is generated from it.
 PARAMS = {name: Param(default, **schema) for name, (default, schema) in form.specs(NAMESPACE).items()}
 
@@ -77,7 +78,7 @@ with DAG(
     doc_md=__doc__ + "\n\nStages write under `gs://BUCKET/runs/<run name or run id>/` (`preprocess/`, "
     "`candidates/<key>/<stage>/`, `champion.json`); a retry, or a new run with the same `run_name`, lands in the same "
     "place and a finished stage is skipped. A Job waits in Kueue up to `queue_timeout_minutes`; if it never "
-    "starts, run `python -m gemma_pipeline.preflight` for the stage's profile and queue.",
+    "starts, run `python -m gemma_pipeline.tools.preflight` for the stage's profile and queue.",
     start_date=datetime(2026, 1, 1),
     schedule=None,
     catchup=False,
@@ -88,7 +89,7 @@ with DAG(
 ) as dag:
     @task(task_id="plan")
     def plan(params: dict | None = None, run_id: str | None = None, **context) -> list[dict]:
-        return candidates.plan_task(dict(params or {}), run_key((params or {}).get("run_name"), run_id or ""),
+        return tasks.plan_task(dict(params or {}), run_key((params or {}).get("run_name"), run_id or ""),
                                     {**context, "params": params, "run_id": run_id})
 
     @task_group(group_id="candidate")
@@ -102,9 +103,9 @@ with DAG(
     def preprocess_engine(params: dict | None = None) -> str:
         return dataflow.engine_task_id(dict(params or {}))
 
-    @task(task_id="select", trigger_rule="all_done")
-    def select(planned: list[dict], params: dict | None = None) -> list[dict]:
-        return candidates.record_champion(planned, dict(params or {}))
+    @task(task_id="select", trigger_rule="all_done")  # chooses among the candidates that finished
+    def select(params: dict | None = None, ti=None) -> list[dict]:
+        return tasks.select_task(ti.xcom_pull(task_ids="plan"), dict(params or {}))
 
     planned = plan()
     preprocess = StageJobOperator(**stage_kwargs("preprocess"), plan=planned["preprocess"])
@@ -113,7 +114,7 @@ with DAG(
         project_id=PROJECT_ID, environment={
             "tempLocation": DATAFLOW_TEMP, "serviceAccountEmail": DATAFLOW_SERVICE_ACCOUNT, "machineType": DATAFLOW_MACHINE_TYPE,
             "maxWorkers": DATAFLOW_MAX_WORKERS, "sdkContainerImage": IMAGES[stages.BEAM_IMAGE]})
-    chosen = select(planned)
+    chosen = select()
     chain(planned, preprocess_engine(), [preprocess, preprocess_dataflow], candidate.expand_kwargs(planned),
           chosen, StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=chosen),
           ServeOperator(task_id="serve", mode="{{ params.serve }}", project_id=PROJECT_ID, location=LOCATION,

@@ -13,7 +13,6 @@ import numpy as np
 
 from jobs.benchmark import perplexity as ppl
 from jobs.common import lm, models, storage
-from jobs.common.cli import local_output_dir
 from jobs.common.manifest import StageRun, read_manifest, stage_in_upstream, upstream_ref
 from jobs.contract import artifacts, documents
 from jobs.contract import rows as rows_lib
@@ -109,10 +108,8 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     base_handle = models.resolve(config.base_model, workdir)
     inputs.append(models.model_ref(config.base_model, base_handle))
     stage = StageRun("benchmark", config.output, asdict(config), inputs)
-    if (done := stage.already_done()) is not None:
-        return done
-    stage.invalidate()
-    out = local_output_dir(config.output, workdir)
+    if (out := stage.start(workdir)) is None:
+        return stage.manifest
 
     data_dir = stage_in_upstream(config.data, inputs[0], workdir / "data", name="data")
     rows = data_lib.read_split(data_dir, artifacts.EVAL, "--data")

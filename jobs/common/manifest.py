@@ -13,6 +13,7 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,30 @@ class StageRun:
     code: dict[str, Any] = field(default_factory=dict)
     generation: int = 0  # of the manifest when this run looked at it (0: none)
 
+    writer: bool = True  # this process publishes (False: another process of a multi-process stage does)
+    manifest: dict[str, Any] | None = None  # the existing one, when `start` found the stage already done
+
     def __post_init__(self) -> None:
         self.code = self.code or code_identity(self.stage)
+
+    def start(self, workdir: Path | None, out: Path | None = None, prepare: Callable[[], bool] | None = None) -> Path | None:
+        """The stage's lifecycle before its work: None when a manifest for the same code, config and inputs is there
+        (`self.manifest`: return it); else drop the old manifest and return the directory the work writes into,
+        which `finish` publishes (`out`, or the output itself when local, or a scratch directory). `prepare` runs
+        only when there is work to do and says whether this process is the one that publishes (a multi-process
+        stage joins its group there)."""
+        from jobs.common.cli import local_output_dir
+
+        if (done := self.already_done()) is not None:
+            self.manifest = done
+            return None
+        self.writer = prepare() if prepare else True
+        if self.writer:
+            self.invalidate()
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            return out
+        return local_output_dir(self.output, workdir) if workdir is not None else None
 
     def rerun_reasons(self, existing: dict[str, Any] | None) -> list[str]:
         """Why the stage must run although its output prefix may hold a manifest (empty: it may be skipped)."""

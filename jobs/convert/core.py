@@ -152,9 +152,8 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     if config.adapter:
         inputs.append({"uri": config.adapter})
     stage = StageRun("convert", config.output, asdict(config), inputs)
-    if (done := stage.already_done()) is not None:
-        return done
-    stage.invalidate()
+    if (out := stage.start(workdir, out=workdir / "export")) is None:
+        return stage.manifest
     started = time.time()
     model = load_reference(config, workdir)
     expected = reference_outputs(model, config.sample_texts())
@@ -166,8 +165,7 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
         del model
         release_memory()
         model = models.load_causal_lm(str(merged_dir), workdir)
-    out = workdir / "export"
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # export writes a fresh directory
     export(model, out)
     del model
     release_memory()

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common import models, storage
-from jobs.common.cli import local_output_dir
 from jobs.common.manifest import StageRun, digest_json, peak_rss_bytes, stage_in_upstream, upstream_ref
 from jobs.common.progress import Progress
 from jobs.contract import artifacts
@@ -131,19 +130,20 @@ def _store_float32_policy(preset: Path) -> None:
             path.write_text(json.dumps(fix(json.loads(path.read_text())), indent=4))
 
 
+def _join_processes() -> bool:
+    multihost.initialize(multihost.detect())
+    return multihost.is_primary()
+
+
 def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     import keras
 
     data_ref = upstream_ref(config.data, "--data")
     model_handle = models.resolve(config.base_model, workdir)
     stage = StageRun("finetune", config.output, asdict(config), [data_ref, models.model_ref(config.base_model, model_handle)])
-    if (done := stage.already_done()) is not None:
-        return done
-    multihost.initialize(multihost.detect())
-    primary = multihost.is_primary()  # the one process that writes; every process computes every step
-    if primary:
-        stage.invalidate()
-    out = local_output_dir(config.output, workdir)
+    if (out := stage.start(workdir, prepare=_join_processes)) is None:
+        return stage.manifest
+    primary = stage.writer  # the one process that writes; every process computes every step
 
     keras.utils.set_random_seed(config.seed)
     distribution = setup(config.distribution, config.model_parallel, config.batch_size)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common import sources, storage
-from jobs.common.cli import local_output_dir
 from jobs.common.manifest import StageRun, source_ref
 from jobs.contract import artifacts
 from jobs.contract.configs.preprocess import PreprocessConfig
@@ -57,10 +56,8 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
         input_ref = source_ref(config.input, local_input)
     model_handle = sources.resolve(config.base_model, workdir)
     stage = StageRun("preprocess", config.output, asdict(config), [input_ref, sources.model_ref(config.base_model, model_handle, tokenizer_only=True)])
-    if (done := stage.already_done()) is not None:
-        return done
-    stage.invalidate()
-    out = local_output_dir(config.output, workdir)
+    if (out := stage.start(workdir)) is None:
+        return stage.manifest
 
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
     coerced: Counter[str] = Counter({name: 0 for name in COERCIONS})

@@ -8,7 +8,8 @@ import json
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
-from gemma_pipeline import candidates, form, jobspec
+from gemma_pipeline.operators import tasks
+from gemma_pipeline.plan import candidates, form, jobspec
 
 from jobs.contract import artifacts, documents
 
@@ -84,7 +85,7 @@ def test_model_parallel_must_divide_each_candidates_devices_per_host_before_any_
     for profile, devices in (("gpu-h100-8x2", 8), ("cpu", 1)):
         with pytest.raises(AirflowFailException, match=f"model_parallel: got 3; expected a divisor of the {devices} "
                                                        f"device\\(s\\) per host of profile '{profile}'"):
-            candidates.plan_task({**PARAMS, "model_parallel": 3, "finetune_profile": profile}, "r1")
+            tasks.plan_task({**PARAMS, "model_parallel": 3, "finetune_profile": profile}, "r1")
 
 
 def _report(ppl, low, high, base=300.0, digest="abc"):
@@ -145,12 +146,12 @@ def test_select_records_the_champion_and_returns_the_converts_to_run():
     entries = _entries(3)
     reports = [_report(200, 190, 210), _report(150, 140, 160), _report(170, 165, 175)]
     store = _store(entries, reports)
-    converts = candidates.record_champion(entries, {"require_improvement": 0.1}, store)
+    converts = tasks.record_champion(entries, {"require_improvement": 0.1}, store)
     assert converts == [entries[1]["convert"]]
     record = store.read_json("gs://bkt/runs/r1/champion.json")
     assert record["champion"] == entries[1]["key"] and record["convert_index"] == 0
     assert record["candidates"][1]["lineage"]["finetune"] == entries[1]["prefixes"]["finetune"] + "/_manifest.json"
-    everything = candidates.record_champion(entries, {"convert_all": True}, _store(entries, reports))
+    everything = tasks.record_champion(entries, {"convert_all": True}, _store(entries, reports))
     assert everything == [e["convert"] for e in entries]
 
 
@@ -159,6 +160,6 @@ def test_a_report_without_a_manifest_does_not_count_and_the_gate_judges_the_cham
     store = _store(entries, [_report(290, 280, 300), _report(100, 90, 110)])
     del store.objects[entries[1]["prefixes"]["benchmark"] + "/_manifest.json"]  # killed before the manifest
     with pytest.raises(AirflowFailException, match="require_improvement asks for 10.00%"):
-        candidates.record_champion(entries, {"require_improvement": 0.1}, store)
+        tasks.record_champion(entries, {"require_improvement": 0.1}, store)
     record = store.read_json("gs://bkt/runs/r1/champion.json")  # written before failing: the reason is on record
     assert record["champion"] == entries[0]["key"] and record["quality_gate"]["passed"] is False

@@ -9,7 +9,7 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
-from gemma_pipeline import jobspec, profiles
+from gemma_pipeline.plan import jobspec, profiles
 from kubernetes.client import models as k8s
 
 from jobs.contract import stages
@@ -29,9 +29,9 @@ def test_exact_task_order(dag):
                "serve", "report"]
     for upstream, downstream in zip(chained, chained[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
-    # The plan feeds the candidates' mapped tasks and the select task; nothing else skips a step.
+    # The plan feeds the preprocessing and the candidates' mapped tasks (select pulls it); nothing else skips a step.
     assert dag.get_task("plan").downstream_task_ids == {"preprocess_engine", "preprocess", "preprocess_dataflow",
-                                                        "candidate.finetune", "candidate.benchmark", "select"}
+                                                        "candidate.finetune", "candidate.benchmark"}
     assert dag.get_task("candidate.benchmark").downstream_task_ids == {"select"}
     # One fine-tune and one benchmark per candidate, a convert per chosen candidate.
     assert dag.task_group_dict["candidate"].__class__.__name__ == "MappedTaskGroup"
@@ -183,7 +183,7 @@ def _jobset_task(dag, monkeypatch, suspended: bool, timeout: int = 60):
 
 def test_a_multihost_profile_submits_a_jobset_and_defers_until_it_ends(dag, monkeypatch, capsys):
     from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
-    from gemma_pipeline import triggers
+    from gemma_pipeline.operators import triggers
 
     task, context, fake, pushed = _jobset_task(dag, monkeypatch, suspended=False)
     with pytest.raises(TaskDeferred) as deferred:

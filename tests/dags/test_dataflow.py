@@ -14,7 +14,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from gemma_pipeline import dataflow
+from gemma_pipeline.operators import dataflow
 
 from jobs.contract import documents, stages
 from tests.conftest import ROOT

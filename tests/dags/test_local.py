@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from gemma_pipeline import jobspec, local, profiles
+from gemma_pipeline import local
+from gemma_pipeline.plan import jobspec, profiles
 
 
 def _container(stage: str = "preprocess", env: dict[str, str] | None = None) -> dict:

@@ -11,7 +11,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from gemma_pipeline import jobspec, kueue, manifests, preflight, profiles
+from gemma_pipeline.plan import jobspec, kueue, manifests, profiles
+from gemma_pipeline.tools import generate, preflight
 
 from jobs.contract import layout, stages
 from jobs.contract.layout import RunLayout
@@ -66,12 +67,19 @@ def _validate_kueue(obj):
     _crd_validator(obj["kind"]).validate(obj)
 
 
-def test_checked_in_job_manifests_are_current(tmp_path):
-    assert manifests.main(["check", str(ROOT / "k8s" / "jobs")]) == 0
-    manifests.main(["write", str(tmp_path)])
-    job = tmp_path / "base" / "finetune" / "job.yaml"
+@pytest.mark.parametrize("target", list(generate.TARGETS))
+def test_checked_in_generated_files_are_current(target):
+    assert generate.stale(target) == []
+
+
+def test_a_stale_generated_file_is_named(tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "configuration.md").write_text((ROOT / "docs" / "configuration.md").read_text())
+    assert generate.main(["write", "--root", str(tmp_path)]) == 0
+    job = tmp_path / "k8s" / "jobs" / "base" / "finetune" / "job.yaml"
     job.write_text(job.read_text().replace("suspend: true", "suspend: false"))
-    assert manifests.main(["check", str(tmp_path)]) == 1
+    assert generate.main(["check", "--root", str(tmp_path)]) == 1
+    assert "k8s/jobs/base/finetune/job.yaml" in capsys.readouterr().out
 
 
 def _kustomize(path) -> list[dict]:
@@ -88,8 +96,6 @@ def _overlay_job(stage: str) -> dict:
     return next(o for o in objects if o["kind"] == "Job")
 
 
-def test_checked_in_kueue_manifests_are_current():
-    assert kueue.main(["check", str(ROOT / "k8s" / "kueue")]) == 0
 
 
 @pytest.mark.parametrize("stage", jobspec.STAGES)
@@ -332,16 +338,15 @@ def test_run_ids_are_made_safe():
 
 
 @pytest.mark.parametrize("stage", stages.NAMES)
-def test_the_dag_task_submits_the_jobspec_job(stage):
+def test_the_dag_task_submits_the_jobspec_job(stage, dag):
     """One builder, two doors: the Job the DAG's task hands the provider is `jobspec.job_manifest` of its plan, with
     the name and the pod labels the provider gives every task; k8s/jobs renders the same builder
     (test_checked_in_job_manifests_are_current)."""
-    from airflow.dag_processing.dagbag import DagBag
     from kubernetes.client import ApiClient
 
     from tests.support.dag import _render, _render_fields, stage_task
 
-    bag_dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
+    bag_dag = dag
     overrides = {"bucket": "bkt", "run_name": "r1", "finetune_profile": "gpu-l4-1"}
     task = stage_task(bag_dag, stage, overrides)
     dag_job = ApiClient().sanitize_for_serialization(_render(task, bag_dag, overrides))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from gemma_pipeline import jobspec
+from gemma_pipeline.plan import jobspec
 
 from jobs.common import cli
 from jobs.contract import spec, stages

@@ -12,7 +12,8 @@ import pytest
 from airflow.providers.cncf.kubernetes.operators.job import KubernetesJobOperator
 from airflow.providers.google.cloud.hooks.kubernetes_engine import GKEKubernetesAsyncHook
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from gemma_pipeline import operators, triggers
+from gemma_pipeline.operators import stage as operators
+from gemma_pipeline.operators import triggers
 from kubernetes.client import V1Job, V1JobCondition, V1JobStatus, V1ObjectMeta
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from gemma_pipeline import report
-from gemma_pipeline.operators import job_seconds
+from gemma_pipeline.operators.stage import job_seconds
+from gemma_pipeline.plan import report
 
 from jobs.contract.layout import RunLayout
 
@@ -121,7 +121,7 @@ def test_job_seconds_from_the_jobs_status(job, seconds):
 
 
 def test_a_local_run_shows_wall_time_and_no_price(prices):
-    from gemma_pipeline import report
+    from gemma_pipeline.plan import report
 
     row = report.stage_row("finetune", {"wall_time_s": 90.0}, {"backend": "local", "profile": "tpu-v5e-1",
                                                                 "seconds": 100.0}, prices)

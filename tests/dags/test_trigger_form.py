@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from gemma_pipeline.plan import form as trigger_form
 
 from tests.conftest import ROOT
 
@@ -96,7 +97,7 @@ def form(api_server):
         page.goto(f"{url}/dags/{DAG_ID}", wait_until="networkidle")
         page.get_by_role("button", name="Trigger").first.click()
         dialog = page.get_by_role("dialog")
-        dialog.get_by_text("Run Parameters").wait_for()
+        dialog.get_by_role("button", name=trigger_form.RUN, exact=True).wait_for()
         yield page, dialog
         browser.close()
 
@@ -112,6 +113,12 @@ def test_defaults_trigger_a_run(api_server, form):
     _, env = api_server
     page, dialog = form
     trigger = dialog.get_by_role("button", name="Trigger")
+    # The Params in sections, run-level first, in the order gemma_pipeline.plan.form declares them.
+    sections = list(dict.fromkeys(schema["section"] for _, schema in trigger_form.specs().values()))
+    shown = [b.inner_text() for b in dialog.get_by_role("button").all()]
+    assert [s for s in shown if s in sections] == sections and len(sections) >= 6, shown
+    dialog.get_by_role("button", name=trigger_form.RUN, exact=True).click()  # open the run-level section
+    dialog.locator('input[name="element_bucket"]').wait_for()
     # Every optional param (run_name, context_field, template) is optional in the form's eyes.
     for name in ("run_name", "context_field", "template"):
         assert dialog.locator(f'input[name="element_{name}"]').input_value() == ""
@@ -130,6 +137,7 @@ def test_bad_value_shows_the_schema_message(api_server, form):
     _, env = api_server
     page, dialog = form
     before = len(_runs(env))
+    dialog.get_by_role("button", name=trigger_form.RUN, exact=True).click()
     dialog.locator('input[name="element_bucket"]').fill("Not_A_Bucket")
     dialog.get_by_role("button", name="Trigger").click()
     message = dialog.get_by_text("Invalid input for param bucket")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gemma_pipeline import triggers
+from gemma_pipeline.operators import triggers
 
 
 def _trigger(**extra):
@@ -17,7 +17,7 @@ def _trigger(**extra):
 
 def test_serializes_with_its_own_classpath_and_progress_uri():
     classpath, kwargs = _trigger().serialize()
-    assert classpath == "gemma_pipeline.triggers.ProgressGKEJobTrigger"
+    assert classpath == "gemma_pipeline.operators.triggers.ProgressGKEJobTrigger"
     assert kwargs["progress_uri"] == "gs://b/runs/r/finetune/_progress.json" and kwargs["job_name"] == "job"
     rebuilt = triggers.ProgressGKEJobTrigger(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
@@ -27,7 +27,7 @@ def test_logs_each_new_progress_line(monkeypatch, capsys):
     records = iter([None, {"stage": "finetune", "line": "step 1/20 loss=5.9 eta=0:05:00"},
                     {"stage": "finetune", "line": "step 1/20 loss=5.9 eta=0:05:00"},
                     {"stage": "finetune", "line": "step 2/20 loss=5.1 eta=0:04:40"}])
-    monkeypatch.setattr(triggers, "read_progress", lambda uri: next(records, None))
+    monkeypatch.setattr(triggers, "read_progress", lambda uri, conn: next(records, None))
 
     async def run_briefly():
         trigger = _trigger()
@@ -48,7 +48,7 @@ def _jobset_trigger():
 
 def test_jobset_trigger_round_trips_and_reads_terminal_states():
     classpath, kwargs = _jobset_trigger().serialize()
-    assert classpath == "gemma_pipeline.triggers.JobSetTrigger"
+    assert classpath == "gemma_pipeline.operators.triggers.JobSetTrigger"
     assert triggers.JobSetTrigger(**kwargs).serialize() == (classpath, kwargs)
     assert triggers.jobset_state({"status": {"terminalState": "Completed"}}) == "Completed"
     assert triggers.jobset_state({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) == "Failed"

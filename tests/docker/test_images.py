@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from gemma_pipeline import jobspec
+from gemma_pipeline.plan import jobspec
 from packaging.utils import canonicalize_name
 
 from jobs.contract import stages

@@ -64,7 +64,7 @@ def stage_processes() -> list[tuple[int, str]]:
 
 
 def run_dag(root: Path, env: dict[str, str], run_conf: dict[str, Any], log: Path) -> int:
-    command = [sys.executable, "-m", "gemma_pipeline.local_run", "--root", str(root), "-c", json.dumps(run_conf)]
+    command = [sys.executable, "-m", "gemma_pipeline.tools.local_run", "--root", str(root), "-c", json.dumps(run_conf)]
     with log.open("a") as handle:
         return subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
 

@@ -7,39 +7,16 @@ reruns only convert; bad input fails once, unretried."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-
-BUCKET = "local-gemma-bucket"
+from tests.support.local_run import BUCKET, _local_run
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("local-run")
-
-
-def _local_run(root, conf: dict, timeout: float = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The main command as a user runs it: a clean environment (nothing from this test process's emulator or
-    Airflow home), its own process group so a hang is killed whole and reported with its output."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "STORAGE_EMULATOR", "GEMMA_PIPELINE_"))},
-           **(env or {})}
-    command = [sys.executable, "-m", "gemma_pipeline.local_run", "--root", str(root), "-c", json.dumps(conf)]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            out, err = process.communicate()
-            pytest.fail(f"the local run did not finish in {timeout:.0f} s:\n{out[-6000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 # The second candidate fine-tunes on a two-host profile: its Job becomes a JobSet, run as two processes that
@@ -113,7 +90,7 @@ def test_an_added_candidate_runs_alone_and_a_changed_param_reruns_only_what_it_a
     added = {"max_train_examples": 4, "seed": 3}
     changed = _local_run(root, _conf(tiny_gemma3, candidates=[*CANDIDATES, added], export_dtype="bfloat16"))
     assert changed.returncode == 0, changed.stdout[-4000:]
-    from gemma_pipeline.candidates import candidate_key
+    from gemma_pipeline.plan.candidates import candidate_key
 
     runs = "gs://local-gemma-bucket/runs/ci"
     assert f"SKIPPED: {runs}/preprocess " in changed.stdout

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from gemma_pipeline import dataflow
+from gemma_pipeline.operators import dataflow
 
-from tests.reliability.test_local_dag import BUCKET, _local_run
+from tests.support.local_run import BUCKET, _local_run
 
 
 def _read(root, run: str, *parts: str) -> dict:
@@ -41,6 +41,7 @@ def test_raw_text_on_a_quantized_base_runs_end_to_end(tmp_path_factory, tiny_gem
     assert convert["parity"]["passed"] and "with the adapter applied (trained on a int8 base)" in convert["exported_from"]
 
 
+@pytest.mark.slow  # a DAG run (~100 s); chat data, its Beam preprocessing and the operator have fast tests of their own
 def test_chat_conversations_run_end_to_end(tmp_path_factory, tiny_gemma3):
     root = tmp_path_factory.mktemp("modes-chat")
     source = root / "chat.jsonl"

@@ -21,8 +21,8 @@ from jobs.contract.artifacts import MERGED_MODEL as MERGED
 from jobs.contract.errors import EXIT_PREEMPTED
 from jobs.finetuning import checkpoint
 from tests.conftest import ROOT
-from tests.jobs.finetuning.test_finetuning import _adapter_arrays
 from tests.pipeline import tiny_pipeline
+from tests.support.finetune import _adapter_arrays
 
 STEPS = 8
 FLAGS = ["--max-steps", str(STEPS), "--batch-size", "4", "--sequence-length", "48", "--learning-rate", "0.005",

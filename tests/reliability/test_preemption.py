@@ -16,8 +16,8 @@ from jobs.contract.configs.finetune import FinetuneConfig
 from jobs.contract.errors import EXIT_PREEMPTED
 from jobs.finetuning.core import run
 from tests.conftest import ROOT, run_module
-from tests.jobs.finetuning.test_finetuning import _adapter_arrays
 from tests.pipeline import tiny_pipeline
+from tests.support.finetune import _adapter_arrays
 
 STEPS = 12
 FLAGS = ["--max-steps", str(STEPS), "--batch-size", "4", "--sequence-length", "48", "--learning-rate", "0.005",

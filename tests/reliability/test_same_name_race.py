@@ -8,8 +8,8 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from gemma_pipeline import lease
-from gemma_pipeline.report import RunStore
+from gemma_pipeline.storage import lease
+from gemma_pipeline.storage.store import RunStore
 
 from jobs.common import storage
 from jobs.common.manifest import ConcurrentWriter, StageRun
@@ -99,26 +99,28 @@ def test_a_lease_left_by_a_run_that_is_no_longer_active_is_taken_over_by_exactly
 
 def test_the_plan_task_fails_without_retry_and_the_losers_report_writes_nothing(gcs, store, monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException
-    from gemma_pipeline import candidates, jobspec
-    from gemma_pipeline.report import RunReportOperator
+    from gemma_pipeline.operators import tasks
+    from gemma_pipeline.operators.report import RunReportOperator
+    from gemma_pipeline.plan import form
 
     bucket = gcs.removeprefix("gs://")
-    params = {**jobspec.param_defaults(), "bucket": bucket, "finetune_profile": "cpu", "benchmark_profile": "cpu",
-              "convert_profile": "cpu", "candidates": [{}], "run_name": "twice"}
+    params = {**{name: default for name, (default, _) in form.specs().items()}, "bucket": bucket,
+              "finetune_profile": "cpu", "benchmark_profile": "cpu", "candidates": [{}], "run_name": "twice"}
 
     def context(run_id: str, state: str = "running") -> dict:
-        ti = SimpleNamespace(get_dagrun_state=lambda dag_id, run_id: state)
-        return {"dag_run": SimpleNamespace(dag_id="gemma_lora_finetune", run_id=run_id), "ti": ti}
+        ti = SimpleNamespace(get_dagrun_state=lambda dag_id, run_id: state, xcom_push=lambda key, value: None)
+        return {"dag_run": SimpleNamespace(dag_id="gemma_lora_finetune", run_id=run_id, conf={}), "ti": ti,
+                "dag": SimpleNamespace(params=params)}
 
-    candidates.plan_task(params, "twice", context("manual__first"), store)
+    tasks.plan_task(params, "twice", context("manual__first"), store)
     with pytest.raises(AirflowFailException, match="in use by DAG run 'manual__first'"):
-        candidates.plan_task(params, "twice", context("manual__second"), store)
+        tasks.plan_task(params, "twice", context("manual__second"), store)
     report = RunReportOperator(task_id="report", run_prefix=f"{gcs}/runs/twice")
     with pytest.raises(AirflowFailException, match="no report written: .* belongs to DAG run 'manual__first'"):
         report._write(context("manual__second"), store)
     assert store.read(f"{gcs}/runs/twice/report.json") is None
     # once the first run is over (here: failed without releasing), a new trigger takes the name
-    candidates.plan_task(params, "twice", context("manual__third", state="failed"), store)
+    tasks.plan_task(params, "twice", context("manual__third", state="failed"), store)
     assert lease.holder(store, f"{gcs}/runs/twice")[0]["run_id"] == "manual__third"
 
 

@@ -10,7 +10,8 @@ import threading
 
 import pytest
 import yaml
-from gemma_pipeline import jobspec, local, profiles
+from gemma_pipeline import local
+from gemma_pipeline.plan import jobspec, profiles
 
 from jobs.contract import layout
 from jobs.contract.layout import RunLayout
@@ -89,12 +90,10 @@ def test_every_stage_writes_only_under_the_runs_prefix(stage):
 
 
 @pytest.mark.parametrize("name", ["../other-team", "a/b", "..", "UPPER", "x" * 70])
-def test_run_names_cannot_escape_the_runs_folder(name):
-    from airflow.dag_processing.dagbag import DagBag
+def test_run_names_cannot_escape_the_runs_folder(name, dag):
     from airflow.sdk import Param
     from airflow.sdk.exceptions import ParamValidationError
 
-    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gemma_lora_finetune"]
     with pytest.raises(ParamValidationError):
         Param(name, **dag.params.get_param("run_name").schema).resolve(suppress_exception=False)
     assert "/" not in layout.run_key(name, "x") and ".." not in layout.run_key(name, "x")

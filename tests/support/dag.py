@@ -7,7 +7,7 @@ import copy
 from datetime import datetime
 from types import SimpleNamespace
 
-from gemma_pipeline import candidates
+from gemma_pipeline.plan import candidates
 
 from jobs.contract import layout
 

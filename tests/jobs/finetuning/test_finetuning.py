@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -16,29 +14,8 @@ from jobs.contract.errors import BadInputError
 from jobs.finetuning.core import run
 from jobs.preprocessing.core import run as preprocess
 from tests.conftest import run_module
-
-ROWS = [{"instruction": f"What does function number {i} do?", "response": f"It returns the value {i % 5}."} for i in range(40)]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_gemma3) -> Path:
-    root = tmp_path_factory.mktemp("ft")
-    source = root / "d.jsonl"
-    source.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    preprocess(PreprocessConfig(input=str(source), output=str(root / "pre"), base_model=str(tiny_gemma3), eval_fraction=0.2), root / "w")
-    return root / "pre"
-
-
-def _config(data: Path | str, out: Path | str, model: Path, **kwargs) -> FinetuneConfig:
-    defaults = dict(max_steps=6, batch_size=4, sequence_length=48, learning_rate=5e-3, lora_rank=4, checkpoint_every=0, warmup_fraction=0.0)
-    return FinetuneConfig(data=str(data), output=str(out), base_model=str(model), **{**defaults, **kwargs})
-
-
-def _adapter_arrays(path: Path) -> dict[str, np.ndarray]:
-    arrays = {}
-    with h5py.File(path, "r") as handle:
-        handle.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return arrays
+from tests.pipeline import ROWS
+from tests.support.finetune import _config
 
 
 def test_lora_lowers_training_loss_and_writes_outputs(tmp_path, prepared, tiny_gemma3):

@@ -4,12 +4,14 @@ the DAG in tests/reliability/test_local_dag_modes.py."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
 from jobs.contract.configs.finetune import FinetuneConfig
 from jobs.contract.errors import BadInputError
-from tests.jobs.finetuning.test_finetuning import _config, prepared  # noqa: F401  (module fixture)
+from tests.support.finetune import _config
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -47,10 +49,10 @@ def test_quantized_base_refusals():
     # float8 (which Keras cannot train LoRA on) is case F14 of the bad-input catalogue.
 
 
-def test_an_int8_base_gets_the_lora_gradients_of_the_full_precision_model(tiny_gemma3):
-    """The loss-position head uses an int8 table dequantized, so LoRA gradients on an int8 base are close to those
-    on the full-precision base. Keras' own int8 reverse embedding (the full-logits path) quantizes the hidden states
-    with a scale it differentiates through and about halves them: measured here, so a Keras fix shows."""
+@functools.cache
+def _lora_grad_norm(preset: str, mode: str, head: bool) -> float:
+    """The norm of the LoRA gradients of a tiny Gemma 3 (non-zero B, so A gets a gradient too) on a fixed batch, with
+    the base in `mode`, through the loss-position head or Keras' full-logits path."""
     import jax
     import jax.numpy as jnp
     import keras_hub
@@ -61,25 +63,34 @@ def test_an_int8_base_gets_the_lora_gradients_of_the_full_precision_model(tiny_g
     tokens = np.random.default_rng(0).integers(4, 300, size=(4, 33)).astype(np.int32)
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((4, 32), np.int32)}
     y, w = tokens[:, 1:], np.ones((4, 32), np.float32)
+    model = keras_hub.models.CausalLM.from_preset(preset)
+    if mode != "none":
+        quantize_base(model, mode)
+    model.backbone.enable_lora(2, target_layer_names=["query", "value"])
+    for variable in model.trainable_variables:
+        if "lora_kernel_b" in variable.path:
+            variable.assign(np.full(variable.shape, 0.05, np.float32))
+    frozen = [v.value for v in model.non_trainable_variables]
+    position_head = LossPositionHead(model)
 
-    def lora_grad_norm(mode: str, head: bool) -> float:
-        model = keras_hub.models.CausalLM.from_preset(str(tiny_gemma3))
-        if mode != "none":
-            quantize_base(model, mode)
-        model.backbone.enable_lora(2, target_layer_names=["query", "value"])
-        for variable in model.trainable_variables:  # a non-zero B, so A gets a gradient too
-            if "lora_kernel_b" in variable.path:
-                variable.assign(np.full(variable.shape, 0.05, np.float32))
-        frozen = [v.value for v in model.non_trainable_variables]
-        position_head = LossPositionHead(model)
+    def loss(trainable):
+        nll = position_head(trainable, frozen, x, y, w, 128)[0] if head else token_nll(model, trainable, frozen, x, y)[0]
+        return jnp.mean(nll)
 
-        def loss(trainable):
-            nll = position_head(trainable, frozen, x, y, w, 128)[0] if head else token_nll(model, trainable, frozen, x, y)[0]
-            return jnp.mean(nll)
+    grads = jax.grad(loss)([v.value for v in model.trainable_variables])
+    return float(np.sqrt(sum(float(jnp.sum(g ** 2)) for g in grads)))
 
-        grads = jax.grad(loss)([v.value for v in model.trainable_variables])
-        return float(np.sqrt(sum(float(jnp.sum(g ** 2)) for g in grads)))
 
-    reference = lora_grad_norm("none", head=False)
-    assert 0.8 < lora_grad_norm("int8", head=True) / reference < 1.25
-    assert lora_grad_norm("int8", head=False) / reference < 0.8  # keras' int8 reverse path (if this fails: fixed)
+def test_an_int8_base_gets_the_lora_gradients_of_the_full_precision_model(tiny_gemma3):
+    """The loss-position head uses an int8 table dequantized, so LoRA gradients on an int8 base are close to those
+    on the full-precision base."""
+    reference = _lora_grad_norm(str(tiny_gemma3), "none", False)
+    assert 0.8 < _lora_grad_norm(str(tiny_gemma3), "int8", True) / reference < 1.25
+
+
+@pytest.mark.xfail(strict=True, reason="Keras' int8 reverse embedding (the full-logits path) quantizes the hidden "
+                   "states with a scale it differentiates through and about halves the LoRA gradients; the pipeline's "
+                   "loss-position head avoids that path. An XPASS means Keras fixed it: drop this marker.")
+def test_keras_int8_reverse_embedding_keeps_the_lora_gradients(tiny_gemma3):
+    reference = _lora_grad_norm(str(tiny_gemma3), "none", False)
+    assert 0.8 < _lora_grad_norm(str(tiny_gemma3), "int8", False) / reference < 1.25

@@ -20,7 +20,7 @@ import pytest
 from jobs.common.cli import main
 from jobs.contract import splits
 from tests.jobs.preprocessing.beam_cases import error_line
-from tests.reliability.test_bad_input import CASES, catalogue_files
+from tests.support.bad_inputs import CASES, catalogue_files
 
 ROOT = Path(__file__).resolve().parents[3]
 BEAM_PYTHON = ROOT / ".venv-beam" / "bin" / "python"

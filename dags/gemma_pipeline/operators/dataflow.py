@@ -22,12 +22,14 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from gemma_pipeline import local
+from gemma_pipeline.plan import jobspec
+from gemma_pipeline.storage.store import RunStore
 from jobs.contract import artifacts, documents
 from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES, non_retriable_legend
 from jobs.contract.stages import BEAM_MODULE
 
 BEAM_PYTHON_ENV = "GEMMA_PIPELINE_BEAM_PYTHON"
-ENGINES = ("gke", "dataflow")
+ENGINES = jobspec.ENGINES
 # Dataflow's own options the template passes to the launcher; the rest of the environment is the launch's.
 FIXED_PARAMETERS = {"sdk_location": "container"}  # workers use the image's Beam, not a staged SDK
 
@@ -42,7 +44,7 @@ def launch_body(job_name: str, template: str, parameters: dict[str, str], enviro
 
 def beam_python() -> Path:
     configured = os.environ.get(BEAM_PYTHON_ENV)
-    return Path(configured) if configured else Path(__file__).resolve().parents[2] / ".venv-beam" / "bin" / "python"
+    return Path(configured) if configured else Path(__file__).resolve().parents[3] / ".venv-beam" / "bin" / "python"
 
 
 class PreprocessDataflowOperator(BaseOperator):
@@ -137,25 +139,15 @@ class ErrorFile:
     NAME = artifacts.ERROR
 
     def __init__(self, output: str, gcp_conn_id: str) -> None:
-        bucket, _, prefix = output.removeprefix("gs://").partition("/")
-        self.bucket, self.object = bucket, f"{prefix.rstrip('/')}/{self.NAME}" if prefix else self.NAME
-        self.gcp_conn_id = gcp_conn_id
-
-    def _hook(self) -> Any:
-        from airflow.providers.google.cloud.hooks.gcs import GCSHook
-
-        return GCSHook(gcp_conn_id=self.gcp_conn_id)
+        self.uri = f"{output.rstrip('/')}/{self.NAME}"
+        self.store = RunStore("gke", gcp_conn_id)
 
     def delete_error(self) -> None:
-        hook = self._hook()
-        if hook.exists(self.bucket, self.object):
-            hook.delete(self.bucket, self.object)
+        self.store.delete(self.uri)
 
     def read_error(self) -> str | None:
-        hook = self._hook()
-        if not hook.exists(self.bucket, self.object):
-            return None
-        return documents.ERROR.load(hook.download(self.bucket, self.object), f"gs://{self.bucket}/{self.object}")["error"]
+        data = self.store.read(self.uri)
+        return None if data is None else documents.ERROR.load(data, self.uri)["error"]
 
 
 def engine_task_id(params: dict[str, Any]) -> str:

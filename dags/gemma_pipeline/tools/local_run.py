@@ -1,4 +1,4 @@
-"""`python -m gemma_pipeline.local_run`: the embedded default. Runs the real DAG with `airflow dags test` on the
+"""`python -m gemma_pipeline.tools.local_run`: the embedded default. Runs the real DAG with `airflow dags test` on the
 local backend: every stage's Job as a local process, `gs://` served by a Cloud Storage emulator whose objects
 are plain files under `<root>/gcs/`, no cloud account.
 
@@ -18,18 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-from gemma_pipeline import jobspec, local, report
+from gemma_pipeline import local
+from gemma_pipeline.plan import jobspec, report
+from jobs.contract import layout
 from jobs.contract.layout import RunLayout
 from jobs.demo_model import DEMO_MODEL_URI
 
 DAG_ID = "gemma_lora_finetune"
-DAGS_FOLDER = Path(__file__).resolve().parent.parent
+DAGS_FOLDER = Path(__file__).resolve().parents[2]  # dags/gemma_pipeline/tools/ -> dags/
 DEFAULT_RUN_NAME = "demo"
 DEFAULT_BUCKET = "local-gemma-bucket"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gemma_pipeline.local_run", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m gemma_pipeline.tools.local_run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("runs/local"),
                         help="where the Airflow home, the emulator's objects and scratch space live (default: runs/local)")
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         env[local.EMULATOR_ENV] = emulator.url
         conf = json.dumps(args.conf)
         step(f"airflow dags test {DAG_ID} -c '{conf}'  (emulator {emulator.url})")
-        key = jobspec.safe_run_id(args.conf["run_name"])
+        key = layout.safe_run_id(args.conf["run_name"])
         (root / "logs").mkdir(exist_ok=True)
         phase = time.monotonic()
         code = run([*airflow, "dags", "test", DAG_ID, "-c", conf], env, root / "logs" / f"{key}.log")

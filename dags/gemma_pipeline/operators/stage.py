@@ -28,15 +28,16 @@ from airflow.providers.google.cloud.triggers.kubernetes_engine import GKEJobTrig
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
-from gemma_pipeline import jobspec, local, profiles
-from gemma_pipeline.kueue_wait import (
+from gemma_pipeline import local
+from gemma_pipeline.operators.kueue_wait import (
     QueueTimeout,
     jobset_suspension,
     wait_for_admission,
     wait_for_pods,
     wait_until_admitted,
 )
-from gemma_pipeline.triggers import JOBSET, JobSetTrigger, ProgressGKEJobTrigger
+from gemma_pipeline.operators.triggers import JOBSET, JobSetTrigger, ProgressGKEJobTrigger
+from gemma_pipeline.plan import jobspec, profiles
 from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES, non_retriable_legend
 
 NON_RETRIABLE_REASON = "PodFailurePolicy"

@@ -10,16 +10,12 @@ profile's hardware would cost). Prices come from `profiles.py` unless overridden
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
-
-from gemma_pipeline import jobspec, lease, local, profiles
+from gemma_pipeline.plan import profiles
 from jobs.contract import artifacts, splits, stages
 from jobs.contract import documents as docs
 from jobs.contract.layout import RunLayout
@@ -248,138 +244,3 @@ def to_html(md: str) -> str:
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:.2em .5em}"
              "table{border-collapse:collapse}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>Run report</title><style>{style}</style></head><body>{body}</body></html>"
-
-
-class RunStore:
-    """Reads and writes objects under the run prefix: the Composer worker's credentials on GKE, the emulator
-    (anonymous) locally."""
-
-    def __init__(self, backend: str, gcp_conn_id: str = "google_cloud_default") -> None:
-        if backend == "local":
-            self.client = local.storage_client()
-        else:
-            from airflow.providers.google.cloud.hooks.gcs import GCSHook
-
-            self.client = GCSHook(gcp_conn_id=gcp_conn_id).get_conn()
-
-    def _blob(self, uri: str) -> Any:
-        bucket, _, name = uri.removeprefix("gs://").partition("/")
-        return self.client.bucket(bucket).blob(name)
-
-    def read(self, uri: str) -> bytes | None:
-        from google.api_core.exceptions import NotFound
-
-        try:
-            return self._blob(uri).download_as_bytes()
-        except NotFound:
-            return None
-
-    def read_json(self, uri: str) -> dict[str, Any] | None:
-        data = self.read(uri)
-        return json.loads(data) if data is not None else None
-
-    def write(self, uri: str, data: bytes, content_type: str, if_generation_match: int | None = None) -> int:
-        """Write an object and return its generation; with `if_generation_match` (0: only if absent) Cloud Storage
-        refuses the write (PreconditionFailed) when the object changed, so a stale writer cannot overwrite."""
-        blob = self._blob(uri)
-        blob.upload_from_string(data, content_type=content_type, if_generation_match=if_generation_match)
-        return int(blob.generation or 0)
-
-    def read_generation(self, uri: str) -> tuple[bytes | None, int]:
-        """The object's content and generation, read consistently; (None, 0) when absent."""
-        from google.api_core.exceptions import NotFound, PreconditionFailed
-
-        bucket, _, name = uri.removeprefix("gs://").partition("/")
-        for _ in range(5):  # the object may change between the metadata and the content request
-            blob = self.client.bucket(bucket).get_blob(name)
-            if blob is None:
-                return None, 0
-            try:
-                return blob.download_as_bytes(if_generation_match=blob.generation), int(blob.generation)
-            except (NotFound, PreconditionFailed):
-                continue
-        raise RuntimeError(f"{uri} kept changing while being read")
-
-    def delete(self, uri: str, if_generation_match: int | None = None) -> None:
-        from google.api_core.exceptions import NotFound
-
-        if if_generation_match is not None:
-            # Checked by reading first too: fake-gcs-server ignores preconditions on delete (Cloud Storage does not).
-            _, current = self.read_generation(uri)
-            if current not in (0, if_generation_match):
-                from google.api_core.exceptions import PreconditionFailed
-
-                raise PreconditionFailed(f"{uri} is at generation {current}, not {if_generation_match}")
-        try:
-            self._blob(uri).delete(if_generation_match=if_generation_match)
-        except NotFound:
-            pass
-
-
-class RunReportOperator(BaseOperator):
-    """Writes the run report. Runs after every stage, finished or not, and fails (without retry) when a stage
-    did not finish, so the report of a failed run exists and the run still shows as failed."""
-
-    template_fields = ("run_prefix",)
-
-    def __init__(self, *, run_prefix: str = "", gcp_conn_id: str = "google_cloud_default", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.run_prefix = run_prefix
-        self.gcp_conn_id = gcp_conn_id
-
-    def execute(self, context: Any) -> dict[str, Any]:
-        self.run_prefix = self.run_prefix or jobspec.run_layout(context["params"], context["run_id"]).prefix
-        backend = local.backend()
-        if backend == "local":
-            with local.Emulator(local.local_root()):
-                report = self._write(context, RunStore(backend))
-        else:
-            report = self._write(context, RunStore(backend, self.gcp_conn_id))
-        if not report["complete"]:
-            missing = [r["stage"] for r in report["stages"] if not r["done"]]
-            raise AirflowFailException(f"stages without a manifest: {', '.join(missing)}; report at {self.run_prefix}/{artifacts.RUN_REPORT_MD}")
-        return {"report": f"{self.run_prefix}/{artifacts.RUN_REPORT_MD}", "summary": report["summary"]}
-
-    def _write(self, context: Any, store: RunStore) -> dict[str, Any]:
-        prefix = self.run_prefix.rstrip("/")
-        run_id = context["dag_run"].run_id
-        holder, _ = lease.holder(store, prefix)
-        if holder is not None and holder.get("run_id") != run_id:  # this run lost the race for its run_name
-            raise AirflowFailException(f"no report written: {prefix} belongs to DAG run {holder.get('run_id')!r}, "
-                                       "and this run wrote nothing there")
-        layout = RunLayout(prefix)
-        champion_data = store.read(layout.champion)
-        champion = docs.CHAMPION.load(champion_data, layout.champion) if champion_data else None
-        where = stage_prefixes(prefix, champion)
-        read = lambda stage, name: store.read_json(f"{where[stage]}/{name}") if where[stage] else None  # noqa: E731
-        manifests = {s: read(s, artifacts.MANIFEST) for s in stages.NAMES}
-        documents = {"benchmark": read("benchmark", artifacts.BENCHMARK_REPORT), "parity": read("convert", artifacts.PARITY),
-                     "answers": read("convert", artifacts.ANSWERS)}
-        usages = self._usages(context, champion)
-        params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
-        started = context["dag_run"].start_date if context.get("dag_run") else None
-        report = build(prefix, params, manifests, documents, usages, price_table(), champion,
-                       started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "")
-        images = {title: store.read(f"{where[stage]}/{name}") if where[stage] else None for title, (stage, name) in CHARTS.items()}
-        relative = {t: f"{where[stage]}/{name}".removeprefix(prefix + "/") for t, (stage, name) in CHARTS.items() if where[stage]}
-        md = markdown(report, {t: relative[t] for t, data in images.items() if data})
-        inline = {t: "data:image/png;base64," + base64.b64encode(data).decode() for t, data in images.items() if data}
-        store.write(layout.file(artifacts.RUN_REPORT_JSON), json.dumps(report, indent=2, default=str).encode(), "application/json")
-        store.write(layout.file(artifacts.RUN_REPORT_MD), md.encode(), "text/markdown")
-        store.write(layout.file(artifacts.RUN_REPORT_HTML), to_html(markdown(report, inline)).encode(), "text/html")
-        self.log.info("run report: %s (and .html, .json)\n%s\n\n%s", layout.file(artifacts.RUN_REPORT_MD), summary_table(report),
-                      stage_table(report))
-        if lease.release(store, prefix, run_id):
-            self.log.info("released the lease on %s: the run_name is free for the next run", prefix)
-        return report
-
-    @staticmethod
-    def _usages(context: Any, champion: dict[str, Any] | None) -> dict[str, dict | None]:
-        """What each of the champion's tasks pushed: its map index among the candidates, and among the converts."""
-        ti = context["ti"]
-        usages = {"preprocess": ti.xcom_pull(task_ids="preprocess", key="usage")}
-        if champion:
-            usages["finetune"] = ti.xcom_pull(task_ids="candidate.finetune", key="usage", map_indexes=champion["index"])
-            usages["benchmark"] = ti.xcom_pull(task_ids="candidate.benchmark", key="usage", map_indexes=champion["index"])
-            usages["convert"] = ti.xcom_pull(task_ids="convert", key="usage", map_indexes=champion.get("convert_index", 0))
-        return usages

@@ -5,30 +5,31 @@ trigger with that added, and a JobSet trigger (the provider has none) for multi-
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.providers.google.cloud.triggers.kubernetes_engine import GKEJobTrigger
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from jobs.contract import documents
+
 JOBSET = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 
 
-def read_progress(uri: str) -> dict[str, Any] | None:
-    from google.cloud import storage
+def read_progress(uri: str, gcp_conn_id: str = "google_cloud_default") -> dict[str, Any] | None:
+    """The stage's progress document, through the task's connection (the same client as every task's reads)."""
+    from gemma_pipeline.storage.store import RunStore
 
-    bucket, _, path = uri.removeprefix("gs://").partition("/")
-    blob = storage.Client().bucket(bucket).blob(path)
-    return json.loads(blob.download_as_bytes()) if blob.exists() else None
+    data = RunStore("gke", gcp_conn_id).read(uri)
+    return documents.PROGRESS.load(data, uri) if data is not None else None
 
 
-async def report_progress(uri: str, interval: float, log: Any) -> None:
+async def report_progress(uri: str, interval: float, log: Any, gcp_conn_id: str = "google_cloud_default") -> None:
     last = None
     loop = asyncio.get_running_loop()
     while True:
         try:
-            record = await loop.run_in_executor(None, read_progress, uri)
+            record = await loop.run_in_executor(None, read_progress, uri, gcp_conn_id)
         except Exception as err:  # progress is best effort
             log.debug("progress not readable: %s", err)
             record = None
@@ -82,7 +83,7 @@ class JobSetTrigger(BaseTrigger):
                 group, version, self.namespace, plural, self.name)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        reporter = asyncio.create_task(report_progress(self.progress_uri, self.progress_interval, self.log)) \
+        reporter = asyncio.create_task(report_progress(self.progress_uri, self.progress_interval, self.log, self.gcp_conn_id)) \
             if self.progress_uri else None
         try:
             while True:
@@ -111,7 +112,7 @@ class ProgressGKEJobTrigger(GKEJobTrigger):
                 {**kwargs, "progress_uri": self.progress_uri, "progress_interval": self.progress_interval})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        reporter = asyncio.create_task(report_progress(self.progress_uri, self.progress_interval, self.log)) \
+        reporter = asyncio.create_task(report_progress(self.progress_uri, self.progress_interval, self.log, self.gcp_conn_id)) \
             if self.progress_uri else None
         try:
             async for event in super().run():

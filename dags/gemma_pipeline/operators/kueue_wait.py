@@ -78,7 +78,7 @@ def wait_until_admitted(
         if clock() - started >= timeout_s:
             raise QueueTimeout(
                 f"{what} was not admitted by Kueue within {timeout_s:.0f} s; Workload: {report}. "
-                "Run `python -m gemma_pipeline.preflight` for the stage's profile and queue to see whether it can ever fit."
+                "Run `python -m gemma_pipeline.tools.preflight` for the stage's profile and queue to see whether it can ever fit."
             )
         sleep(poll_s)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gemma_pipeline.profiles import Profile
+from gemma_pipeline.plan.profiles import Profile
 from jobs.contract import env as contract_env
 from jobs.contract import spec, stages
 from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES
 from jobs.contract.layout import RunLayout, run_key
 
 STAGES = stages.NAMES
+ENGINES = ("gke", "dataflow")  # the preprocessing's two engines (param preprocess_engine)
 CONTAINER = "stage"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The root filesystem is read-only: every cache and scratch path points into the /tmp emptyDir. Unbuffered

@@ -4,7 +4,7 @@ that flavor's nominal quota (plus what the cohort could lend). For a multi-host 
 hosts at once (one gang), its flavor must name a Topology with the profile's placement level, and a flex-start
 (`-dws`) profile's flavor must carry a ProvisioningRequest admission check in the ClusterQueue.
 
-`python -m gemma_pipeline.preflight --profile tpu-v5e-8 --namespace team-a --queue team-a-queue --kueue k8s/kueue/overlays/dev`
+`python -m gemma_pipeline.tools.preflight --profile tpu-v5e-8 --namespace team-a --queue team-a-queue --kueue k8s/kueue/overlays/dev`
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gemma_pipeline import profiles
+from gemma_pipeline.plan import profiles
 
 _SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "m": 1e-3, "": 1}
 

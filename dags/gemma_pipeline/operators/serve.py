@@ -1,4 +1,4 @@
-"""The `serve` task: hand the champion to Vertex AI or to a vLLM Deployment on GKE (see `gemma_pipeline.serving`
+"""The `serve` task: hand the champion to Vertex AI or to a vLLM Deployment on GKE (see `gemma_pipeline.plan.serving`
 for the requests it sends). Skipped when `serve` is `none`, and on the local backend, which has neither (the
 champion's answers before and after fine-tuning are in its convert output and the run report)."""
 
@@ -12,7 +12,8 @@ from airflow.providers.google.cloud.operators.kubernetes_engine import GKEOperat
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from gemma_pipeline import jobspec, local, serving
+from gemma_pipeline import local
+from gemma_pipeline.plan import jobspec, serving
 from jobs.contract import documents
 from jobs.contract.layout import RunLayout
 
@@ -44,7 +45,7 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
             raise AirflowSkipException("serve is none: the champion stays in the bucket")
         if local.backend() == "local":
             raise AirflowSkipException(f"serve={self.mode} needs Google Cloud; the local backend has no Vertex AI or GKE")
-        from gemma_pipeline.report import RunStore
+        from gemma_pipeline.storage.store import RunStore
 
         layout = RunLayout(self.run_prefix) if self.run_prefix else jobspec.run_layout(context["params"], context["run_id"])
         self.run_prefix = layout.prefix

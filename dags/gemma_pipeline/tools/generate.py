@@ -1,0 +1,68 @@
+"""`python -m gemma_pipeline.tools.generate write|check [TARGET ...]`: the files generated from the code and checked
+in, so a `kubectl` user or a reader of the docs sees exactly what the code builds. `check` exits 1 naming what is
+stale (the tests run it). Targets: jobs (k8s/jobs, from jobspec), kueue (k8s/kueue), serving (k8s/serving), params
+(the params table in docs/configuration.md, from the trigger form)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from gemma_pipeline.plan import form, kueue, manifests, serving
+
+ROOT = Path(__file__).resolve().parents[3]  # the repository (dags/gemma_pipeline/tools/ -> .)
+PARAMS_DOC = Path("docs/configuration.md")
+
+
+def _params() -> dict[str, str]:
+    return {"": form.render((ROOT / PARAMS_DOC).read_text())}
+
+
+TARGETS: dict[str, tuple[Path, Callable[[], dict[str, str]]]] = {
+    "jobs": (Path("k8s/jobs"), manifests.render_all),
+    "kueue": (Path("k8s/kueue"), kueue.render),
+    "serving": (Path("k8s/serving"), serving.render),
+    "params": (PARAMS_DOC, _params),
+}
+
+
+def stale(target: str, root: Path = ROOT) -> list[str]:
+    """The files of `target` under `root` that differ from what the code renders."""
+    where, render = TARGETS[target]
+    return [str(where / name) for name, text in render().items()
+            if not (root / where / name).is_file() or (root / where / name).read_text() != text]
+
+
+def write(target: str, root: Path = ROOT) -> None:
+    where, render = TARGETS[target]
+    for name, text in render().items():
+        path = root / where / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gemma_pipeline.tools.generate", description=__doc__,
+                                     allow_abbrev=False)
+    parser.add_argument("command", choices=("write", "check"))
+    parser.add_argument("targets", nargs="*", metavar="TARGET", help=f"any of {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the repository to write into or check (default: this one)")
+    args = parser.parse_args(argv)
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown:
+        parser.error(f"TARGET: got {', '.join(unknown)}; expected any of {', '.join(TARGETS)}")
+    found = []
+    for target in args.targets or list(TARGETS):
+        if args.command == "write":
+            write(target, args.root)
+        else:
+            found += stale(target, args.root)
+    if found:
+        print(f"stale generated files: {', '.join(found)}; run: python -m gemma_pipeline.tools.generate write")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
