@@ -13,6 +13,7 @@ from jobs.common import cli
 from jobs.contract import spec, stages
 from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT
+from tests.support import nonempty
 from tests.support.dag import _render, stage_task
 
 
@@ -41,7 +42,7 @@ def test_options_sharing_a_param_agree():
             if opt.param:
                 by_param.setdefault(opt.param, []).append((stage, opt))
     assert len(by_param) == len(jobspec.param_options())
-    for name, uses in by_param.items():
+    for name, uses in nonempty(by_param, "params").items():
         first = uses[0][1]
         for stage, opt in uses[1:]:
             where = f"param {name}: {uses[0][0]}.{first.name} vs {stage}.{opt.name}"
@@ -53,7 +54,7 @@ def test_options_sharing_a_param_agree():
 
 
 def test_dag_params_are_the_stage_options(dag):  # noqa: F811
-    for name, opt in jobspec.param_options().items():
+    for name, opt in nonempty(jobspec.param_options(), "stage params").items():
         param = dag.params.get_param(name)
         assert param.value == opt.param_default, name
         schema = {k: v for k, v in param.schema.items() if k != "section"}
@@ -65,7 +66,7 @@ def test_every_optional_param_is_nullable_or_has_a_default(dag):  # noqa: F811
     """The trigger form marks a field required unless null is allowed; an empty-string default is not enough."""
     from airflow.sdk import Param
 
-    for name, param in dag.params.items():
+    for name, param in nonempty(dag.params, "DAG params").items():
         param = dag.params.get_param(name)
         if param.value in ("", None):
             assert "null" in param.schema.get("type", []), f"{name}: empty default but null not allowed"

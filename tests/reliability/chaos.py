@@ -31,6 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from jobs.contract.artifacts import MANIFEST
+from tests.support import nonempty
+
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "local-gemma-bucket"
 
@@ -157,7 +160,7 @@ def check_manifests(bucket_dir: Path) -> int:
     """Every manifest's outputs match the bytes beside it, and every input it names by manifest digest is the
     manifest that is there. Returns how many manifests were checked."""
     checked = 0
-    for manifest_path in sorted(bucket_dir.rglob("_manifest.json")):
+    for manifest_path in nonempty(sorted(bucket_dir.rglob(MANIFEST)), f"manifests under {bucket_dir}"):
         manifest = json.loads(manifest_path.read_text())
         for name, meta in manifest["outputs"].items():
             assert _sha256(manifest_path.parent / name) == meta["sha256"], f"{manifest_path.parent / name} differs from its manifest"

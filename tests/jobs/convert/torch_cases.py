@@ -16,6 +16,7 @@ from jobs.contract.errors import BadInputError, ExportMismatchError
 from jobs.convert import core
 from jobs.convert.safetensors_io import reshard
 from tests.pipeline import tiny_pipeline_processes
+from tests.support import nonempty
 
 pytestmark = pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "torch",
                                 reason="run through test_on_torch.py, with KERAS_BACKEND=torch")
@@ -34,7 +35,7 @@ def _tensors(directory):
     from safetensors.numpy import load_file
 
     out = {}
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in nonempty(sorted(directory.glob("*.safetensors")), f"safetensors files in {directory}"):
         out.update(load_file(str(path)))
     return out
 

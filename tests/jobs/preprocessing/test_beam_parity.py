@@ -20,6 +20,7 @@ import pytest
 from jobs.common.cli import main
 from jobs.contract import splits
 from tests.jobs.preprocessing.beam_cases import error_line
+from tests.support import nonempty
 from tests.support.bad_inputs import CASES, catalogue_files
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -168,7 +169,7 @@ def test_good_inputs_give_the_same_rows_split_stats_and_quarantine(results):
         assert json.loads((one / "stats.json").read_text()) == json.loads((other / "stats.json").read_text()), case_id
         manifest = json.loads((other / "_manifest.json").read_text())
         assert manifest["engine"] == "beam" and manifest["stage"] == "preprocess"
-        for name, meta in manifest["outputs"].items():  # the manifest lists every shard with its digest
+        for name, meta in nonempty(manifest["outputs"], "manifest outputs").items():  # the manifest lists every shard with its digest
             assert hashlib.sha256((other / name).read_bytes()).hexdigest() == meta["sha256"], name
         assert {n for n in manifest["outputs"]} == {p.name for p in other.iterdir()} - {"_manifest.json"}
         sharded += len(splits.files(manifest["outputs"], "train", case_id)) > 1
