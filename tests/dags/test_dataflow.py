@@ -57,13 +57,20 @@ def without_beam_provider(monkeypatch) -> None:
 
 
 def fake_bucket(monkeypatch, objects: dict[str, bytes]) -> list[str]:
-    """GCSHook at its boundary: the objects of bucket `bkt`; returns the names deleted."""
-    from airflow.providers.google.cloud.hooks.gcs import GCSHook
+    """The Airflow side's one Cloud Storage client (`RunStore`) at its boundary: the objects of bucket `bkt`;
+    returns the names deleted."""
+    from gemma_pipeline.storage.store import RunStore
 
     deleted: list[str] = []
-    monkeypatch.setattr(GCSHook, "exists", lambda self, bucket, name: bucket == "bkt" and name in objects)
-    monkeypatch.setattr(GCSHook, "download", lambda self, bucket, name: objects[name])
-    monkeypatch.setattr(GCSHook, "delete", lambda self, bucket, name: deleted.append(name))
+
+    def name_in_bkt(uri: str) -> str | None:
+        bucket, _, name = uri.removeprefix("gs://").partition("/")
+        return name if bucket == "bkt" and name in objects else None
+
+    monkeypatch.setattr(RunStore, "__init__", lambda self, backend, gcp_conn_id="google_cloud_default": None)
+    monkeypatch.setattr(RunStore, "read", lambda self, uri: objects[name] if (name := name_in_bkt(uri)) else None)
+    monkeypatch.setattr(RunStore, "delete", lambda self, uri, if_generation_match=None:
+                        deleted.append(name) if (name := name_in_bkt(uri)) else None)
     return deleted
 
 

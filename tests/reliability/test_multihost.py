@@ -109,6 +109,7 @@ def test_two_processes_train_the_weights_of_one_process_with_two_devices(setup):
     assert wrote in results[0][1] and wrote not in results[1][1]  # written once, by process 0 alone
 
 
+@pytest.mark.slow  # ~75 s; one process's preemption: test_preemption.py; two processes: the default suite's DAG run (cpu-x2)
 def test_sigterm_on_one_process_stops_both_at_one_checkpoint_and_the_resume_ends_alike(setup):
     out = setup["root"] / "preempted"
     processes = _start(setup, out, processes=2, devices_each=1)
@@ -138,6 +139,8 @@ def test_sigterm_on_one_process_stops_both_at_one_checkpoint_and_the_resume_ends
     _assert_same_weights(across, setup["reference"])
 
 
+@pytest.mark.slow  # ~50 s; two-process training runs in the default suite's DAG run (a cpu-x2 candidate), model
+# parallel in tests/jobs/finetuning/test_finetuning.py::test_data_and_model_parallel_match_one_device
 def test_model_parallel_within_each_host_and_data_parallel_across_hosts(setup):
     """Two hosts x 2 devices, the model sharded over each host's devices: sharded variables are gathered for
     process 0's save, and the weights are those of the data-parallel reference."""

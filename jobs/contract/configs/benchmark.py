@@ -31,7 +31,7 @@ class BenchmarkConfig:
                                "show forgetting")
     batch_size: int = option(4, "windows per forward pass", minimum=1)
     max_examples: int = option(0, "score at most this many eval examples (0: all)", minimum=0)
-    bootstrap: int = option(1000, "bootstrap resamples for the 95% interval (0: none)", minimum=0)
+    bootstrap: int = option(1000, "bootstrap resamples for the 95% interval (0: none)", minimum=0, param="bootstrap")
     seed: int = option(0, "bootstrap seed", minimum=0)
     require_improvement: float = option(
         0.0, "quality gate: minimum relative perplexity drop of the tuned model, e.g. 0.05 (0: no gate)",

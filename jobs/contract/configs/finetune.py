@@ -51,7 +51,8 @@ class FinetuneConfig:
     model_parallel: int = option(1, "devices of one host along the model axis, for a model too big for one device "
                                     "(1: data parallel only; hosts are always data parallel)", minimum=1, maximum=256,
                                  param="model_parallel")
-    checkpoint_every: int = option(50, "save a checkpoint every N steps (0: only at the end and on SIGTERM)", minimum=0)
+    checkpoint_every: int = option(50, "save a checkpoint every N steps (0: only at the end and on SIGTERM)", minimum=0,
+                                   param="checkpoint_every")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", minimum=1)
     eval_every: int = option(0, "evaluate on the eval split every N steps (0: only before and after training)",
                              minimum=0)
