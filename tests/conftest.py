@@ -30,6 +30,14 @@ def tiny_gemma(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_gemma3) -> dict[str, Path]:
+    """One tiny preprocess -> fine-tune (8 steps) shared by every test that only reads its outputs."""
+    from tests.pipeline import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("tiny-run"), tiny_gemma3)
+
+
+@pytest.fixture(scope="session")
 def dag():
     """The DAG as Airflow's DAG processor parses it, once per session."""
     from airflow.dag_processing.dagbag import DagBag

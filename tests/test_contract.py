@@ -56,3 +56,29 @@ def test_every_document_has_a_schema_version():
         assert doc.load(doc.dump({k: 0 for k in doc.required}))[documents.VERSION_KEY] == doc.version
         with pytest.raises(documents.DocumentError, match="schema_version"):
             doc.load({k: 0 for k in doc.required})
+
+
+def test_the_contract_is_standard_library_only():
+    import ast
+    import sys
+
+    files = nonempty(sorted((ROOT / "jobs" / "contract").rglob("*.py")), "contract modules")
+    outside = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            outside += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                        if n.split(".")[0] not in sys.stdlib_module_names and not n.startswith("jobs.contract")]
+    assert outside == []
+
+
+def test_the_dag_needs_only_the_contract_of_the_stages():
+    """What Composer gets of `jobs/` is `jobs/contract/`: parsing the DAG imports nothing else of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'dags'); import gemma_lora_finetune; "
+            "print(sorted(m for m in sys.modules if m.startswith('jobs.') and not m.startswith('jobs.contract')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

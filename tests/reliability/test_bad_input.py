@@ -68,16 +68,15 @@ from jobs.common.cli import main
 from jobs.contract import stages
 from jobs.contract.artifacts import MANIFEST
 from jobs.contract.errors import EXIT_BAD_INPUT
-from tests.pipeline import tiny_pipeline
 from tests.support.bad_inputs import CASES, catalogue_files
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory, tiny_gemma3, gcs_server):
+def ctx(tmp_path_factory, tiny_gemma3, tiny_run, gcs_server):
     root = tmp_path_factory.mktemp("bad-input")
     files = root / "files"
     catalogue_files(files)
-    paths = tiny_pipeline(root, tiny_gemma3, steps=2)
+    paths = tiny_run
     from jobs.contract.configs.preprocess import PreprocessConfig
     from jobs.preprocessing.core import run as preprocess
 

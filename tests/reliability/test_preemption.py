@@ -16,7 +16,6 @@ from jobs.contract.configs.finetune import FinetuneConfig
 from jobs.contract.errors import EXIT_PREEMPTED
 from jobs.finetuning.core import run
 from tests.conftest import ROOT, run_module
-from tests.pipeline import tiny_pipeline
 from tests.support import nonempty
 from tests.support.finetune import _adapter_arrays
 
@@ -26,9 +25,9 @@ FLAGS = ["--max-steps", str(STEPS), "--batch-size", "4", "--sequence-length", "4
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_gemma3):
+def setup(tmp_path_factory, tiny_gemma3, tiny_run):
     root = tmp_path_factory.mktemp("preemption")
-    data = tiny_pipeline(root, tiny_gemma3, steps=1)["preprocess"]
+    data = tiny_run["preprocess"]
     reference = root / "reference"
     run(FinetuneConfig(data=str(data), output=str(reference), base_model=str(tiny_gemma3), max_steps=STEPS, batch_size=4,
                        sequence_length=48, learning_rate=0.005, checkpoint_every=100, warmup_fraction=0.1), root / "w")

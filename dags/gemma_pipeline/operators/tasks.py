@@ -15,12 +15,12 @@ from jobs.contract import artifacts, documents
 from jobs.contract.layout import RunLayout
 
 
-def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: Any = None) -> list[dict[str, Any]]:
-    """The `plan` task: a bad candidate list fails the run at once, without retries (nothing has run yet); then
-    the run takes the lease on its prefix (`lease`), or fails naming the active run that holds it. `context`:
-    the task's (without one, as in unit tests of the plan, no lease is taken)."""
+def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: Any = None) -> Any:
+    """The `plan` task: a conf key that is not a Param or a bad candidate list fails the run at once, without
+    retries (nothing has run yet); then the run takes the lease on its prefix (`lease`), or fails naming the
+    active run that holds it, and returns the candidates (the preprocessing's Jobs go to XCom under their own
+    keys). Without a `context` (unit tests of the plan) it takes no lease and returns the whole plan."""
     from airflow.sdk.exceptions import AirflowFailException
-
 
     if context is not None:
         check_conf(context)

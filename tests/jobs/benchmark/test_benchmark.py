@@ -12,13 +12,12 @@ from jobs.contract.configs.benchmark import BenchmarkConfig
 from jobs.contract.configs.convert import ConvertConfig
 from jobs.contract.errors import BadInputError, QualityGateError
 from jobs.convert.core import run as convert
-from tests.pipeline import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_gemma3):
+def pipeline(tmp_path_factory, tiny_run):
     root = tmp_path_factory.mktemp("bench")
-    paths = tiny_pipeline(root, tiny_gemma3)
+    paths = tiny_run
     convert(ConvertConfig(finetune=str(paths["finetune"]), output=str(root / "hf")), root / "w")
     return {**paths, "hf": root / "hf", "root": root}
 

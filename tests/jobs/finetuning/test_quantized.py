@@ -14,7 +14,7 @@ from jobs.contract.errors import BadInputError
 from tests.support.finetune import _config
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", pytest.param("int4", marks=pytest.mark.slow)])  # one quantized path by default
 def test_only_lora_trains_and_the_base_kernels_stay_quantized(tiny_gemma3, prepared, mode):  # noqa: F811
     import keras_hub
 
