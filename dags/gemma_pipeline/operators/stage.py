@@ -66,8 +66,8 @@ class StageJobOperator(GKEStartJobOperator):
 
     def __init__(self, *, stage: str, profile_name: str = "", queue_timeout_s: str | int = 3600, progress_uri: str = "",
                  gpu_image: str = "", plan: Any = None, **kwargs: Any) -> None:
-        """`plan`: a candidate's Job for this stage (arguments, profile, progress object, labels), known only at
-        run time (a mapped task's share of `candidates.plan`); it replaces the fields built from templates."""
+        """`plan`: this stage's Job as the `plan` task rendered it (arguments, profile, progress object, labels),
+        known only at run time: an XCom of the plan task, or a mapped task's share of it (`plan.candidates.plan`)."""
         kwargs.setdefault("base_container_name", jobspec.CONTAINER)  # the container the provider reads logs of
         super().__init__(**kwargs)
         self.stage = stage
