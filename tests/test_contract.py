@@ -49,6 +49,14 @@ def test_default_profiles_and_stage_modules_are_declared_once():
     assert _literals(r"DEFAULT_PROFILES\s*=|BASE_PROFILES\s*=") == []
 
 
+def test_each_stage_reads_from_the_upstream_stages_its_config_points_at():
+    from jobs.contract import spec
+
+    for stage in stages.REGISTRY.values():
+        upstream = {opt.upstream for opt in spec.options(stage.config) if opt.upstream not in (None, "self")}
+        assert upstream == set(stage.reads), stage.name
+
+
 def test_every_document_has_a_schema_version():
     docs = nonempty([d for d in vars(documents).values() if isinstance(d, documents.Document)], "documents")
     for doc in docs:

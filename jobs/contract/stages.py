@@ -1,6 +1,7 @@
 """The stage registry: each stage's module, config, image, default accelerator profile, what it writes and
-what it reads from which upstream stage. The DAG, `k8s/jobs`, the local backend and the report all read this;
-adding an artifact a later stage reads is one edit here."""
+what it reads from which upstream stage. The DAG's plan and Job builder, `k8s/jobs`, the report and the stages'
+code identity read it; `reads` names the upstream stages a config's `upstream=` options point at (a test keeps
+the two equal)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from kubernetes.client import models as k8s
 
 from jobs.contract import stages
 from tests.conftest import ROOT
-from tests.support.dag import RUN_ID, TASK_OF, _params, _render, _render_fields, stage_task
+from tests.support.dag import RUN_ID, TASK_OF, params_of, render, render_fields, stage_task
 
 
 def test_exact_task_order(dag):
@@ -59,7 +59,7 @@ def test_policy(dag):
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_job_each_task_would_submit(dag, stage):
     settings = {"finetune_profile": "tpu-v5e-8", "queue": "team-a-queue", "bucket": "bkt"}
-    job = _render(stage_task(dag, stage, settings), dag, settings)
+    job = render(stage_task(dag, stage, settings), dag, settings)
     assert job.metadata.labels[jobspec.QUEUE_LABEL] == "team-a-queue"
     assert job.metadata.labels[jobspec.PRIORITY_LABEL] == "development"
     assert job.spec.suspend is True and job.spec.parallelism == 1
@@ -92,21 +92,21 @@ def test_job_each_task_would_submit(dag, stage):
 
 def test_run_name_param_names_the_artifact_folder(dag):
     settings = {"bucket": "bkt", "run_name": "nightly-7"}
-    job = _render(stage_task(dag, "benchmark", settings), dag, settings)
+    job = render(stage_task(dag, "benchmark", settings), dag, settings)
     args = job.spec.template.spec.containers[0].args
     assert "gs://bkt/runs/nightly-7/candidates/default/benchmark" in args
     assert "gs://bkt/runs/nightly-7/candidates/default/finetune" in args and "gs://bkt/runs/nightly-7/preprocess" in args
     assert job.metadata.labels["gemma-lora-pipeline/run"] == "nightly-7"
     for overrides, prefix in (({"run_name": "nightly-7"}, "gs://bkt/runs/nightly-7"),
                               ({}, "gs://bkt/runs/manual-2026-11-22t10-00-00-00-00")):
-        assert jobspec.run_layout(_params(dag, {"bucket": "bkt", **overrides}), RUN_ID).prefix == prefix
+        assert jobspec.run_layout(params_of(dag, {"bucket": "bkt", **overrides}), RUN_ID).prefix == prefix
 
 
 def test_job_matches_the_validated_schema(dag):
     import kubernetes_validate
     from kubernetes.client import ApiClient
 
-    job = ApiClient().sanitize_for_serialization(_render(stage_task(dag, "finetune"), dag))
+    job = ApiClient().sanitize_for_serialization(render(stage_task(dag, "finetune"), dag))
     kubernetes_validate.validate(job, "1.31", strict=True)
 
 
@@ -170,7 +170,7 @@ class _FakeCore:
 def _jobset_task(dag, monkeypatch, suspended: bool, timeout: int = 60):
     monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
     overrides = {"finetune_profile": "gpu-h100-8x2", "queue_timeout_minutes": 1}
-    task, context = _render_fields(stage_task(dag, "finetune", overrides), dag, overrides)
+    task, context = render_fields(stage_task(dag, "finetune", overrides), dag, overrides)
     fake = _FakeCustomObjects(suspended)
     task.__dict__["hook"] = SimpleNamespace(is_in_cluster=False, custom_object_client=fake)
     task.__dict__["client"] = _FakeCore()
@@ -238,4 +238,4 @@ def test_multihost_profiles_only_for_the_fine_tune(dag):
     benchmark = copy.deepcopy(stage_task(dag, "benchmark"))
     benchmark.plan = {**benchmark.plan, "profile_name": "cpu-x2"}
     with pytest.raises(AirflowFailException, match="single-host profile"):
-        _render(benchmark, dag)
+        render(benchmark, dag)

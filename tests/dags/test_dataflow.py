@@ -18,7 +18,7 @@ from gemma_pipeline.operators import dataflow
 
 from jobs.contract import documents, stages
 from tests.conftest import ROOT
-from tests.support.dag import _render, _render_fields, stage_task
+from tests.support.dag import render, render_fields, stage_task
 
 SETTINGS = {"preprocess_engine": "dataflow", "bucket": "bkt", "run_name": "corpus-1", "max_tokens": 256,
             "data_mode": "text", "template": ""}
@@ -88,7 +88,7 @@ def launched(dag, monkeypatch, overrides, objects: dict[str, bytes] | None = Non
     monkeypatch.setattr(DataflowHook, "launch_job_with_flex_template", launch)
     monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
     monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", "google-cloud-platform://")  # no credentials are used
-    task, context = _render_fields(stage_task(dag, "preprocess_dataflow", overrides), dag, overrides)
+    task, context = render_fields(stage_task(dag, "preprocess_dataflow", overrides), dag, overrides)
     ti = TI(**vars(context["ti"]), pushed={})
     context.update(ti=ti, task_instance=ti)
     from airflow.providers.common.compat.sdk import TaskDeferred
@@ -134,7 +134,7 @@ def test_the_template_parameters_are_the_gke_jobs_arguments(dag, monkeypatch):  
     calls, _, _ = launched(dag, monkeypatch, SETTINGS)
     parameters = calls[0]["body"]["launchParameter"]["parameters"]
     beam_args = dashed([f"--{k}={v}" for k, v in parameters.items() if k not in dataflow.FIXED_PARAMETERS])
-    job = _render(stage_task(dag, "preprocess", SETTINGS), dag, SETTINGS)
+    job = render(stage_task(dag, "preprocess", SETTINGS), dag, SETTINGS)
     gke_args = job.spec.template.spec.containers[0].args
     parser = parser_for(PreprocessConfig, DESCRIPTION)
     assert config_from_args(PreprocessConfig, parser.parse_args(beam_args)) == config_from_args(PreprocessConfig, parser.parse_args(gke_args))
@@ -156,13 +156,13 @@ def test_on_the_local_backend_the_task_runs_the_pipeline_in_process(dag, tmp_pat
     monkeypatch.setenv("GEMMA_PIPELINE_LOCAL_ROOT", str(tmp_path / "root"))
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     settings = {**SETTINGS, "base_model": str(tiny_gemma3), "data_mode": "instruction", "dataset": "demo:stdlib-docs"}
-    task, context = _render_fields(stage_task(dag, "preprocess_dataflow", settings), dag, settings)
+    task, context = render_fields(stage_task(dag, "preprocess_dataflow", settings), dag, settings)
     task.execute(context)
     out = tmp_path / "root" / "gcs" / "bkt" / "runs" / "corpus-1" / "preprocess"
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["engine"] == "beam" and any(name.startswith("train-") for name in manifest["outputs"])
     bad = {**settings, "max_tokens": 8}  # nothing fits: exit 2, no retry
-    task, context = _render_fields(stage_task(dag, "preprocess_dataflow", {**bad, "run_name": "corpus-2"}), dag, {**bad, "run_name": "corpus-2"})
+    task, context = render_fields(stage_task(dag, "preprocess_dataflow", {**bad, "run_name": "corpus-2"}), dag, {**bad, "run_name": "corpus-2"})
     from airflow.sdk.exceptions import AirflowFailException
 
     with pytest.raises(AirflowFailException, match="code 2: non-retriable"):
@@ -176,7 +176,7 @@ def test_without_the_beam_provider_the_task_says_what_to_install(dag, monkeypatc
 
     monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
     monkeypatch.setitem(sys.modules, "airflow.providers.google.cloud.operators.dataflow", None)  # unimportable
-    task, context = _render_fields(stage_task(dag, "preprocess_dataflow", SETTINGS), dag, SETTINGS)
+    task, context = render_fields(stage_task(dag, "preprocess_dataflow", SETTINGS), dag, SETTINGS)
     with pytest.raises(AirflowFailException, match="apache-airflow-providers-apache-beam"):
         task.execute(context)
 

@@ -344,13 +344,13 @@ def test_the_dag_task_submits_the_jobspec_job(stage, dag):
     (test_checked_in_job_manifests_are_current)."""
     from kubernetes.client import ApiClient
 
-    from tests.support.dag import _render, _render_fields, stage_task
+    from tests.support.dag import render, render_fields, stage_task
 
     bag_dag = dag
     overrides = {"bucket": "bkt", "run_name": "r1", "finetune_profile": "gpu-l4-1"}
     task = stage_task(bag_dag, stage, overrides)
-    dag_job = ApiClient().sanitize_for_serialization(_render(task, bag_dag, overrides))
-    rendered, context = _render_fields(task, bag_dag, overrides)
+    dag_job = ApiClient().sanitize_for_serialization(render(task, bag_dag, overrides))
+    rendered, context = render_fields(task, bag_dag, overrides)
     rendered.__dict__["hook"] = None
     rendered._apply_plan()
     expected = jobspec.job_manifest(stage, rendered.job_settings(), list(rendered.arguments), name=dag_job["metadata"]["name"],

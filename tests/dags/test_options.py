@@ -14,7 +14,7 @@ from jobs.contract import spec, stages
 from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT
 from tests.support import nonempty
-from tests.support.dag import _render, stage_task
+from tests.support.dag import render, stage_task
 
 
 def _probe(opt: spec.Option):
@@ -78,7 +78,7 @@ def test_job_arguments_parse_back_to_the_params(dag, stage):  # noqa: F811
     """The Job the DAG task submits carries every param its stage takes, and the stage CLI reads each back."""
     # A profile with 4 chips per host, which the probed model_parallel (4) must divide.
     settings = {**PROBES, "bucket": "bkt", "run_name": "probe", "finetune_profile": "tpu-v5e-4"}
-    job = _render(stage_task(dag, stage, settings), dag, settings)
+    job = render(stage_task(dag, stage, settings), dag, settings)
     args = job.spec.template.spec.containers[0].args
     parsed = cli.parser_for(stages.get(stage).config, "").parse_args(args)
     prefixes = RunLayout("gs://bkt/runs/probe").stages()
@@ -95,7 +95,7 @@ def test_job_arguments_parse_back_to_the_params(dag, stage):  # noqa: F811
 @pytest.mark.parametrize("stage", jobspec.STAGES)
 def test_null_params_render_as_the_clis_none(dag, stage):  # noqa: F811
     settings = {"context_field": None, "template": None}
-    job = _render(stage_task(dag, stage, settings), dag, settings)
+    job = render(stage_task(dag, stage, settings), dag, settings)
     parsed = cli.parser_for(stages.get(stage).config, "").parse_args(job.spec.template.spec.containers[0].args)
     for name in ("context_field", "template"):
         if hasattr(parsed, name):

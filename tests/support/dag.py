@@ -60,6 +60,3 @@ def render(task, dag, overrides=None):
     task.__dict__["hook"] = SimpleNamespace(is_in_cluster=False)
     return task.build_job_request_obj(context)
 
-
-# The names the test modules used before these helpers moved here.
-_render_fields, _render, _params = render_fields, render, params_of

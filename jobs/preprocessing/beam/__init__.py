@@ -113,7 +113,8 @@ def _run(config: PreprocessConfig, workdir: Path, options: Any, standard: Any) -
     units = input_units(config, fmt)
     proto = sources.tokenizer_proto(config.base_model, workdir)
     stage = StageRun("preprocess", config.output, asdict(config), [input_reference(config, fmt), model_reference(config, proto)])
-    if stage.start(None) is None and stage.manifest is not None:
+    stage.start(None)  # no local directory: the pipeline writes its shards to the output itself
+    if stage.manifest is not None:
         return stage.manifest
     for name in stale_outputs(config.output):
         storage.delete(storage.join(config.output, name))
