@@ -16,7 +16,7 @@ from gemma_pipeline.operators import dataflow, tasks
 from gemma_pipeline.operators.report import RunReportOperator
 from gemma_pipeline.operators.serve import ServeOperator
 from gemma_pipeline.operators.stage import StageJobOperator
-from gemma_pipeline.plan import form, jobspec
+from gemma_pipeline.plan import access, form, jobspec
 
 from jobs.contract import stages
 from jobs.contract.layout import run_key
@@ -26,17 +26,24 @@ PROJECT_ID = os.environ.get("GEMMA_PIPELINE_PROJECT", "my-project")
 LOCATION = os.environ.get("GEMMA_PIPELINE_LOCATION", "us-central1")
 CLUSTER = os.environ.get("GEMMA_PIPELINE_CLUSTER", "ml-batch")
 NAMESPACE = os.environ.get("GEMMA_PIPELINE_NAMESPACE", "team-a")
-SERVICE_ACCOUNT = os.environ.get("GEMMA_PIPELINE_KSA", "gemma-pipeline")  # bound to a GCP SA via Workload Identity
+# One Kubernetes service account per role (<prefix>-preprocess, ...), each bound through Workload Identity to its own
+# Google service account; the Airflow worker (Composer's service account) alone writes the run's own files and, with
+# GEMMA_PIPELINE_FOLDER_IAM=on, gives each stage write access to its own prefix only (docs/security.md).
+IDENTITIES = access.Identities(
+    project=PROJECT_ID, prefix=os.environ.get("GEMMA_PIPELINE_IDENTITY_PREFIX", "gemma"),
+    worker=os.environ.get("GEMMA_PIPELINE_WORKER_SA", f"composer-worker@{PROJECT_ID}.iam.gserviceaccount.com"))
+FOLDER_IAM = os.environ.get("GEMMA_PIPELINE_FOLDER_IAM", "on") == "on"
 REGISTRY = os.environ.get("GEMMA_PIPELINE_REGISTRY", "us-central1-docker.pkg.dev/my-project/gemma-lora")
 IMAGE_TAG = os.environ.get("GEMMA_PIPELINE_IMAGE_TAG", "0.1.0")  # a release tag or a commit SHA, never latest
-IMAGES = jobspec.images(REGISTRY, IMAGE_TAG)  # what docker/cloudbuild.yaml pushes
+# What docker/cloudbuild.yaml pushes; GEMMA_PIPELINE_IMAGE_DIGESTS ({"preprocess": "sha256:...", ...}) pins by digest.
+IMAGES = jobspec.images(REGISTRY, IMAGE_TAG, os.environ.get("GEMMA_PIPELINE_IMAGE_DIGESTS", ""))
 RETRY_DELAY_S = int(os.environ.get("GEMMA_PIPELINE_RETRY_DELAY_S", "120"))  # the chaos test shortens it
 # Preprocessing on Dataflow (preprocess_engine=dataflow): the Flex Template docker/cloudbuild.yaml writes.
 DATAFLOW_REGION = os.environ.get("GEMMA_PIPELINE_DATAFLOW_REGION", LOCATION)
 DATAFLOW_TEMPLATE = os.environ.get("GEMMA_PIPELINE_DATAFLOW_TEMPLATE",
                                    f"gs://{PROJECT_ID}-dataflow/templates/preprocess-beam-{IMAGE_TAG}.json")
 DATAFLOW_TEMP = os.environ.get("GEMMA_PIPELINE_DATAFLOW_TEMP", f"gs://{PROJECT_ID}-dataflow/tmp")
-DATAFLOW_SERVICE_ACCOUNT = os.environ.get("GEMMA_PIPELINE_DATAFLOW_SA", f"gemma-dataflow@{PROJECT_ID}.iam.gserviceaccount.com")
+DATAFLOW_SERVICE_ACCOUNT = IDENTITIES.gsa(access.DATAFLOW)
 DATAFLOW_MACHINE_TYPE = os.environ.get("GEMMA_PIPELINE_DATAFLOW_MACHINE_TYPE", "n2-standard-4")
 DATAFLOW_MAX_WORKERS = int(os.environ.get("GEMMA_PIPELINE_DATAFLOW_MAX_WORKERS", "32"))
 
@@ -53,7 +60,6 @@ default_args = {
     "location": LOCATION,
     "cluster_name": CLUSTER,
     "namespace": NAMESPACE,
-    "service_account_name": SERVICE_ACCOUNT,
     "wait_until_job_complete": True,
     "deferrable": True,
     "parallelism": 1,
@@ -69,7 +75,7 @@ default_args = {
 def stage_kwargs(stage: str) -> dict:
     """What a stage's task knows before the run; its Job's arguments, profile and labels come from the plan."""
     return {"task_id": stage, "stage": stage, "name": f"gemma-{stage}", "image": IMAGES[stage],
-            "gpu_image": IMAGES.get(f"{stage}-gpu", "")}
+            "gpu_image": IMAGES.get(f"{stage}-gpu", ""), "service_account_name": IDENTITIES.ksa(stage)}
 
 
 with DAG(
@@ -90,7 +96,7 @@ with DAG(
     @task(task_id="plan")
     def plan(params: dict | None = None, run_id: str | None = None, **context) -> list[dict]:
         return tasks.plan_task(dict(params or {}), run_key((params or {}).get("run_name"), run_id or ""),
-                                    {**context, "params": params, "run_id": run_id})
+                               {**context, "params": params, "run_id": run_id}, identities=IDENTITIES if FOLDER_IAM else None)
 
     @task_group(group_id="candidate")
     def candidate(finetune: dict, benchmark: dict, index: int, key: str, overrides: dict, run_prefix: str, prefixes: dict,
@@ -118,5 +124,5 @@ with DAG(
     chain(planned, preprocess_engine(), [preprocess, preprocess_dataflow], candidate.expand_kwargs(planned),
           chosen, StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=chosen),
           ServeOperator(task_id="serve", mode="{{ params.serve }}", project_id=PROJECT_ID, location=LOCATION,
-                        cluster_name=CLUSTER),
+                        cluster_name=CLUSTER, service_account=IDENTITIES.ksa(access.SERVING)),
           RunReportOperator(task_id="report", trigger_rule="all_done"))

@@ -68,7 +68,8 @@ def test_job_each_task_would_submit(dag, stage):
     assert rules[0].action == "FailJob" and rules[0].on_exit_codes.values == [2, 3, 4]
     assert rules[1].action == "Ignore" and rules[1].on_pod_conditions[0].type == "DisruptionTarget"
     pod = job.spec.template.spec
-    assert pod.service_account_name == "gemma-pipeline" and pod.restart_policy == "Never"
+    assert pod.service_account_name == f"gemma-{stage}" and pod.restart_policy == "Never"
+    assert pod.automount_service_account_token is False
     assert pod.security_context.run_as_non_root is True
     container = pod.containers[0]
     assert container.security_context.allow_privilege_escalation is False

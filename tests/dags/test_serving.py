@@ -115,25 +115,124 @@ def test_serve_skips_when_there_is_nothing_to_do(monkeypatch, mode, backend, rea
         op.execute({})
 
 
-def test_the_gke_objects_validate_strictly_and_serve_the_export_from_the_bucket():
+def test_the_gke_objects_validate_strictly_and_serve_only_the_export_from_the_bucket():
     import kubernetes_validate
 
-    deployment, service = serving.gke_objects("bkt", serving.vllm_args(serving.fuse_path(EXPORT)))
-    for obj in (deployment, service):
+    objects = serving.gke_objects(EXPORT, serving.vllm_args(serving.fuse_path(EXPORT, EXPORT)))
+    assert [o["kind"] for o in objects] == ["Deployment", "Service", "NetworkPolicy"]
+    for obj in objects:
         kubernetes_validate.validate(obj, "1.31", strict=True)
+    deployment = objects[0]
     assert deployment["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "serving-queue"
     assert deployment["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "serving"
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert "--model=/models/runs/r1/candidates/lora-rank-8-abc/convert" in container["args"]
-    assert deployment["spec"]["template"]["spec"]["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "bkt"
+    assert "--model=/models" in container["args"]
+    fuse = deployment["spec"]["template"]["spec"]["volumes"][0]["csi"]
+    assert fuse["readOnly"] is True and fuse["volumeAttributes"]["bucketName"] == "bkt"
+    assert "only-dir=runs/r1/candidates/lora-rank-8-abc/convert" in fuse["volumeAttributes"]["mountOptions"].split(",")
     assert not container["image"].endswith(":latest")
+    assert serving.fuse_path(f"{EXPORT}/adapter", EXPORT) == "/models/adapter"
+    with pytest.raises(ValueError, match="expected one under the mounted prefix"):
+        serving.fuse_path(f"{RUN}/champion.json", EXPORT)
     adapter = serving.vllm_args("/models/base", "/models/adapter", rank=16)
     assert "--enable-lora" in adapter and "--lora-modules=champion=/models/adapter" in adapter and "--max-lora-rank=16" in adapter
 
     if shutil.which("kubectl"):
         built = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "serving" / "base")], check=True,
                                capture_output=True, text=True).stdout
-        assert [o["kind"] for o in yaml.safe_load_all(built) if o] == ["Service", "Deployment"]
+        assert sorted(o["kind"] for o in yaml.safe_load_all(built) if o) == ["Deployment", "NetworkPolicy", "Service",
+                                                                             "ServiceAccount"]
+
+
+def test_the_serving_pod_is_locked_down():
+    deployment, service, policy = serving.gke_objects(EXPORT, ["--model=/models"])
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "gemma-serving"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"]["limits"]["memory"] == container["resources"]["requests"]["memory"]
+    # Every path the server writes is on a size-limited emptyDir: nothing else is writable.
+    writable = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(writable) == {"/tmp", "/dev/shm"}
+    assert all(volumes[name]["emptyDir"]["sizeLimit"] for name in writable.values())
+    env = {e["name"]: e for e in container["env"]}
+    assert all(env[k]["value"].startswith(("/tmp", "1")) for k in serving.SERVING_ENV)
+    # Only labelled pods of the named namespaces reach the port; nothing else is admitted.
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"] and spec["podSelector"] == deployment["spec"]["selector"]
+    (rule,) = spec["ingress"]
+    (source,) = rule["from"]
+    assert source["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["serving"]}]
+    assert source["podSelector"] == {"matchLabels": {serving.CLIENT_LABEL: "true"}}
+    assert rule["ports"] == [{"protocol": "TCP", "port": serving.SERVING["port"]}]
+
+
+class _VllmAuthStub:
+    """What vLLM's OpenAI server does with its key (vllm/entrypoints/openai/api_server.py, AuthenticationMiddleware):
+    the key is `--api-key` or the VLLM_API_KEY env; /v1 routes need `Authorization: Bearer <key>`. Started with the
+    environment the Deployment gives its container, Secrets resolved as the kubelet would."""
+
+    def __init__(self, container: dict, secrets: dict[str, dict[str, str]]) -> None:
+        import http.server
+        import threading
+
+        env = {}
+        for e in container["env"]:
+            if "valueFrom" in e:
+                ref = e["valueFrom"]["secretKeyRef"]
+                if ref["key"] not in secrets.get(ref["name"], {}):
+                    assert ref.get("optional") is False  # the kubelet refuses to start the pod: no open server
+                    raise RuntimeError(f"CreateContainerConfigError: secret {ref['name']} has no key {ref['key']}")
+                env[e["name"]] = secrets[ref["name"]][ref["key"]]
+            else:
+                env[e["name"]] = e["value"]
+        keys = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--api-key=")] or [env.get("VLLM_API_KEY")]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                ok = not self.path.startswith("/v1") or (keys[0] and self.headers.get("Authorization") == f"Bearer {keys[0]}")
+                self.send_response(200 if ok else 401)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def status(self, path: str, key: str | None = None) -> int:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            return urllib.request.urlopen(request, timeout=5).status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+
+def test_the_server_refuses_a_request_without_the_key_from_the_secret():
+    """Against a stub of vLLM's authentication (vLLM itself needs a GPU image): the Deployment's env carries the key
+    from the Secret under the name vLLM reads, never as a literal or an argument."""
+    deployment = serving.gke_objects(EXPORT, serving.vllm_args("/models"))[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert not any(a.startswith("--api-key") for a in container["args"])
+    (ref,) = [e for e in container["env"] if e["name"] == serving.API_KEY_ENV]
+    assert ref["valueFrom"]["secretKeyRef"] == {**serving.API_KEY_SECRET, "optional": False}
+    stub = _VllmAuthStub(container, {serving.API_KEY_SECRET["name"]: {serving.API_KEY_SECRET["key"]: "k-123"}})
+    try:
+        assert stub.status("/v1/models") == 401
+        assert stub.status("/v1/models", "wrong") == 401
+        assert stub.status("/v1/models", "k-123") == 200
+        assert stub.status("/health") == 200  # the readiness probe needs no key
+    finally:
+        stub.server.shutdown()
+    with pytest.raises(RuntimeError, match="CreateContainerConfigError"):
+        _VllmAuthStub(container, {})
 
 
 class FakeApps:
@@ -164,12 +263,39 @@ class FakeCore:
         self.calls.append(("patch", name))
 
 
+class FakeNetworking:
+    def __init__(self):
+        self.calls = []
+
+    def create_namespaced_network_policy(self, namespace, body):
+        self.calls.append(("create", body["metadata"]["name"]))
+
+    def patch_namespaced_network_policy(self, name, namespace, body):
+        self.calls.append(("patch", name))
+
+
+def test_the_fakes_have_the_clients_signatures():
+    import inspect
+
+    from kubernetes import client
+
+    for fake, real in ((FakeApps, client.AppsV1Api), (FakeCore, client.CoreV1Api), (FakeNetworking, client.NetworkingV1Api)):
+        methods = [m for m in vars(fake) if not m.startswith("_")]
+        assert methods
+        for name in methods:
+            required = [p for p in inspect.signature(getattr(real, name)).parameters.values()
+                        if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+            assert [p.name for p in required] == list(inspect.signature(getattr(fake, name)).parameters), name
+
+
 def test_apply_patches_what_exists_and_waits_until_the_new_generation_is_available():
     rolling = {"metadata": {"generation": 2}, "spec": {"replicas": 1}, "status": {"observed_generation": 1, "available_replicas": 1}}
     ready = {"metadata": {"generation": 2}, "spec": {"replicas": 1}, "status": {"observed_generation": 2, "available_replicas": 1}}
     apps, core = FakeApps([rolling, ready]), FakeCore()
-    serving.apply(apps, core, serving.gke_objects("bkt", ["--model=/models/x"]))
+    networking = FakeNetworking()
+    serving.apply(apps, core, networking, serving.gke_objects(EXPORT, ["--model=/models"]))
     assert apps.calls == [("create", "gemma-champion"), ("patch", "gemma-champion")] and core.calls == [("create", "gemma-champion")]
+    assert networking.calls == [("create", "gemma-champion")]
     status = serving.wait_available(apps, "gemma-champion", "serving", 60, sleep=lambda s: None, log=lambda m: None)
     assert status["observed_generation"] == 2
     stuck = FakeApps([rolling] * 5)

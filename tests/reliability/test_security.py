@@ -75,7 +75,14 @@ def test_pods_run_with_least_privilege_and_workload_identity(dag):
     for job in _jobs(dag):
         pod = job["spec"]["template"]["spec"]
         container = pod["containers"][0]
-        assert pod["serviceAccountName"] == "gemma-pipeline"  # bound to a Google service account, no key files
+        stage = job["spec"]["template"]["metadata"]["labels"][jobspec.STAGE_LABEL]
+        assert pod["serviceAccountName"] == f"gemma-{stage}"  # its role's own account, bound to a Google one: no key files
+        assert pod["automountServiceAccountToken"] is False  # no stage talks to the Kubernetes API
+        profile = profiles.get(next(name for name, p in profiles.PROFILES.items() if p.node_selector == pod["nodeSelector"]
+                                    and p.tolerations == tuple(pod.get("tolerations", ()))))
+        assert job["spec"]["activeDeadlineSeconds"] == profile.deadline_s > 0
+        assert container["resources"]["limits"]["memory"] == container["resources"]["requests"]["memory"]
+        assert [v["emptyDir"]["sizeLimit"] for v in pod["volumes"]] == [profile.scratch]
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert container["securityContext"] == {"runAsNonRoot": True, "allowPrivilegeEscalation": False,

@@ -26,13 +26,14 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
     template_fields = ("run_prefix", "mode")
 
     def __init__(self, *, mode: str, run_prefix: str = "", project_id: str, location: str, cluster_name: str,
-                 gcp_conn_id: str = "google_cloud_default", timeout_s: int = 1800, **kwargs: Any) -> None:
+                 gcp_conn_id: str = "google_cloud_default", timeout_s: int = 1800, service_account: str = "gemma-serving",
+                 **kwargs: Any) -> None:
         for key in ("namespace", "service_account_name", "wait_until_job_complete", "deferrable", "parallelism",
                     "completions", "suspend", "backoff_limit", "ttl_seconds_after_finished", "get_logs",
                     "queue_timeout_s"):
             kwargs.pop(key, None)  # the stage Jobs' default_args, which this task does not take
         super().__init__(**kwargs)
-        self.run_prefix, self.mode, self.timeout_s = run_prefix, mode, timeout_s
+        self.run_prefix, self.mode, self.timeout_s, self.service_account = run_prefix, mode, timeout_s, service_account
         self.project_id, self.location, self.cluster_name, self.gcp_conn_id = project_id, location, cluster_name, gcp_conn_id
         self.impersonation_chain = None
         self.use_internal_ip = self.use_dns_endpoint = False
@@ -85,11 +86,12 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
     def to_gke(self, paths: dict[str, str], record: dict[str, Any]) -> dict[str, Any]:
         from kubernetes import client
 
-        bucket = paths["export"].removeprefix("gs://").split("/", 1)[0]
-        objects = serving.gke_objects(bucket, serving.vllm_args(serving.fuse_path(paths["export"])))
+        export = paths["export"]
+        objects = serving.gke_objects(export, serving.vllm_args(serving.fuse_path(export, export)),
+                                      service_account=self.service_account)
         api = self.hook.get_conn()
         apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-        serving.apply(apps, core, objects)
+        serving.apply(apps, core, client.NetworkingV1Api(api), objects)
         name, namespace = objects[0]["metadata"]["name"], objects[0]["metadata"]["namespace"]
         status = serving.wait_available(apps, name, namespace, self.timeout_s, log=self.log.info)
         self.log.info("vLLM serves the champion %s: Service %s/%s port 80", record["champion"], namespace, name)

@@ -8,6 +8,7 @@ import difflib
 from typing import Any
 
 from gemma_pipeline import local
+from gemma_pipeline.plan import access
 from gemma_pipeline.plan.candidates import plan, select
 from gemma_pipeline.storage import lease
 from gemma_pipeline.storage.store import RunStore
@@ -15,16 +16,23 @@ from jobs.contract import artifacts, documents
 from jobs.contract.layout import RunLayout
 
 
-def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: Any = None) -> Any:
-    """The `plan` task: a conf key that is not a Param or a bad candidate list fails the run at once, without
-    retries (nothing has run yet); then the run takes the lease on its prefix (`lease`), or fails naming the
-    active run that holds it, and returns the candidates (the preprocessing's Jobs go to XCom under their own
-    keys). Without a `context` (unit tests of the plan) it takes no lease and returns the whole plan."""
+def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: Any = None,
+              identities: access.Identities | None = None) -> Any:
+    """The `plan` task: a conf key that is not a Param, a bad candidate list or a priority class this deployment
+    does not allow the triggering user fails the run at once, without retries (nothing has run yet); then the run
+    takes the lease on its prefix (`lease`), or fails naming the active run that holds it, gives each stage's
+    identity write access to its own prefixes (`identities`, on GKE), and returns the candidates (the
+    preprocessing's Jobs go to XCom under their own keys). Without a `context` (unit tests of the plan) it takes no
+    lease and returns the whole plan."""
     from airflow.sdk.exceptions import AirflowFailException
 
     if context is not None:
         check_conf(context)
     try:
+        if context is not None:
+            dag_run = context.get("dag_run")
+            access.check_priority(params.get("priority_class", ""), getattr(dag_run, "triggering_user_name", None),
+                                  access.production_users())
         planned = plan(params, run_key)
     except ValueError as err:
         raise AirflowFailException(str(err)) from err
@@ -33,7 +41,7 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
     if store is None and local.backend() == "local":
         with local.Emulator(local.local_root()) as emulator:
             emulator.ensure_bucket(params["bucket"])
-            return plan_task(params, run_key, context, RunStore("local"))
+            return plan_task(params, run_key, context, RunStore("local"))  # the emulator has no IAM to grant
     from google.api_core.exceptions import NotFound
 
     run = context["dag_run"]
@@ -45,11 +53,29 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
     except NotFound as err:
         raise AirflowFailException(f"bucket: got {params['bucket']!r}; expected an existing Cloud Storage bucket "
                                    f"({err})") from err
+    if identities is not None:
+        grant_folders(store or RunStore(local.backend()), params["bucket"], planned, identities)
     # The candidates are what the mapped tasks expand over (a mapped task expands only over a return value); the
     # preprocessing's two engines read their share under their own keys.
     for key in ("preprocess", "dataflow"):
         context["ti"].xcom_push(key=key, value=planned[key])
     return planned["candidates"]
+
+
+def grant_folders(store: Any, bucket: str, planned: dict[str, Any], identities: access.Identities) -> None:
+    """Each stage's identity gets write access to its own managed folders of this run, and to nothing else."""
+    from airflow.sdk.exceptions import AirflowFailException
+    from google.api_core.exceptions import GoogleAPICallError
+
+    grants = access.folder_grants(RunLayout(planned["run_prefix"]), [c["key"] for c in planned["candidates"]])
+    members = {folder: [identities.member(r) for r in roles] for folder, roles in grants.items()}
+    try:
+        store.grant_folders(bucket, members, access.WRITE)
+    except GoogleAPICallError as err:
+        raise AirflowFailException(
+            f"bucket: could not give the stages' identities their managed folders in gs://{bucket} ({err}); expected "
+            f"a bucket with uniform bucket-level access where {identities.worker} holds {access.FOLDERS} "
+            "(docs/security.md), or GEMMA_PIPELINE_FOLDER_IAM=off where the bucket's IAM is managed otherwise") from err
 
 
 def check_conf(context: Any) -> None:

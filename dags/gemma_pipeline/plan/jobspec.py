@@ -60,14 +60,37 @@ class JobSettings:
     ttl_seconds_after_finished: int = 7 * 24 * 3600
     backoff_limit: int = 3
     priority_class: str = ""
-    active_deadline_seconds: int = 0
+    active_deadline_seconds: int = 0  # 0: the profile's deadline
 
 
-def images(registry: str, tag: str) -> dict[str, str]:
-    """Every image docker/cloudbuild.yaml pushes, by name."""
+def images(registry: str, tag: str, digests: str = "") -> dict[str, str]:
+    """Every image docker/cloudbuild.yaml pushes, by name; `digests` (JSON: image name to `sha256:...`, as Cloud
+    Build reports them) pins any of them by digest too, which each stage then records as its code identity."""
     if not tag or tag == "latest":
         raise ValueError(f"image tag: got {tag!r}; expected a release tag or a commit SHA (never latest)")
-    return {name: f"{registry}/{name}:{tag}" for name in stages.IMAGE_NAMES}
+    pinned = parse_digests(digests)
+    return {name: f"{registry}/{name}:{tag}" + (f"@{pinned[name]}" if name in pinned else "") for name in stages.IMAGE_NAMES}
+
+
+def parse_digests(text: str) -> dict[str, str]:
+    import json
+    import re
+
+    where = "GEMMA_PIPELINE_IMAGE_DIGESTS"
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON ({err}); expected an object of image name to sha256:<64 hex digits>") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: got {type(value).__name__}; expected an object of image name to sha256:<64 hex digits>")
+    for name, digest in value.items():
+        if name not in stages.IMAGE_NAMES:
+            raise ValueError(f"{where}: unknown image {name!r}; expected one of {', '.join(stages.IMAGE_NAMES)}")
+        if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise ValueError(f"{where}: digest of {name!r} is {digest!r}; expected sha256:<64 lowercase hex digits>")
+    return value
 
 
 def pod_failure_policy() -> dict[str, Any]:
@@ -81,7 +104,6 @@ CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "
                       "capabilities": {"drop": ["ALL"]}}
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                 "seccompProfile": {"type": "RuntimeDefault"}}
-VOLUMES = [{"name": "scratch", "emptyDir": {}}]
 VOLUME_MOUNTS = [{"name": "scratch", "mountPath": "/tmp"}]
 
 
@@ -123,10 +145,13 @@ def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, 
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": settings.service_account,
+        # No stage talks to the Kubernetes API: its identity is only for Google APIs (Workload Identity's metadata
+        # server), so no API token is mounted for a compromised dependency to use.
+        "automountServiceAccountToken": False,
         "nodeSelector": dict(profile.node_selector),
         "securityContext": dict(POD_SECURITY),
         "containers": [container],
-        "volumes": [dict(v) for v in VOLUMES],
+        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": profile.scratch}}],
     }
     if profile.tolerations:
         pod["tolerations"] = [dict(t) for t in profile.tolerations]
@@ -136,11 +161,10 @@ def job_manifest(stage: str, settings: JobSettings, args: list[str], name: str, 
         "completions": 1,
         "backoffLimit": settings.backoff_limit,
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+        "activeDeadlineSeconds": settings.active_deadline_seconds or profile.deadline_s,
         "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": {"labels": {**job_labels_, **(pod_labels or {})}}, "spec": pod},
     }
-    if settings.active_deadline_seconds:
-        spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

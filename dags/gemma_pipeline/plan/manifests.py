@@ -6,7 +6,11 @@
   Kubernetes expands from the container's env, filled from the ConfigMap `gemma-pipeline-run`.
 - `components/settings/`: the deployment's settings in one place (namespace, images, bucket and run).
 - `overlays/example/<stage>/`: one overlay per stage (`kubectl apply -k k8s/jobs/overlays/example/preprocess`),
-  since a stage may only start once the one before it has written its manifest.
+  since a stage may only start once the one before it has written its manifest. Each copies the image kustomize
+  settled on into the container's `GEMMA_PIPELINE_IMAGE`, so an image pinned by digest in the settings is the code
+  identity the stage records.
+- `base/identities/`, `overlays/example/identities/`: the stages' Kubernetes service accounts, one per role, bound
+  through Workload Identity (apply once per namespace; docs/security.md gives the Google side).
 - `base/finetune-multihost/`: the fine-tune on a multi-host profile, a JobSet (one pod per host) built from the
   same Job (`jobspec.jobset_manifest`); `overlays/example/finetune-multihost/` applies it instead of `finetune`.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gemma_pipeline.plan import GENERATED_HEADER, jobspec, profiles
+from gemma_pipeline.plan import GENERATED_HEADER, access, jobspec, profiles
 from jobs.contract import stages
 from jobs.contract.layout import RunLayout
 
@@ -36,17 +40,24 @@ def base_image(stage: str) -> str:
 def base_job(stage: str, profile_name: str = "") -> dict[str, Any]:
     """The stage's Job with the run's bucket and name left to the container env, namespace to the overlay."""
     profile = profiles.get(profile_name or stages.DEFAULT_PROFILES[stage])
-    settings = jobspec.JobSettings(namespace="", queue=EXAMPLE["queue"], service_account="gemma-pipeline",
+    settings = jobspec.JobSettings(namespace="", queue=EXAMPLE["queue"], service_account=access.EXAMPLE.ksa(stage),
                                    image=base_image(stage), profile=profile, priority_class="development")
     layout = RunLayout.of("$(GEMMA_BUCKET)", "$(GEMMA_RUN)")  # the DAG's one-candidate layout
     job = jobspec.job_manifest(stage, settings, jobspec.stage_args(stage, {}, layout.stages()), name=f"gemma-{stage}")
     del job["metadata"]["namespace"]
     container = job["spec"]["template"]["spec"]["containers"][0]
-    # kustomize's `images:` rewrites the image but not an env value, so the kubectl Job does not claim one: its
-    # stage records the digest of its own source files as its code identity instead.
     container["env"] = [{"name": name, "valueFrom": {"configMapKeyRef": {"name": RUN_CONFIGMAP, "key": key}}}
-                        for name, key in RUN_ENV.items()] + [e for e in container["env"] if e["name"] != jobspec.IMAGE_ENV]
+                        for name, key in RUN_ENV.items()] + container["env"]
     return job
+
+
+def image_replacement(kind: str) -> dict[str, Any]:
+    """kustomize's `images:` rewrites the image but not an env value: this copies the final image into the env the
+    stage reads its code identity from (an overlay's replacements run after its components' `images:`)."""
+    container = "spec.template.spec.containers.[name=stage]"
+    path = container if kind == "Job" else f"spec.replicatedJobs.[name={jobspec.REPLICATED_JOB}].template.{container}"
+    return {"source": {"kind": kind, "fieldPath": f"{path}.image"},
+            "targets": [{"select": {"kind": kind}, "fieldPaths": [f"{path}.env.[name={jobspec.IMAGE_ENV}].value"]}]}
 
 
 def _yaml(value: Any) -> str:
@@ -67,7 +78,7 @@ def render_all() -> dict[str, str]:
             HEADER + f"# kubectl apply -k k8s/jobs/overlays/example/{stage}   (after stage {index - 1} finished)\n"
             + _yaml({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                      "resources": [f"../../../base/{stage}"], "components": ["../../../components/settings"],
-                     "nameSuffix": f"-{EXAMPLE['run']}"}))
+                     "nameSuffix": f"-{EXAMPLE['run']}", "replacements": [image_replacement("Job")]}))
     multihost = profiles.get(MULTIHOST_PROFILE)
     files["base/finetune-multihost/jobset.yaml"] = (
         HEADER + f"# Stage 2 of {len(stages.NAMES)} on a multi-host profile: finetune (profile {MULTIHOST_PROFILE}, "
@@ -78,7 +89,8 @@ def render_all() -> dict[str, str]:
         HEADER + "# kubectl apply -k k8s/jobs/overlays/example/finetune-multihost   (after stage 1 finished; needs the "
         "JobSet controller)\n" + _yaml({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                                         "resources": ["../../../base/finetune-multihost"],
-                                        "components": ["../../../components/settings"], "nameSuffix": f"-{EXAMPLE['run']}"}))
+                                        "components": ["../../../components/settings"], "nameSuffix": f"-{EXAMPLE['run']}",
+                                        "replacements": [image_replacement("JobSet")]}))
     # kustomize knows where built-in kinds refer to a ConfigMap, not a JobSet: without this the generated
     # ConfigMap's hashed name would not reach the JobSet's pods.
     files[f"components/settings/{JOBSET_CONFIG}"] = HEADER + _yaml({"nameReference": [{"kind": "ConfigMap", "version": "v1", "fieldSpecs": [
@@ -95,5 +107,16 @@ def render_all() -> dict[str, str]:
     }
     files["components/settings/kustomization.yaml"] = (
         HEADER + "# Your deployment: namespace, images (pin a tag or digest), bucket and run name. A copy of this\n"
-        "# component with your values, named by your overlays, is all a kubectl user edits.\n" + _yaml(settings))
+        "# component with your values, named by your overlays, is all a kubectl user edits. To pin by digest, add\n"
+        "# `digest: sha256:...` to an image entry: the stage then records that digest as its code identity.\n" + _yaml(settings))
+    accounts = access.service_accounts(access.EXAMPLE, "", stages.NAMES)
+    files["base/identities/serviceaccounts.yaml"] = HEADER + "".join(
+        ("---\n" if i else "") + _yaml(a) for i, a in enumerate(accounts))
+    files["base/identities/kustomization.yaml"] = HEADER + _yaml(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["serviceaccounts.yaml"]})
+    files["overlays/example/identities/kustomization.yaml"] = (
+        HEADER + "# kubectl apply -k k8s/jobs/overlays/example/identities   (once per namespace; set your project's Google\n"
+        "# service accounts in the annotations: docs/security.md)\n" + _yaml(
+            {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+             "resources": ["../../../base/identities"], "namespace": EXAMPLE["namespace"]}))
     return files

@@ -36,6 +36,12 @@ class Profile:
     hosts: int = 1
     topology_level: str = ""  # Kueue topology-aware scheduling: hosts must share this node label's value
     dws: bool = False  # capacity from Dynamic Workload Scheduler flex-start
+    # The stage's scratch emptyDir (models, checkpoints and shards being staged): past it the kubelet evicts the pod
+    # instead of filling the node's disk.
+    scratch: str = "100Gi"
+    # The Job's activeDeadlineSeconds: the longest one stage may hold its hardware, retries included (Kubernetes
+    # restarts the clock when Kueue suspends the Job, so queueing does not count).
+    deadline_s: int = 24 * 3600
 
     @property
     def multihost(self) -> bool:
@@ -81,7 +87,7 @@ def _tpu(name: str, accelerator: str, topology: str, chips: int, cpu: str, memor
         name=name,
         node_selector={TPU_ACCELERATOR: accelerator, TPU_TOPOLOGY: topology},
         requests={"cpu": cpu, "memory": memory, "google.com/tpu": str(chips)},
-        limits={"google.com/tpu": str(chips)},
+        limits={"memory": memory, "google.com/tpu": str(chips)},
         tolerations=(_toleration("google.com/tpu"),),
         hourly_usd=price,
         hosts=hosts,
@@ -94,7 +100,7 @@ def _gpu(name: str, accelerator: str, count: int, cpu: str, memory: str, price: 
         name=name,
         node_selector={GPU_ACCELERATOR: accelerator},
         requests={"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(count)},
-        limits={"nvidia.com/gpu": str(count)},
+        limits={"memory": memory, "nvidia.com/gpu": str(count)},
         tolerations=(_toleration("nvidia.com/gpu"),),
         hourly_usd=price,
         hosts=hosts,
@@ -117,7 +123,7 @@ def _dws(profile: Profile) -> Profile:
 _ON_DEMAND = [
     Profile(name="cpu", node_selector={"cloud.google.com/machine-family": "n2"},
             requests={"cpu": "4", "memory": "16Gi"}, limits={"memory": "16Gi"},
-            distribution_args=("--distribution", "none"), hourly_usd=0.19),
+            distribution_args=("--distribution", "none"), hourly_usd=0.19, scratch="50Gi", deadline_s=12 * 3600),
     _tpu("tpu-v5e-1", "tpu-v5-lite-podslice", "1x1", 1, "20", "44Gi", 1.20),
     _tpu("tpu-v5e-4", "tpu-v5-lite-podslice", "2x2", 4, "100", "180Gi", 4.80),
     _tpu("tpu-v5e-8", "tpu-v5-lite-podslice", "2x4", 8, "200", "360Gi", 9.60),
@@ -135,7 +141,8 @@ _ON_DEMAND = [
     # Two CPU hosts: the multi-host path at the price of CPUs (a cluster smoke test; the local backend runs it
     # as two processes on this machine).
     Profile(name="cpu-x2", node_selector={"cloud.google.com/machine-family": "n2"},
-            requests={"cpu": "4", "memory": "16Gi"}, limits={"memory": "16Gi"}, hourly_usd=0.38, hosts=2),
+            requests={"cpu": "4", "memory": "16Gi"}, limits={"memory": "16Gi"}, hourly_usd=0.38, hosts=2,
+            scratch="50Gi", deadline_s=12 * 3600),
 ]
 _DWS = [p for p in _ON_DEMAND if p.accelerator_resource and (p.multihost or p.name == "gpu-h100-8")]
 
@@ -162,4 +169,5 @@ def get(name: str) -> Profile:
 def as_dict(profile: Profile) -> dict[str, Any]:
     return {"node_selector": profile.node_selector, "requests": profile.requests, "limits": profile.limits,
             "tolerations": list(profile.tolerations), "hourly_usd": profile.hourly_usd, "hosts": profile.hosts,
-            "topology_level": profile.topology_level, "dws": profile.dws}
+            "topology_level": profile.topology_level, "dws": profile.dws, "scratch": profile.scratch,
+            "deadline_s": profile.deadline_s}

@@ -73,9 +73,11 @@ def vertex_deployed_model(display_name: str, machine_type: str = "g2-standard-12
     return deployed
 
 
-def fuse_path(uri: str) -> str:
-    """A gs:// object path inside the pod's Cloud Storage FUSE mount of its bucket."""
-    return f"{FUSE_ROOT}/{uri.removeprefix('gs://').split('/', 1)[1]}"
+def fuse_path(uri: str, mounted: str) -> str:
+    """Where the gs:// object path `uri` is in the pod: the Cloud Storage FUSE mount holds only `mounted` (only-dir)."""
+    if uri != mounted and not uri.startswith(mounted.rstrip("/") + "/"):
+        raise ValueError(f"serving path: got {uri!r}; expected one under the mounted prefix {mounted!r}")
+    return FUSE_ROOT + uri[len(mounted.rstrip("/")):]
 
 
 def vllm_args(model_dir: str, adapter_dir: str | None = None, rank: int = 0) -> list[str]:
@@ -86,9 +88,30 @@ def vllm_args(model_dir: str, adapter_dir: str | None = None, rank: int = 0) -> 
     return args
 
 
-def gke_objects(bucket: str, args: list[str], image: str = GKE_VLLM_IMAGE, namespace: str = SERVING["namespace"]) -> list[dict[str, Any]]:
-    """The vLLM Deployment and its Service."""
+# The API key: vLLM reads VLLM_API_KEY (as `--api-key` would set it, without putting the key on the command line)
+# and refuses /v1 requests without `Authorization: Bearer <key>`. The Secret is required: no key, no pod.
+API_KEY_ENV = "VLLM_API_KEY"
+API_KEY_SECRET = {"name": "gemma-serving-api-key", "key": "api-key"}
+# Who may call the server: pods labelled CLIENT_LABEL=true in the namespaces GEMMA_PIPELINE_SERVING_CLIENTS names.
+CLIENT_LABEL = "gemma-lora-pipeline/serving-client"
+CLIENT_NAMESPACES = tuple(n for n in os.environ.get("GEMMA_PIPELINE_SERVING_CLIENTS", SERVING["namespace"]).split(",") if n)
+# The root filesystem is read-only: every path vLLM, torch, Triton and Hugging Face write points into /tmp.
+SERVING_ENV = {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "XDG_CACHE_HOME": "/tmp/.cache", "XDG_CONFIG_HOME": "/tmp/.config",
+               "VLLM_CACHE_ROOT": "/tmp/.cache/vllm", "VLLM_CONFIG_ROOT": "/tmp/.config/vllm",
+               "TRITON_CACHE_DIR": "/tmp/.triton", "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor",
+               "HF_HUB_OFFLINE": "1"}
+SERVING_RESOURCES = {"requests": {"cpu": "4", "memory": "24Gi", "ephemeral-storage": "10Gi", "nvidia.com/gpu": "1"},
+                     "limits": {"memory": "24Gi", "ephemeral-storage": "30Gi", "nvidia.com/gpu": "1"}}
+
+
+def gke_objects(export: str, args: list[str], image: str = GKE_VLLM_IMAGE, namespace: str = SERVING["namespace"],
+                service_account: str = "gemma-serving", clients: tuple[str, ...] = CLIENT_NAMESPACES) -> list[dict[str, Any]]:
+    """The vLLM Deployment, its Service and the NetworkPolicy that admits only the named clients. The pod mounts
+    only `export` (the champion's convert prefix), read-only, not the bucket."""
+    bucket, _, folder = export.removeprefix("gs://").partition("/")
     name, labels = SERVING["name"], {"app.kubernetes.io/name": SERVING["name"], "app.kubernetes.io/part-of": "gemma-lora-pipeline"}
+    env = [{"name": k, "value": v} for k, v in SERVING_ENV.items()]
+    env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {**API_KEY_SECRET, "optional": False}}})
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": namespace, "labels": {
@@ -99,25 +122,27 @@ def gke_objects(bucket: str, args: list[str], image: str = GKE_VLLM_IMAGE, names
             "template": {
                 "metadata": {"labels": labels, "annotations": {"gke-gcsfuse/volumes": "true"}},
                 "spec": {
-                    "serviceAccountName": "gemma-serving",
+                    "serviceAccountName": service_account,
+                    "automountServiceAccountToken": False,  # it reads the bucket through FUSE, never the Kubernetes API
                     "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [{
-                        "name": "vllm", "image": pinned(image), "args": args,
-                        "env": [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "HOME", "value": "/tmp"}],
+                        "name": "vllm", "image": pinned(image), "args": args, "env": env,
                         "ports": [{"name": "http", "containerPort": SERVING["port"]}],
-                        "resources": {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
-                                      "limits": {"nvidia.com/gpu": "1"}},
+                        "resources": SERVING_RESOURCES,
                         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 60},
-                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}},
                         "volumeMounts": [{"name": "models", "mountPath": FUSE_ROOT, "readOnly": True},
                                          {"name": "scratch", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
                     }],
                     "volumes": [
                         {"name": "models", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True,
-                                                   "volumeAttributes": {"bucketName": bucket, "mountOptions": "implicit-dirs"}}},
-                        {"name": "scratch", "emptyDir": {}},
+                                                   "volumeAttributes": {"bucketName": bucket,
+                                                                        "mountOptions": f"implicit-dirs,only-dir={folder}"}}},
+                        {"name": "scratch", "emptyDir": {"sizeLimit": "20Gi"}},
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
                     ],
                 },
@@ -127,7 +152,14 @@ def gke_objects(bucket: str, args: list[str], image: str = GKE_VLLM_IMAGE, names
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace, "labels": labels},
                "spec": {"selector": {"app.kubernetes.io/name": name},
                         "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
-    return [deployment, service]
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": name, "namespace": namespace, "labels": labels},
+              "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}, "policyTypes": ["Ingress"],
+                       "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                           {"key": "kubernetes.io/metadata.name", "operator": "In", "values": list(clients)}]},
+                           "podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}],
+                           "ports": [{"protocol": "TCP", "port": SERVING["port"]}]}]}}
+    return [deployment, service, policy]
 
 
 def champion_paths(record: dict[str, Any]) -> dict[str, str]:
@@ -152,14 +184,16 @@ def wait_available(apps: Any, name: str, namespace: str, timeout_s: float, poll_
         sleep(poll_s)
 
 
-def apply(apps: Any, core: Any, objects: list[dict[str, Any]]) -> None:
+def apply(apps: Any, core: Any, networking: Any, objects: list[dict[str, Any]]) -> None:
     """Create each object, or replace its spec when it exists (a new champion rolls the Deployment)."""
     from kubernetes.client.rest import ApiException
 
+    calls = {"Deployment": (apps.create_namespaced_deployment, apps.patch_namespaced_deployment),
+             "Service": (core.create_namespaced_service, core.patch_namespaced_service),
+             "NetworkPolicy": (networking.create_namespaced_network_policy, networking.patch_namespaced_network_policy)}
     for obj in objects:
         name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
-        create, patch = ((apps.create_namespaced_deployment, apps.patch_namespaced_deployment) if obj["kind"] == "Deployment"
-                         else (core.create_namespaced_service, core.patch_namespaced_service))
+        create, patch = calls[obj["kind"]]
         try:
             create(namespace, obj)
         except ApiException as err:
@@ -171,10 +205,14 @@ def apply(apps: Any, core: Any, objects: list[dict[str, Any]]) -> None:
 def render() -> dict[str, str]:
     import yaml
 
+    from gemma_pipeline.plan import access
+
     header = GENERATED_HEADER
-    example = gke_objects("my-gemma-bucket", vllm_args(fuse_path("gs://my-gemma-bucket/runs/manual-001/candidates/default/convert")))
+    export = "gs://my-gemma-bucket/runs/manual-001/candidates/default/convert"
+    example = [*gke_objects(export, vllm_args(fuse_path(export, export)), service_account=access.EXAMPLE.ksa(access.SERVING)),
+               *access.service_accounts(access.EXAMPLE, SERVING["namespace"], (access.SERVING,))]
     files = {f"base/{o['kind'].lower()}.yaml": header + yaml.safe_dump(o, sort_keys=False, width=120) for o in example}
     files["base/kustomization.yaml"] = header + yaml.safe_dump(
-        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-         "resources": ["deployment.yaml", "service.yaml"]}, sort_keys=False)
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": sorted(
+            f"{o['kind'].lower()}.yaml" for o in example)}, sort_keys=False)
     return files
