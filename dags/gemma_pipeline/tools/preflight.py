@@ -4,7 +4,18 @@ that flavor's nominal quota (plus what the cohort could lend). For a multi-host 
 hosts at once (one gang), its flavor must name a Topology with the profile's placement level, and a flex-start
 (`-dws`) profile's flavor must carry a ProvisioningRequest admission check in the ClusterQueue.
 
-`python -m gemma_pipeline.tools.preflight --profile tpu-v5e-8 --namespace team-a --queue team-a-queue --kueue k8s/kueue/overlays/dev`
+Live (the default): the same check on the objects the cluster has (kubeconfig's current context, --context, or
+the pod's service account), plus the live state the YAML cannot show: inactive queues, quota held by other
+workloads, and with --job (or --selector) the Job's Workload, its conditions and events:
+
+  python -m gemma_pipeline.tools.preflight --profile tpu-v5e-8 --namespace team-a --queue team-a-queue --job gemma-finetune-x
+
+Offline: the same check on the repository's Kueue objects, before they are applied:
+
+  python -m gemma_pipeline.tools.preflight --profile tpu-v5e-8 --namespace team-a --queue team-a-queue --kueue k8s/kueue/overlays/dev
+
+Exit status: 0 admissible (live: and not blocked now), 1 not admissible (live: or waiting), 2 bad input (an
+unknown profile, a missing LocalQueue, an unreadable cluster or file).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ class Result:
     ok: bool
     message: str
     flavor: str | None = None
+    bad_input: bool = False  # the question itself is wrong (unknown profile or queue): exit 2, not 1
 
 
 def load_objects(source: Path) -> list[dict[str, Any]]:
@@ -49,7 +61,7 @@ def check(profile_name: str, namespace: str, queue: str, objects: list[dict[str,
     try:
         profile = profiles.get(profile_name)
     except ValueError as err:
-        return Result(False, str(err))
+        return Result(False, str(err), bad_input=True)
     by_kind: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     for obj in objects:
         meta = obj.get("metadata", {})
@@ -57,7 +69,7 @@ def check(profile_name: str, namespace: str, queue: str, objects: list[dict[str,
     local = by_kind.get("LocalQueue", {}).get((namespace, queue))
     if local is None:
         known = sorted(f"{ns}/{n}" for ns, n in by_kind.get("LocalQueue", {}))
-        return Result(False, f"queue: no LocalQueue {namespace}/{queue}; known: {', '.join(known) or 'none'}")
+        return Result(False, f"queue: no LocalQueue {namespace}/{queue}; known: {', '.join(known) or 'none'}", bad_input=True)
     cq_name = local["spec"]["clusterQueue"]
     cq = by_kind.get("ClusterQueue", {}).get(("", cq_name))
     if cq is None:
@@ -146,11 +158,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", required=True, help=f"one of {', '.join(sorted(profiles.PROFILES))}")
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--queue", required=True, help="the LocalQueue name (the kueue.x-k8s.io/queue-name label)")
-    parser.add_argument("--kueue", type=Path, default=Path("k8s/kueue/base"), help="a kustomize directory or a YAML file of Kueue objects")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--live", action="store_true", help="read the cluster (the default when --kueue is not given)")
+    mode.add_argument("--kueue", type=Path, help="offline: a kustomize directory or a YAML file of Kueue objects instead of the cluster")
+    live = parser.add_argument_group("live mode")
+    live.add_argument("--context", help="the kubeconfig context (default: the current one; in a pod, its service account)")
+    target = live.add_mutually_exclusive_group()
+    target.add_argument("--job", help="the stuck Job (or JobSet): report its Kueue Workload, conditions and events")
+    target.add_argument("--selector", help="a label selector for the Jobs to report, e.g. gemma-lora-pipeline/run=RUN,gemma-lora-pipeline/stage=finetune")
     args = parser.parse_args(argv)
-    result = check(args.profile, args.namespace, args.queue, load_objects(args.kueue))
-    print(("OK: " if result.ok else "NOT ADMISSIBLE: ") + result.message)
-    return 0 if result.ok else 2
+    if args.kueue is not None:
+        if live_only := [f"--{n}" for n in ("context", "job", "selector") if getattr(args, n)]:
+            parser.error(f"{', '.join(live_only)}: only for the live cluster; drop --kueue {args.kueue} to read the cluster, "
+                         f"or drop {', '.join(live_only)}")
+        try:
+            objects = load_objects(args.kueue)
+        except (OSError, subprocess.CalledProcessError) as err:
+            print(f"ERROR: --kueue {args.kueue}: {getattr(err, 'stderr', None) or err}", file=sys.stderr)
+            return 2
+        result = check(args.profile, args.namespace, args.queue, objects)
+        print(("OK: " if result.ok else "NOT ADMISSIBLE: ") + result.message)
+        return 0 if result.ok else 2 if result.bad_input else 1
+    # Imported here: it loads the kubernetes client, which the offline mode does not need.
+    from gemma_pipeline.tools import preflight_live
+
+    try:
+        profiles.get(args.profile)  # a typo is reported before the cluster is contacted (no kubeconfig needed)
+    except ValueError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    try:
+        apis = preflight_live.clients(args.context)
+        diagnosis = preflight_live.diagnose(args.profile, args.namespace, args.queue, *apis, job=args.job, selector=args.selector)
+    except preflight_live.LiveError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    print("\n".join([diagnosis.headline] + [f"  {line}" for line in diagnosis.lines]))
+    return 0 if diagnosis.ok else 1
 
 
 if __name__ == "__main__":
