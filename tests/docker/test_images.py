@@ -159,8 +159,14 @@ def test_the_beam_image_is_a_flex_template_launcher_and_worker_on_its_own_pins()
     text = BEAM_DOCKERFILE.read_text()
     result = subprocess.run([_hadolint(), "--no-color", str(BEAM_DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0 and "hadolint ignore" not in text, result.stdout
-    for image in re.findall(r"^ARG \w+_IMAGE=(\S+)", text, re.M):
-        assert "latest" not in image and re.search(r":\d[\w.]*\d", image), f"not pinned: {image}"
+    images = re.findall(r"^ARG \w+_IMAGE=(\S+)", text, re.M)
+    assert len(images) == 3
+    for image in images:
+        assert "latest" not in image and re.search(r"@sha256:|:\d+\.\d+\.\d+|:\w*_(\d{8})_RC\d\d$", image), f"not pinned: {image}"
+    launcher = re.search(r"^ARG LAUNCHER_IMAGE=\S+_(\d{8})_RC\d\d$", text, re.M)
+    assert launcher and launcher.group(1) >= "20240101"  # not the 2023 launcher it was built on before
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1] == "1000:1000"  # launcher and workers run as the stage images' non-root user
     assert '".[beam]"' in text and "--constraint docker/constraints-beam.txt" in text
     assert "/opt/apache/beam /opt/apache/beam" in text and "python_template_launcher" in text
     assert re.search(r"^ENTRYPOINT \[\"/opt/apache/beam/boot\"\]$", text, re.M)
