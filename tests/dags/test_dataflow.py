@@ -194,3 +194,29 @@ def test_a_failed_job_fails_at_once_only_when_the_stage_refused_its_input(dag, m
         task.execute_complete({"ti": None}, {"status": "error", "message": "Job failed", "job_id": "j"})
     assert isinstance(failure.value, AirflowFailException) == refused
     assert ("--input: got 'x'" in str(failure.value)) == refused
+
+
+def test_a_misspelt_conf_key_is_refused_before_anything_launches(dag, monkeypatch):  # noqa: F811
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
+    monkeypatch.setattr(dataflow.PreprocessDataflowOperator, "launcher",
+                        lambda self: pytest.fail("launched despite a bad conf"))
+    task, context = render_fields(stage_task(dag, "preprocess_dataflow", SETTINGS), dag, SETTINGS)
+    context["dag_run"] = SimpleNamespace(conf={**SETTINGS, "max_tokns": 64})
+    with pytest.raises(AirflowFailException, match=r"'max_tokns' \(did you mean 'max_tokens'\?\); expected only:"):
+        task.execute(context)
+
+
+def test_a_template_parameter_that_is_not_a_stage_option_is_refused(dag, monkeypatch):  # noqa: F811
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("GEMMA_PIPELINE_BACKEND", "gke")
+    monkeypatch.setattr(dataflow.PreprocessDataflowOperator, "launcher",
+                        lambda self: pytest.fail("launched with an unknown parameter"))
+    task, context = render_fields(stage_task(dag, "preprocess_dataflow", SETTINGS), dag, SETTINGS)
+    assert task.plan["parameters"]  # the real plan passes the check (the launch tests above run it)
+    task.plan = {**task.plan, "parameters": {**task.plan["parameters"], "num_workers": "9"}}
+    with pytest.raises(AirflowFailException, match=r"Dataflow template parameters: got 'num_workers'; expected only "
+                                                   r"the preprocessing stage's options: .*max_tokens"):
+        task.execute(context)

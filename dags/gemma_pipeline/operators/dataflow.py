@@ -22,6 +22,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from gemma_pipeline import local
+from gemma_pipeline.operators.tasks import check_conf
 from gemma_pipeline.plan import jobspec
 from gemma_pipeline.storage.store import RunStore
 from jobs.contract import artifacts, documents
@@ -82,6 +83,10 @@ class PreprocessDataflowOperator(BaseOperator):
         return self._launcher
 
     def execute(self, context: Any) -> Any:
+        # As the GKE path refuses them in `plan`: checked again here, since a cleared task relaunches on its own.
+        if context.get("dag") is not None:
+            check_conf(context)
+        check_parameters(self.plan["parameters"])
         if local.backend() == "local":
             return self.execute_local(context, self.body["launchParameter"]["parameters"])
         launcher = self.launcher()
@@ -148,6 +153,16 @@ class ErrorFile:
     def read_error(self) -> str | None:
         data = self.store.read(self.uri)
         return None if data is None else documents.ERROR.load(data, self.uri)["error"]
+
+
+def check_parameters(parameters: dict[str, str]) -> None:
+    """Only the preprocessing stage's own options go to the template (Dataflow would launch the launcher and fail
+    there, after minutes; a misspelt one would otherwise be dropped)."""
+    known = {opt.flag[2:].replace("-", "_") for opt in jobspec.stage_options("preprocess")}
+    unknown = sorted(set(parameters) - known - set(FIXED_PARAMETERS))
+    if unknown:
+        raise AirflowFailException(f"Dataflow template parameters: got {', '.join(map(repr, unknown))}; expected only "
+                                   f"the preprocessing stage's options: {', '.join(sorted(known))}")
 
 
 def engine_task_id(params: dict[str, Any]) -> str:
