@@ -63,6 +63,10 @@ def _validate_jobset(jobset):
 
 
 def _validate_kueue(obj):
+    """A Kueue object against its CRD; the admission policy that guards the `production` class against Kubernetes'."""
+    if obj["apiVersion"].startswith("admissionregistration.k8s.io/"):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        return
     assert obj["apiVersion"] == "kueue.x-k8s.io/v1beta2"
     _crd_validator(obj["kind"]).validate(obj)
 
@@ -208,7 +212,8 @@ def test_kueue_objects_validate_against_crds():
     objects = kueue.base_objects()
     kinds = {o["kind"] for o in objects}
     assert kinds == {"ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass", "Topology",
-                     "AdmissionCheck", "ProvisioningRequestConfig"}
+                     "AdmissionCheck", "ProvisioningRequestConfig", "ValidatingAdmissionPolicy",
+                     "ValidatingAdmissionPolicyBinding"}
     for obj in objects:
         _validate_kueue(obj)
     broken = copy.deepcopy(next(o for o in objects if o["kind"] == "ClusterQueue"))
@@ -232,6 +237,19 @@ def test_flavors_match_profiles_and_teams_share_a_cohort():
     assert "cohortName" not in serving["spec"] and "preemption" not in serving["spec"]
     values = {o["metadata"]["name"]: o["value"] for o in objects if o["kind"] == "WorkloadPriorityClass"}
     assert values["serving"] > max(v for k, v in values.items() if k != "serving")
+
+
+def test_the_cluster_refuses_production_priority_outside_the_namespaces_allowed_it():
+    policy, binding = kueue.production_policy()
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert {(r["apiGroups"][0], r["resources"][0]) for r in rules} == {("batch", "jobs"), ("jobset.x-k8s.io", "jobsets")}
+    (check,) = policy["spec"]["validations"]
+    assert f"'{jobspec.PRIORITY_LABEL}'" in check["expression"] and "!= 'production'" in check["expression"]
+    assert policy["spec"]["failurePolicy"] == "Fail" and binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    # A namespace without the label is matched (NotIn selects it), so the policy applies there.
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": kueue.PRODUCTION_NAMESPACE_LABEL, "operator": "NotIn", "values": ["allowed"]}]
 
 
 def test_multihost_and_flex_start_flavors():

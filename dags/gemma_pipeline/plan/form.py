@@ -58,7 +58,9 @@ def specs(namespace: str = "team-a") -> dict[str, tuple[Any, dict[str, Any]]]:
         "queue": (f"{namespace}-queue", {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                                          "description": "Kueue LocalQueue in the namespace"}),
         "priority_class": ("development", {"enum": ["production", "development"],
-                                           "description": "Kueue WorkloadPriorityClass: production work may preempt development work"}),
+                                           "description": "Kueue WorkloadPriorityClass: production work may preempt development "
+                                                          "work, so only users the deployment lists may ask for it "
+                                                          "(GEMMA_PIPELINE_PRODUCTION_USERS)"}),
         "queue_timeout_minutes": (240, {"type": "integer", "minimum": 1, "maximum": 10080,
                                         "description": "fail a stage whose Job Kueue has not admitted within this time"}),
     }

@@ -166,6 +166,33 @@ def serving_objects() -> list[dict[str, Any]]:
     return [queue, local, priority_class(*SERVING["priority"])]
 
 
+PRODUCTION_NAMESPACE_LABEL = "gemma-lora-pipeline/production-priority"
+
+
+def production_policy() -> list[dict[str, Any]]:
+    """Kueue lets any workload name any WorkloadPriorityClass, so the cluster itself refuses a Job or JobSet at
+    `production` priority outside the namespaces labelled PRODUCTION_NAMESPACE_LABEL=allowed (the DAG's `plan` checks
+    who may ask for it; this holds for `kubectl` users too)."""
+    name = "gemma-production-priority"
+    label = "kueue.x-k8s.io/priority-class"
+    operations = ["CREATE", "UPDATE"]
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy", "metadata": {"name": name},
+              "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [
+                  {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": operations, "resources": ["jobs"]},
+                  {"apiGroups": ["jobset.x-k8s.io"], "apiVersions": ["*"], "operations": operations, "resources": ["jobsets"]}]},
+                  "validations": [{
+                      "expression": f"!has(object.metadata.labels) || !('{label}' in object.metadata.labels) || "
+                                    f"object.metadata.labels['{label}'] != 'production'",
+                      "message": f"priority class 'production' may preempt other teams' work: only namespaces labelled "
+                                 f"{PRODUCTION_NAMESPACE_LABEL}=allowed may use it; use 'development'",
+                      "reason": "Forbidden"}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name}, "spec": {"policyName": name, "validationActions": ["Deny"], "matchResources": {
+                   "namespaceSelector": {"matchExpressions": [
+                       {"key": PRODUCTION_NAMESPACE_LABEL, "operator": "NotIn", "values": ["allowed"]}]}}}}
+    return [policy, binding]
+
+
 def base_objects(scale: float = 1.0) -> list[dict[str, Any]]:
     objects = [topology(n, levels) for n, levels in TOPOLOGIES.items()]
     objects += [resource_flavor(n, labels) for n, labels in flavors().items()]
@@ -173,7 +200,7 @@ def base_objects(scale: float = 1.0) -> list[dict[str, Any]]:
     objects += [cluster_queue(team, scale) for team in TEAMS]
     objects += [local_queue(team) for team in TEAMS]
     objects += [priority_class(n, v) for n, v in PRIORITIES.items()]
-    return objects + serving_objects()
+    return objects + production_policy() + serving_objects()
 
 
 def quota_patch(scale: float) -> list[dict[str, Any]]:
