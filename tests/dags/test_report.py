@@ -6,7 +6,7 @@ import json
 
 import pytest
 from gemma_pipeline.operators.stage import job_seconds
-from gemma_pipeline.plan import report
+from gemma_pipeline.plan import markup, report
 
 from jobs.contract.layout import RunLayout
 
@@ -105,7 +105,7 @@ def test_pages_carry_results_costs_charts_and_params(prices):
     assert "| finetune | done | tpu-v5e-4 | 3600.0 | 8.00 | 4.0000 | 5.00 | 5.0000 |" in md
     assert "| convert | not finished |" in md and "INCOMPLETE" in md
     assert "![loss curve](finetune/loss_curve.png)" in md and '"lora_rank": 4' in md
-    page = report.to_html(report.markdown(built, {"loss curve": "data:image/png;base64,iVBORw0KGgo="}))
+    page = markup.to_html(report.markdown(built, {"loss curve": "data:image/png;base64,iVBORw0KGgo="}))
     assert '<img src="data:image/png;base64,iVBORw0KGgo="' in page and "<table>" in page and "<td>tpu-v5e-4</td>" in page
 
 

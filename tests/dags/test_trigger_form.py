@@ -10,34 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from gemma_pipeline.plan import form as trigger_form
 
 from tests.conftest import ROOT
+from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip
 
 DAG_ID = "gemma_lora_finetune"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Chromium on a closed network: no background connections, no sandbox as root, a throwaway profile.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _browser_or_skip() -> None:
-    if Path(CHROMIUM).exists():
-        return
-    message = f"Chromium not found at {CHROMIUM} (Debian package chromium; .ci/run installs it)"
-    if os.environ.get("GEMMA_PIPELINE_REQUIRE_BROWSER") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _free_port() -> int:
@@ -55,7 +41,7 @@ def _airflow(env: dict[str, str], *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory):
-    _browser_or_skip()
+    browser_or_skip()
     home = tmp_path_factory.mktemp("airflow-ui")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "STORAGE_EMULATOR", "GEMMA_PIPELINE_"))}
     env.update({"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),

@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from gemma_pipeline import local
-from gemma_pipeline.plan import jobspec
+from gemma_pipeline.plan import jobspec, markup
 from gemma_pipeline.plan.report import (
     CHARTS,
     build,
@@ -19,7 +19,6 @@ from gemma_pipeline.plan.report import (
     stage_prefixes,
     stage_table,
     summary_table,
-    to_html,
 )
 from gemma_pipeline.storage import lease
 from gemma_pipeline.storage.store import RunStore
@@ -81,7 +80,7 @@ class RunReportOperator(BaseOperator):
         inline = {t: "data:image/png;base64," + base64.b64encode(data).decode() for t, data in images.items() if data}
         store.write(layout.file(artifacts.RUN_REPORT_JSON), json.dumps(report, indent=2, default=str).encode(), "application/json")
         store.write(layout.file(artifacts.RUN_REPORT_MD), md.encode(), "text/markdown")
-        store.write(layout.file(artifacts.RUN_REPORT_HTML), to_html(markdown(report, inline)).encode(), "text/html")
+        store.write(layout.file(artifacts.RUN_REPORT_HTML), markup.to_html(markdown(report, inline)).encode(), "text/html")
         self.log.info("run report: %s (and .html, .json)\n%s\n\n%s", layout.file(artifacts.RUN_REPORT_MD), summary_table(report),
                       stage_table(report))
         if lease.release(store, prefix, run_id):

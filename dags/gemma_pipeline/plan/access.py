@@ -162,3 +162,20 @@ def check_priority(priority_class: str, user: str | None, allowed: str) -> None:
         f"{PRODUCTION!r} may preempt other teams' work, and this deployment allows it for "
         f"{', '.join(repr(n) for n in names) or 'no one'} ({PRODUCTION_USERS_ENV} or the Airflow Variable "
         f"{PRODUCTION_USERS_VARIABLE})")
+
+
+DOC_START, DOC_END = "<!-- generated: gcloud commands -->", "<!-- end generated -->"
+
+
+def render_doc(doc: str) -> str:
+    """docs/security.md with its commands block filled from this module's policy, for the example deployment."""
+    import re
+
+    layout = RunLayout.of("my-gemma-bucket", "manual-001")
+    block = ("```bash\n# Once per deployment\n" + "\n".join(gcloud_commands(EXAMPLE, "my-gemma-bucket", "team-a", "serving"))
+             + "\n\n# Per run: what the plan task does (run manual-001, one candidate)\n"
+             + "\n".join(run_commands(EXAMPLE, "my-gemma-bucket", layout, ["default"])) + "\n```")
+    pattern = re.compile(re.escape(DOC_START) + r".*?" + re.escape(DOC_END), re.S)
+    if not pattern.search(doc):
+        raise ValueError(f"no {DOC_START} ... {DOC_END} markers to fill")
+    return pattern.sub(lambda _: f"{DOC_START}\n{block}\n{DOC_END}", doc)

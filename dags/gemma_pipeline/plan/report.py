@@ -6,6 +6,10 @@ the Airflow worker. Cost per stage = the profile's hourly price x the hours the 
 GKE: the Job's admission to completion; locally: the subprocess's wall time, which only estimates what the
 profile's hardware would cost). Prices come from `profiles.py` unless overridden by `GEMMA_PIPELINE_PRICES`
 (a JSON object or a path to one) or the Airflow Variable `gemma_pipeline_prices`: `{"tpu-v5e-1": 1.2, ...}`.
+
+Everything a run's data or its user decides (prompts, answers, candidates, params, paths) is untrusted: it reaches
+the Markdown as literal text, and `markup.to_html` renders with raw HTML off and only safe
+link schemes, so neither `report.md` nor `report.html` can carry markup or script that came from the data.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from gemma_pipeline.plan import profiles
+from gemma_pipeline.plan import markup, profiles
 from jobs.contract import artifacts, splits, stages
 from jobs.contract import documents as docs
 from jobs.contract.layout import RunLayout
@@ -140,7 +145,9 @@ def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | N
 def _fmt(value: Any, spec: str = "") -> str:
     if value is None:
         return "n/a"
-    return format(value, spec) if spec else str(value)
+    if spec and isinstance(value, (int, float)):
+        return format(value, spec)
+    return markup.text(value)  # a string where a number belongs is shown, as text, rather than failing the report
 
 
 def summary_table(report: dict[str, Any]) -> str:
@@ -164,7 +171,7 @@ def stage_table(report: dict[str, Any]) -> str:
     for r in report["stages"]:
         rss = r["peak_rss_bytes"] / 2**30 if r["peak_rss_bytes"] else None
         status = "reused (skipped)" if r.get("skipped") else "done" if r["done"] else "not finished"
-        lines.append(f"| {r['stage']} | {status} | {r['profile'] or 'n/a'} | "
+        lines.append(f"| {markup.text(r['stage'])} | {status} | {_fmt(r['profile'] or None)} | "
                      f"{_fmt(r['seconds'], '.1f')} | {_fmt(rss, '.2f')} | {_fmt(r['accelerator_hours'], '.4f')} | "
                      f"{_fmt(r['hourly_usd'], '.2f')} | {_fmt(r['cost_usd'], '.4f')} |")
     lines.append(f"| total | | | | | | | {_fmt(report['total_cost_usd'], '.4f')} |")
@@ -189,34 +196,31 @@ def candidates_table(champion: dict[str, Any], prices: dict[str, float] | None =
              "|---|---|---|---|---|---|---|---|"]
     for r in champion["candidates"]:
         ci = r.get("ci95") or [None, None]
-        name = f"**{r['key']}** (champion)" if r.get("champion") else r["key"]
+        name = f"**{markup.text(r['key'])}** (champion)" if r.get("champion") else markup.text(r["key"])
         times = [t for t in (r.get("seconds") or {}).values() if t is not None]
-        lines.append(f"| {name} | `{json.dumps(r['overrides'], sort_keys=True)}` | {r['status']} | "
+        lines.append(f"| {name} | {markup.code(json.dumps(r['overrides'], sort_keys=True), cell=True)} | {markup.text(r['status'])} | "
                      f"{_fmt(r.get('perplexity'), '.3f')} | {_fmt(ci[0], '.3f')}–{_fmt(ci[1], '.3f')} | "
                      f"{_fmt(r.get('relative_improvement'), '.1%')} | {_fmt(sum(times) if times else None, '.0f')} | "
                      f"{_fmt(candidate_cost(r, prices), '.4f')} |")
     return "\n".join(lines)
 
 
-def _cell(text: Any) -> str:
-    return "n/a" if text is None else str(text).replace("|", "\\|").replace("\n", "<br>")
-
-
 def answers_table(answers: list[dict[str, Any]]) -> str:
     lines = ["| prompt | reference | before | after |", "|---|---|---|---|"]
     for a in answers:
-        lines.append(f"| {_cell(a['prompt'])} | {_cell(a['reference'])} | {_cell(a['before'])} | {_cell(a['after'])} |")
+        lines.append(f"| {_fmt(a['prompt'])} | {_fmt(a['reference'])} | {_fmt(a['before'])} | {_fmt(a['after'])} |")
     return "\n".join(lines)
 
 
 def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
-    """`charts` maps a chart's title to its image reference (a relative path, or a data: URI)."""
+    """`charts` maps a chart's title to its image reference (a relative path, or a data: URI); a reference that is
+    not a `safe_link` is left out."""
     backend = {r["backend"] for r in report["stages"] if r["backend"]}
-    parts = [f"# Gemma LoRA run report\n\n`{report['run_prefix']}`: "
+    parts = [f"# Gemma LoRA run report\n\n{markup.code(report['run_prefix'])}: "
              f"{'all four stages finished' if report['complete'] else 'INCOMPLETE: some stages did not finish'}.\n",
              "## Results\n", summary_table(report) + "\n",
              *(["## Candidates\n", candidates_table(report["champion"], None if backend == {"local"} else report.get("prices"))
-                + "\n", report["champion"]["why"] + ".\n"]
+                + "\n", markup.line(report["champion"]["why"]) + ".\n"]
                if report.get("champion") else []),
              "## Stages (the champion's)\n", stage_table(report) + "\n",
              ("Local backend: times are this machine's wall time; no cost is shown, since the profiles' hardware "
@@ -224,23 +228,14 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
               "Cost = the profile's hourly price x the hours the stage held its hardware. Prices are a configurable "
               "table, not quotes.\n")]
     for title, ref in charts.items():
-        parts.append(f"## {title.capitalize()}\n\n![{title}]({ref})\n")
+        if markup.safe_link(ref):  # percent-encoded: nothing in it can end the link's destination
+            parts.append(f"## {markup.text(title.capitalize())}\n\n![{markup.text(title)}]({quote(ref, safe='/:;,=+@.-_~?#!$*%')})\n")
     if report.get("answers"):
         parts.append("## What the model says\n\nGreedy answers to eval prompts, through transformers, before and after "
                      "fine-tuning.\n\n" + answers_table(report["answers"]) + "\n")
     parity = report["summary"].get("parity")
     if parity:
-        parts.append("## Export parity\n\n```json\n" + json.dumps(parity, indent=2) + "\n```\n")
-    parts.append("## Artifacts\n\n" + "\n".join(f"- {u}" for uris in report["artifacts"].values() for u in uris) + "\n")
-    parts.append("## Parameters\n\n```json\n" + json.dumps(report["params"], indent=2, sort_keys=True, default=str) + "\n```\n")
+        parts.append("## Export parity\n\n" + markup.fence(json.dumps(parity, indent=2, default=str)))
+    parts.append("## Artifacts\n\n" + "\n".join(f"- {markup.line(u)}" for uris in report["artifacts"].values() for u in uris) + "\n")
+    parts.append("## Parameters\n\n" + markup.fence(json.dumps(report["params"], indent=2, sort_keys=True, default=str)))
     return "\n".join(parts)
-
-
-def to_html(md: str) -> str:
-    """A self-contained page: the charts are inline data URIs."""
-    from markdown_it import MarkdownIt  # CommonMark with tables; Airflow already depends on it (through rich)
-
-    body = MarkdownIt("commonmark").enable("table").render(md)
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;padding:.2em .5em}"
-             "table{border-collapse:collapse}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>Run report</title><style>{style}</style></head><body>{body}</body></html>"

@@ -1,7 +1,8 @@
 """`python -m gemma_pipeline.tools.generate write|check [TARGET ...]`: the files generated from the code and checked
 in, so a `kubectl` user or a reader of the docs sees exactly what the code builds. `check` exits 1 naming what is
 stale (the tests run it). Targets: jobs (k8s/jobs, from jobspec), kueue (k8s/kueue), serving (k8s/serving), params
-(the params table in docs/configuration.md, from the trigger form)."""
+(the params table in docs/configuration.md, from the trigger form), security (the gcloud commands in
+docs/security.md, from the access policy)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gemma_pipeline.plan import form, kueue, manifests, serving
+from gemma_pipeline.plan import access, form, kueue, manifests, serving
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (dags/gemma_pipeline/tools/ -> .)
 PARAMS_DOC = Path("docs/configuration.md")
+SECURITY_DOC = Path("docs/security.md")
 
 
 def _params() -> dict[str, str]:
     return {"": form.render((ROOT / PARAMS_DOC).read_text())}
+
+
+def _security() -> dict[str, str]:
+    return {"": access.render_doc((ROOT / SECURITY_DOC).read_text())}
 
 
 TARGETS: dict[str, tuple[Path, Callable[[], dict[str, str]]]] = {
@@ -25,6 +31,7 @@ TARGETS: dict[str, tuple[Path, Callable[[], dict[str, str]]]] = {
     "kueue": (Path("k8s/kueue"), kueue.render),
     "serving": (Path("k8s/serving"), serving.render),
     "params": (PARAMS_DOC, _params),
+    "security": (SECURITY_DOC, _security),
 }
 
 
