@@ -32,7 +32,7 @@ NAMESPACE = os.environ.get("GEMMA_PIPELINE_NAMESPACE", "team-a")
 IDENTITIES = access.Identities(
     project=PROJECT_ID, prefix=os.environ.get("GEMMA_PIPELINE_IDENTITY_PREFIX", "gemma"),
     worker=os.environ.get("GEMMA_PIPELINE_WORKER_SA", f"composer-worker@{PROJECT_ID}.iam.gserviceaccount.com"))
-FOLDER_IAM = os.environ.get("GEMMA_PIPELINE_FOLDER_IAM", "on") == "on"
+FOLDER_IAM = access.folder_iam(os.environ.get("GEMMA_PIPELINE_FOLDER_IAM", "on"))
 REGISTRY = os.environ.get("GEMMA_PIPELINE_REGISTRY", "us-central1-docker.pkg.dev/my-project/gemma-lora")
 IMAGE_TAG = os.environ.get("GEMMA_PIPELINE_IMAGE_TAG", "0.1.0")  # a release tag or a commit SHA, never latest
 # What docker/cloudbuild.yaml pushes; GEMMA_PIPELINE_IMAGE_DIGESTS ({"preprocess": "sha256:...", ...}) pins by digest.
@@ -125,4 +125,4 @@ with DAG(
           chosen, StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=chosen),
           ServeOperator(task_id="serve", mode="{{ params.serve }}", project_id=PROJECT_ID, location=LOCATION,
                         cluster_name=CLUSTER, service_account=IDENTITIES.ksa(access.SERVING)),
-          RunReportOperator(task_id="report", trigger_rule="all_done"))
+          RunReportOperator(task_id="report", trigger_rule="all_done", identities=IDENTITIES if FOLDER_IAM else None))

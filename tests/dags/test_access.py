@@ -5,6 +5,7 @@ pinned by digest end to end. The Google APIs are faked at the client's boundary 
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import yaml
@@ -75,8 +76,9 @@ def test_the_gcloud_commands_grant_what_the_policy_says():
         assert any(f"add-iam-policy-binding {IDS.gsa(role)} --role=roles/iam.workloadIdentityUser" in c
                    and f"proj.svc.id.goog[{ns}/gemma-{role}]" in c for c in cmds), role
     bucket_grants = [c for c in cmds if c.startswith("gcloud storage buckets add-iam-policy-binding")]
-    assert len(bucket_grants) == len(access.ROLES) + 2
-    assert all(c.endswith(f"--role={access.READ}") for c in bucket_grants if "composer@" not in c)
+    assert len(bucket_grants) == 2 * len(access.ROLES) + 2
+    assert all(c.endswith((f"--role={access.READ}", f"--role={access.BUCKET_READ}")) for c in bucket_grants
+               if "composer@" not in c)
     run = nonempty(access.run_commands(IDS, "bkt", LAYOUT, KEYS), "per-run commands")
     assert "gcloud storage managed-folders create gs://bkt/runs/run-1/preprocess/" in run
     assert all("--role=roles/storage.objectUser" in c for c in run if "add-iam-policy-binding" in c)
@@ -114,6 +116,13 @@ class FakeStorageControl:
         policy.CopyFrom(self.policies[req.resource])
         return policy
 
+    def list_managed_folders(self, request=None, *, parent=None, retry=None, timeout=None, metadata=()):
+        from google.cloud.storage_control_v2 import ListManagedFoldersRequest, ManagedFolder
+
+        req = ListManagedFoldersRequest(**request)
+        within = f"{req.parent}/managedFolders/{req.prefix}"
+        return [ManagedFolder(name=r) for r in sorted(self.policies) if r.startswith(within)]
+
     def set_iam_policy(self, request=None, *, resource=None, retry=None, timeout=None, metadata=()):
         from google.iam.v1 import iam_policy_pb2
 
@@ -126,7 +135,7 @@ class FakeStorageControl:
 def test_the_fake_has_the_clients_signatures():
     from google.cloud.storage_control_v2 import StorageControlClient
 
-    for name in ("create_managed_folder", "get_iam_policy", "set_iam_policy"):
+    for name in ("create_managed_folder", "get_iam_policy", "set_iam_policy", "list_managed_folders"):
         real = [p for p in inspect.signature(getattr(StorageControlClient, name)).parameters]
         assert real == list(inspect.signature(getattr(FakeStorageControl, name)).parameters), name
 
@@ -137,16 +146,10 @@ def _params(**overrides) -> dict:
     return {**{name: default for name, (default, _) in form.specs("team-a").items()}, **overrides}
 
 
-def _store():
-    from gemma_pipeline.storage.store import RunStore
-
-    store = RunStore.__new__(RunStore)
-    store.gcp_conn_id = "google_cloud_default"
-    return store
-
-
-def test_the_plan_task_grants_each_folder_once_and_keeps_existing_bindings():
+def test_the_plan_grants_each_folder_once_keeping_existing_bindings_and_the_report_takes_the_writes_back():
+    from gemma_pipeline.operators.report import RunReportOperator
     from gemma_pipeline.operators.tasks import grant_folders
+    from gemma_pipeline.storage.folders import Folders
     from google.iam.v1 import policy_pb2
 
     planned = plan(_params(bucket="bkt", candidates=[{}, {"lora_rank": 16}]), "run-1")
@@ -154,17 +157,27 @@ def test_the_plan_task_grants_each_folder_once_and_keeps_existing_bindings():
     preprocess = "projects/_/buckets/bkt/managedFolders/runs/run-1/preprocess/"
     theirs = policy_pb2.Policy(bindings=[policy_pb2.Binding(role="roles/storage.objectViewer", members=["user:a@x.com"])])
     control = FakeStorageControl({preprocess: theirs})
-    store = _store()
-    store.grant_folders = lambda bucket, grants, role: type(store).grant_folders(store, bucket, grants, role, control)
-    grant_folders(store, "bkt", planned, IDS)
+    folders = Folders("bkt", control=control)
+    grant_folders("bkt", planned, IDS, folders)
     assert sorted(control.created) == sorted(f for f in access.folder_grants(RunLayout(planned["run_prefix"]), keys)
                                              if "preprocess" not in f)
     bindings = {b.role: list(b.members) for b in control.policies[preprocess].bindings}
     assert bindings == {"roles/storage.objectViewer": ["user:a@x.com"],
                         access.WRITE: [IDS.member("preprocess"), IDS.member(access.DATAFLOW)]}
     calls = control.set_calls
-    grant_folders(store, "bkt", planned, IDS)  # a retry of the plan task
+    grant_folders("bkt", planned, IDS, folders)  # a retry of the plan task
     assert control.set_calls == calls
+
+    # The report takes the writes back, and only them: the user's own binding stays, and another run's folders too.
+    other = "projects/_/buckets/bkt/managedFolders/runs/run-10/preprocess/"
+    control.policies[other] = policy_pb2.Policy(bindings=[policy_pb2.Binding(role=access.WRITE, members=["user:b@x.com"])])
+    report = RunReportOperator(task_id="report", run_prefix=planned["run_prefix"], identities=IDS)
+    changed = report.revoke_writes(folders)
+    assert sorted(changed) == sorted(access.folder_grants(RunLayout(planned["run_prefix"]), keys))
+    assert {b.role: list(b.members) for b in control.policies[preprocess].bindings} == {
+        "roles/storage.objectViewer": ["user:a@x.com"]}
+    assert not any(b.role == access.WRITE for r, p in control.policies.items() if r != other for b in p.bindings)
+    assert [b.role for b in control.policies[other].bindings] == [access.WRITE]
 
 
 def test_a_bucket_without_managed_folders_fails_the_plan_saying_what_to_do():
@@ -173,13 +186,25 @@ def test_a_bucket_without_managed_folders_fails_the_plan_saying_what_to_do():
     from google.api_core.exceptions import BadRequest
 
     class Refusing:
-        def grant_folders(self, bucket, grants, role):
+        def grant(self, grants, role):
             raise BadRequest("managed folders require uniform bucket-level access")
 
     planned = plan(_params(bucket="bkt"), "run-1")
     with pytest.raises(AirflowFailException, match=r"bucket: .*gs://bkt.*uniform bucket-level access.*"
                                                    r"GEMMA_PIPELINE_FOLDER_IAM=off"):
-        grant_folders(Refusing(), "bkt", planned, IDS)
+        grant_folders("bkt", planned, IDS, Refusing())
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    (lambda: access.folder_iam("yes"), "GEMMA_PIPELINE_FOLDER_IAM: got 'yes'; expected 'on'"),
+    (lambda: access.Identities("p", "w", prefix="a-very-long-identity-prefix"),
+     "GEMMA_PIPELINE_IDENTITY_PREFIX: got 'a-very-long-identity-prefix'; expected a lowercase letter"),
+    (lambda: access.Identities("p", "w", prefix="Gemma"), "IDENTITY_PREFIX: got 'Gemma'")])
+def test_a_bad_deployment_setting_is_refused_naming_it(setting, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        setting()
+    assert access.folder_iam("off") is False and len(access.Identities("p", "w", prefix="x" * 18).gsa("preprocess")
+                                                     .split("@")[0]) <= 30
 
 
 @pytest.mark.parametrize(("allowed", "user", "ok"), [("", "alice", False), ("bob, carol", "alice", False),

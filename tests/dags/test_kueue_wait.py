@@ -41,7 +41,7 @@ def test_operator_waits_for_admission_instead_of_failing(monkeypatch):
 
 
 @pytest.mark.parametrize("reason,retriable", [("PodFailurePolicy", False), ("BackoffLimitExceeded", True),
-                                             ("DeadlineExceeded", True)])
+                                             ("DeadlineExceeded", False)])
 def test_failure_classes_come_from_the_jobs_conditions(reason, retriable):
     """The Job controller's Failed condition names the podFailurePolicy; the error message is not read (it says
     nothing here), so a provider rewording its message cannot turn a bad input into three retries."""

@@ -176,7 +176,8 @@ def test_failure_policy_patterns_match_kubernetes_wording():
     """The JobSet rules read the child Job's failure message; these are the Job controller's own phrasings."""
     import re
 
-    [exit_rule, disruption_rule] = jobspec.jobset_failure_policy(3)["rules"]
+    [exit_rule, disruption_rule, deadline_rule] = jobspec.jobset_failure_policy(3)["rules"]
+    assert deadline_rule["action"] == "FailJobSet" and deadline_rule["onJobFailureReasons"] == ["DeadlineExceeded"]
     exit_message = "Container stage for pod team-a/ft-hosts-0-0-abcde failed with exit code 2 matching FailJob rule at index 0"
     disrupted = "Pod team-a/ft-hosts-0-1-fghij has condition DisruptionTarget matching FailJob rule at index 1"
     crashed = "Container stage for pod team-a/ft-hosts-0-0-abcde failed with exit code 143 matching FailJob rule at index 0"

@@ -119,10 +119,10 @@ def test_the_gke_objects_validate_strictly_and_serve_only_the_export_from_the_bu
     import kubernetes_validate
 
     objects = serving.gke_objects(EXPORT, serving.vllm_args(serving.fuse_path(EXPORT, EXPORT)))
-    assert [o["kind"] for o in objects] == ["Deployment", "Service", "NetworkPolicy"]
+    assert [o["kind"] for o in objects] == ["NetworkPolicy", "Deployment", "Service"]  # never reachable without it
     for obj in objects:
         kubernetes_validate.validate(obj, "1.31", strict=True)
-    deployment = objects[0]
+    deployment = objects[1]
     assert deployment["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "serving-queue"
     assert deployment["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "serving"
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -140,12 +140,11 @@ def test_the_gke_objects_validate_strictly_and_serve_only_the_export_from_the_bu
     if shutil.which("kubectl"):
         built = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "serving" / "base")], check=True,
                                capture_output=True, text=True).stdout
-        assert sorted(o["kind"] for o in yaml.safe_load_all(built) if o) == ["Deployment", "NetworkPolicy", "Service",
-                                                                             "ServiceAccount"]
+        assert sorted(o["kind"] for o in yaml.safe_load_all(built) if o) == ["Deployment", "NetworkPolicy", "Service"]
 
 
 def test_the_serving_pod_is_locked_down():
-    deployment, service, policy = serving.gke_objects(EXPORT, ["--model=/models"])
+    policy, deployment, service = serving.gke_objects(EXPORT, ["--model=/models"])
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "gemma-serving"
@@ -218,7 +217,7 @@ class _VllmAuthStub:
 def test_the_server_refuses_a_request_without_the_key_from_the_secret():
     """Against a stub of vLLM's authentication (vLLM itself needs a GPU image): the Deployment's env carries the key
     from the Secret under the name vLLM reads, never as a literal or an argument."""
-    deployment = serving.gke_objects(EXPORT, serving.vllm_args("/models"))[0]
+    deployment = serving.gke_objects(EXPORT, serving.vllm_args("/models"))[1]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert not any(a.startswith("--api-key") for a in container["args"])
     (ref,) = [e for e in container["env"] if e["name"] == serving.API_KEY_ENV]
@@ -261,6 +260,27 @@ class FakeCore:
 
     def patch_namespaced_service(self, name, namespace, body):
         self.calls.append(("patch", name))
+
+
+def test_serving_without_its_api_key_secret_says_how_to_make_it():
+    from kubernetes.client import V1Secret
+    from kubernetes.client.rest import ApiException
+
+    class Core:
+        def __init__(self, secret):
+            self.secret = secret
+
+        def read_namespaced_secret(self, name, namespace):
+            if self.secret is None:
+                raise ApiException(status=404, reason="Not Found")
+            return self.secret
+
+    serving.check_api_key(Core(V1Secret(data={"api-key": "aw=="})), "serving")
+    with pytest.raises(ValueError, match=r"serving API key: no Secret serving/gemma-serving-api-key; expected .*"
+                                         r"kubectl -n serving create secret generic gemma-serving-api-key"):
+        serving.check_api_key(Core(None), "serving")
+    with pytest.raises(ValueError, match=r"has keys \['token'\]; expected a Secret serving/gemma-serving-api-key with key 'api-key'"):
+        serving.check_api_key(Core(V1Secret(data={"token": "aw=="})), "serving")
 
 
 class FakeNetworking:

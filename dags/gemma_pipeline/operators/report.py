@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from gemma_pipeline import local
-from gemma_pipeline.plan import jobspec, markup
+from gemma_pipeline.plan import access, jobspec, markup
 from gemma_pipeline.plan.report import (
     CHARTS,
     build,
@@ -29,14 +29,18 @@ from jobs.contract.layout import RunLayout
 
 class RunReportOperator(BaseOperator):
     """Writes the run report. Runs after every stage, finished or not, and fails (without retry) when a stage
-    did not finish, so the report of a failed run exists and the run still shows as failed."""
+    did not finish, so the report of a failed run exists and the run still shows as failed. With `identities`
+    (on GKE) it then takes back the stages' write access to the run's folders: a finished run's outputs, the
+    served export among them, are no stage's to rewrite (a rerun with the same run_name grants it again)."""
 
     template_fields = ("run_prefix",)
 
-    def __init__(self, *, run_prefix: str = "", gcp_conn_id: str = "google_cloud_default", **kwargs: Any) -> None:
+    def __init__(self, *, run_prefix: str = "", gcp_conn_id: str = "google_cloud_default",
+                 identities: access.Identities | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.run_prefix = run_prefix
         self.gcp_conn_id = gcp_conn_id
+        self.identities = identities
 
     def execute(self, context: Any) -> dict[str, Any]:
         self.run_prefix = self.run_prefix or jobspec.run_layout(context["params"], context["run_id"]).prefix
@@ -46,6 +50,8 @@ class RunReportOperator(BaseOperator):
                 report = self._write(context, RunStore(backend))
         else:
             report = self._write(context, RunStore(backend, self.gcp_conn_id))
+            if self.identities is not None:
+                self.revoke_writes()
         if not report["complete"]:
             missing = [r["stage"] for r in report["stages"] if not r["done"]]
             raise AirflowFailException(f"stages without a manifest: {', '.join(missing)}; report at {self.run_prefix}/{artifacts.RUN_REPORT_MD}")
@@ -86,6 +92,14 @@ class RunReportOperator(BaseOperator):
         if lease.release(store, prefix, run_id):
             self.log.info("released the lease on %s: the run_name is free for the next run", prefix)
         return report
+
+    def revoke_writes(self, folders: Any = None) -> list[str]:
+        from gemma_pipeline.storage.folders import Folders
+
+        bucket, _, name = self.run_prefix.removeprefix("gs://").partition("/")
+        changed = (folders or Folders(bucket, self.gcp_conn_id)).revoke(name.rstrip("/") + "/", access.WRITE)
+        self.log.info("took back the stages' write access to %d folder(s) of %s", len(changed), self.run_prefix)
+        return changed
 
     @staticmethod
     def _usages(context: Any, champion: dict[str, Any] | None) -> dict[str, dict | None]:

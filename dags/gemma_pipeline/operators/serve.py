@@ -91,8 +91,12 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
                                       service_account=self.service_account)
         api = self.hook.get_conn()
         apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-        serving.apply(apps, core, client.NetworkingV1Api(api), objects)
         name, namespace = objects[0]["metadata"]["name"], objects[0]["metadata"]["namespace"]
+        try:
+            serving.check_api_key(core, namespace)
+        except ValueError as err:
+            raise AirflowFailException(str(err)) from err
+        serving.apply(apps, core, client.NetworkingV1Api(api), objects)
         status = serving.wait_available(apps, name, namespace, self.timeout_s, log=self.log.info)
         self.log.info("vLLM serves the champion %s: Service %s/%s port 80", record["champion"], namespace, name)
         return {"mode": "gke", "deployment": f"{namespace}/{name}", "available_replicas": status.get("available_replicas")}

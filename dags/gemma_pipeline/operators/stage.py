@@ -41,6 +41,7 @@ from gemma_pipeline.plan import jobspec, profiles
 from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES, non_retriable_legend
 
 NON_RETRIABLE_REASON = "PodFailurePolicy"
+DEADLINE_REASON = "DeadlineExceeded"  # the Job controller's reason when activeDeadlineSeconds ran out
 JOBSET_FAIL_ACTION_REASON = "FailJobSetFailurePolicyAction"  # the JobSet controller's reason for a FailJobSet rule
 POD_START_TIMEOUT_S = 600
 
@@ -202,9 +203,9 @@ class StageJobOperator(GKEStartJobOperator):
             conditions = (jobset.get("status") or {}).get("conditions") or []
             failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), {})
             message = f"{event.get('message')}: {failed.get('reason', '')} {failed.get('message', '')}".strip()
-            if failed.get("reason") == JOBSET_FAIL_ACTION_REASON:  # the NonRetriableExit rule: exit 2, 3 or 4
+            if failed.get("reason") == JOBSET_FAIL_ACTION_REASON:  # the NonRetriableExit or Deadline rule
                 raise AirflowFailException(f"{message} (a host exited with a non-retriable code: {non_retriable_legend()}; "
-                                           "see the pod logs)")
+                                           "or the Job ran past the profile's deadline; see the pod logs)")
             raise AirflowException(message)
         self._push_usage(context, jobset_seconds(jobset))
 
@@ -339,7 +340,23 @@ def failed_by_pod_failure_policy(job: Any) -> bool:
                and c.get("reason") == NON_RETRIABLE_REASON for c in conditions)
 
 
+def failed_by_deadline(job: Any) -> bool:
+    """Did the Job run out of its activeDeadlineSeconds (the profile's deadline)? A retry would hold the hardware
+    for another deadline, so it is not retried."""
+    if job is None:
+        return False
+    conditions = ((job if isinstance(job, dict) else job.to_dict()).get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Failed" and c.get("status") == "True" and c.get("reason") == DEADLINE_REASON
+               for c in conditions)
+
+
 def raise_if_non_retriable(error: AirflowException, job: Any) -> None:
-    if not isinstance(error, AirflowFailException) and failed_by_pod_failure_policy(job):
+    if isinstance(error, AirflowFailException):
+        return
+    if failed_by_pod_failure_policy(job):
         raise AirflowFailException(
             f"{error} (the stage exited with a non-retriable code: {non_retriable_legend()}; see the pod log)") from error
+    if failed_by_deadline(job):
+        raise AirflowFailException(
+            f"{error} (the Job ran past its activeDeadlineSeconds, the profile's deadline: not retried, since a retry "
+            "would hold the hardware as long again; see the pod log for where it was)") from error

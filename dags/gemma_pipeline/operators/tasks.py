@@ -29,7 +29,7 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
     if context is not None:
         check_conf(context)
     try:
-        if context is not None:
+        if context is not None and params.get("priority_class") == access.PRODUCTION:  # the Variable is read only then
             dag_run = context.get("dag_run")
             access.check_priority(params.get("priority_class", ""), getattr(dag_run, "triggering_user_name", None),
                                   access.production_users())
@@ -54,7 +54,7 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
         raise AirflowFailException(f"bucket: got {params['bucket']!r}; expected an existing Cloud Storage bucket "
                                    f"({err})") from err
     if identities is not None:
-        grant_folders(store or RunStore(local.backend()), params["bucket"], planned, identities)
+        grant_folders(params["bucket"], planned, identities)
     # The candidates are what the mapped tasks expand over (a mapped task expands only over a return value); the
     # preprocessing's two engines read their share under their own keys.
     for key in ("preprocess", "dataflow"):
@@ -62,15 +62,18 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
     return planned["candidates"]
 
 
-def grant_folders(store: Any, bucket: str, planned: dict[str, Any], identities: access.Identities) -> None:
+def grant_folders(bucket: str, planned: dict[str, Any], identities: access.Identities, folders: Any = None,
+                  gcp_conn_id: str = "google_cloud_default") -> None:
     """Each stage's identity gets write access to its own managed folders of this run, and to nothing else."""
     from airflow.sdk.exceptions import AirflowFailException
     from google.api_core.exceptions import GoogleAPICallError
 
+    from gemma_pipeline.storage.folders import Folders
+
     grants = access.folder_grants(RunLayout(planned["run_prefix"]), [c["key"] for c in planned["candidates"]])
     members = {folder: [identities.member(r) for r in roles] for folder, roles in grants.items()}
     try:
-        store.grant_folders(bucket, members, access.WRITE)
+        (folders or Folders(bucket, gcp_conn_id)).grant(members, access.WRITE)
     except GoogleAPICallError as err:
         raise AirflowFailException(
             f"bucket: could not give the stages' identities their managed folders in gs://{bucket} ({err}); expected "

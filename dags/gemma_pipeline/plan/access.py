@@ -26,6 +26,7 @@ DATAFLOW = "dataflow"  # the Dataflow workers of the Beam engine: they write wha
 ROLES = (*stages.NAMES, SERVING, DATAFLOW)
 POD_ROLES = (*stages.NAMES, SERVING)  # the roles that run as Kubernetes pods (Dataflow runs its own VMs)
 READ = "roles/storage.objectViewer"  # get and list objects
+BUCKET_READ = "roles/storage.legacyBucketReader"  # the bucket's own metadata: the stages check that it exists
 WRITE = "roles/storage.objectUser"  # create, overwrite and delete objects: a stage rewrites its prefix on a rerun
 RUN_FILES = "roles/storage.objectAdmin"  # the worker: champion.json, the report, the lease
 FOLDERS = "roles/storage.folderAdmin"  # the worker: creates each run's managed folders and sets their IAM
@@ -42,6 +43,15 @@ class Identities:
     project: str
     worker: str
     prefix: str = "gemma"
+
+    def __post_init__(self) -> None:
+        import re
+
+        longest = max(len(r) for r in ROLES) + 1
+        if not re.fullmatch(rf"[a-z][a-z0-9-]{{0,{29 - longest}}}", self.prefix):
+            raise ValueError(f"GEMMA_PIPELINE_IDENTITY_PREFIX: got {self.prefix!r}; expected a lowercase letter then up to "
+                             f"{29 - longest} lowercase letters, digits or '-' (a Google service account name, "
+                             f"<prefix>-<role>, has at most 30 characters)")
 
     def ksa(self, role: str) -> str:
         if role not in POD_ROLES:
@@ -66,9 +76,11 @@ EXAMPLE = Identities(project="my-project", worker="composer-worker@my-project.ia
 
 
 def bucket_bindings(ids: Identities) -> list[dict[str, Any]]:
-    """The bucket's IAM bindings: every role reads; only the worker writes (the run's own files) and manages the
-    runs' folders."""
-    return [{"role": READ, "members": sorted(ids.member(r) for r in ROLES)},
+    """The bucket's IAM bindings: every role reads (objects, and the bucket's metadata); only the worker writes (the
+    run's own files) and manages the runs' folders. Serving reads bucket-wide too: Cloud Storage FUSE lists at the
+    bucket's scope, which a managed folder's grant does not satisfy."""
+    readers = sorted(ids.member(r) for r in ROLES)
+    return [{"role": READ, "members": readers}, {"role": BUCKET_READ, "members": readers},
             {"role": RUN_FILES, "members": [ids.worker_member]},
             {"role": FOLDERS, "members": [ids.worker_member]}]
 
@@ -82,6 +94,14 @@ def folder_grants(layout: RunLayout, candidates: list[str]) -> dict[str, tuple[s
             roles = (stage, DATAFLOW) if stage == "preprocess" else (stage,)
             grants[object_name(layout.stage(stage, key)) + "/"] = roles
     return grants
+
+
+def folder_iam(value: str) -> bool:
+    """The deployment setting GEMMA_PIPELINE_FOLDER_IAM: a typo must not silently leave the stages without grants."""
+    if value not in ("on", "off"):
+        raise ValueError(f"GEMMA_PIPELINE_FOLDER_IAM: got {value!r}; expected 'on' (the plan task grants each stage its "
+                         "folders) or 'off' (the bucket's IAM is managed elsewhere)")
+    return value == "on"
 
 
 def object_name(uri: str) -> str:

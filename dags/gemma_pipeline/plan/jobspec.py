@@ -206,13 +206,15 @@ def multihost_pod_failure_policy() -> dict[str, Any]:
 
 def jobset_failure_policy(max_restarts: int) -> dict[str, Any]:
     """Read from the failed Job's reason and message (Kubernetes' podFailurePolicy wording): a non-retriable
-    exit fails the JobSet; a disruption restarts the group without counting against `max_restarts`; any other
+    exit, or the profile's deadline, fails the JobSet; a disruption restarts the group without counting against `max_restarts`; any other
     failure (a crash, exit 143 after a checkpoint) restarts the group and counts."""
     return {"maxRestarts": max_restarts, "restartStrategy": "Recreate", "rules": [
         {"name": "NonRetriableExit", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
          "onJobFailureMessagePatterns": [f"failed with exit code ({'|'.join(map(str, NON_RETRIABLE_EXIT_CODES))}) matching FailJob rule"]},
         {"name": "Disruption", "action": "RestartJobSetAndIgnoreMaxRestarts", "onJobFailureReasons": ["PodFailurePolicy"],
          "onJobFailureMessagePatterns": ["has condition DisruptionTarget matching FailJob rule"]},
+        # A restart would reset the child Job's deadline: the group holds the slice at most one deadline.
+        {"name": "Deadline", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
     ]}
 
 

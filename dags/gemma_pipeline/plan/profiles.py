@@ -37,8 +37,9 @@ class Profile:
     topology_level: str = ""  # Kueue topology-aware scheduling: hosts must share this node label's value
     dws: bool = False  # capacity from Dynamic Workload Scheduler flex-start
     # The stage's scratch emptyDir (models, checkpoints and shards being staged): past it the kubelet evicts the pod
-    # instead of filling the node's disk.
-    scratch: str = "100Gi"
+    # instead of filling the node's disk. Room for the largest model's staged base plus its merged float32 export
+    # (Gemma 3 27B: about 54 + 108 GB); the node's disk must hold it too.
+    scratch: str = "500Gi"
     # The Job's activeDeadlineSeconds: the longest one stage may hold its hardware, retries included (Kubernetes
     # restarts the clock when Kueue suspends the Job, so queueing does not count).
     deadline_s: int = 24 * 3600

@@ -106,7 +106,7 @@ SERVING_RESOURCES = {"requests": {"cpu": "4", "memory": "24Gi", "ephemeral-stora
 
 def gke_objects(export: str, args: list[str], image: str = GKE_VLLM_IMAGE, namespace: str = SERVING["namespace"],
                 service_account: str = "gemma-serving", clients: tuple[str, ...] = CLIENT_NAMESPACES) -> list[dict[str, Any]]:
-    """The vLLM Deployment, its Service and the NetworkPolicy that admits only the named clients. The pod mounts
+    """The NetworkPolicy that admits only the named clients, the vLLM Deployment and its Service. The pod mounts
     only `export` (the champion's convert prefix), read-only, not the bucket."""
     bucket, _, folder = export.removeprefix("gs://").partition("/")
     name, labels = SERVING["name"], {"app.kubernetes.io/name": SERVING["name"], "app.kubernetes.io/part-of": "gemma-lora-pipeline"}
@@ -159,13 +159,30 @@ def gke_objects(export: str, args: list[str], image: str = GKE_VLLM_IMAGE, names
                            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": list(clients)}]},
                            "podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}],
                            "ports": [{"protocol": "TCP", "port": SERVING["port"]}]}]}}
-    return [deployment, service, policy]
+    return [policy, deployment, service]  # the policy first: the server is never reachable without it
 
 
 def champion_paths(record: dict[str, Any]) -> dict[str, str]:
     chosen = next(r for r in record["candidates"] if r.get("champion"))
     convert = chosen["prefixes"]["convert"]
     return {"export": convert, "adapter": f"{convert}/adapter", "base": f"{convert}/base", "key": chosen["key"]}
+
+
+def check_api_key(core: Any, namespace: str) -> None:
+    """The Deployment needs its key; without the Secret its pod would wait forever in CreateContainerConfigError."""
+    from kubernetes.client.rest import ApiException
+
+    name, key = API_KEY_SECRET["name"], API_KEY_SECRET["key"]
+    expected = (f"expected a Secret {namespace}/{name} with key {key!r}: kubectl -n {namespace} create secret generic "
+                f"{name} --from-literal={key}=\"$(openssl rand -hex 32)\" (docs/security.md)")
+    try:
+        secret = core.read_namespaced_secret(name, namespace)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        raise ValueError(f"serving API key: no Secret {namespace}/{name}; {expected}") from None
+    if key not in (secret.data or {}):
+        raise ValueError(f"serving API key: Secret {namespace}/{name} has keys {sorted(secret.data or {})}; {expected}")
 
 
 def wait_available(apps: Any, name: str, namespace: str, timeout_s: float, poll_s: float = 10.0,
@@ -209,10 +226,15 @@ def render() -> dict[str, str]:
 
     header = GENERATED_HEADER
     export = "gs://my-gemma-bucket/runs/manual-001/candidates/default/convert"
-    example = [*gke_objects(export, vllm_args(fuse_path(export, export)), service_account=access.EXAMPLE.ksa(access.SERVING)),
-               *access.service_accounts(access.EXAMPLE, SERVING["namespace"], (access.SERVING,))]
+    example = gke_objects(export, vllm_args(fuse_path(export, export)), service_account=access.EXAMPLE.ksa(access.SERVING))
     files = {f"base/{o['kind'].lower()}.yaml": header + yaml.safe_dump(o, sort_keys=False, width=120) for o in example}
     files["base/kustomization.yaml"] = header + yaml.safe_dump(
         {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": sorted(
             f"{o['kind'].lower()}.yaml" for o in example)}, sort_keys=False)
+    # The service account apart: applied once per deployment, without starting a GPU pod (docs/security.md).
+    (account,) = access.service_accounts(access.EXAMPLE, SERVING["namespace"], (access.SERVING,))
+    files["identities/serviceaccount.yaml"] = header + yaml.safe_dump(account, sort_keys=False, width=120)
+    files["identities/kustomization.yaml"] = header + yaml.safe_dump(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["serviceaccount.yaml"]},
+        sort_keys=False)
     return files

@@ -15,42 +15,12 @@ class RunStore:
     (anonymous) locally."""
 
     def __init__(self, backend: str, gcp_conn_id: str = "google_cloud_default") -> None:
-        self.gcp_conn_id = gcp_conn_id
         if backend == "local":
             self.client = local.storage_client()
         else:
             from airflow.providers.google.cloud.hooks.gcs import GCSHook
 
             self.client = GCSHook(gcp_conn_id=gcp_conn_id).get_conn()
-
-    def grant_folders(self, bucket: str, grants: dict[str, list[str]], role: str, control: Any = None) -> None:
-        """Create each managed folder (object-name prefix ending in `/`) and add `role` for its members to the folder's
-        IAM policy, keeping what is there: a rerun of the run, or a user's own bindings, are left intact."""
-        from google.api_core.exceptions import AlreadyExists
-        from google.iam.v1 import policy_pb2
-
-        if control is None:
-            from airflow.providers.google.cloud.hooks.gcs import GCSHook
-            from google.cloud.storage_control_v2 import StorageControlClient
-
-            control = StorageControlClient(credentials=GCSHook(gcp_conn_id=self.gcp_conn_id).get_credentials())
-        for folder, members in grants.items():
-            try:
-                control.create_managed_folder(parent=f"projects/_/buckets/{bucket}", managed_folder={},
-                                              managed_folder_id=folder)
-            except AlreadyExists:
-                pass
-            resource = f"projects/_/buckets/{bucket}/managedFolders/{folder}"
-            policy = control.get_iam_policy(request={"resource": resource})
-            binding = next((b for b in policy.bindings if b.role == role and not b.condition.expression), None)
-            if binding is None:
-                binding = policy_pb2.Binding(role=role)
-                policy.bindings.append(binding)
-                binding = policy.bindings[-1]
-            missing = [m for m in members if m not in binding.members]
-            if missing:
-                binding.members.extend(missing)
-                control.set_iam_policy(request={"resource": resource, "policy": policy})
 
     def _blob(self, uri: str) -> Any:
         bucket, _, name = uri.removeprefix("gs://").partition("/")
