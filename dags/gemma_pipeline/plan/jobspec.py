@@ -73,18 +73,14 @@ def images(registry: str, tag: str, digests: str = "") -> dict[str, str]:
 
 
 def parse_digests(text: str) -> dict[str, str]:
-    import json
     import re
+
+    from gemma_pipeline.plan import json_object
 
     where = "GEMMA_PIPELINE_IMAGE_DIGESTS"
     if not text.strip():
         return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not JSON ({err}); expected an object of image name to sha256:<64 hex digits>") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: got {type(value).__name__}; expected an object of image name to sha256:<64 hex digits>")
+    value = json_object(text, where, "an object of image name to sha256:<64 hex digits>")
     for name, digest in value.items():
         if name not in stages.IMAGE_NAMES:
             raise ValueError(f"{where}: unknown image {name!r}; expected one of {', '.join(stages.IMAGE_NAMES)}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from gemma_pipeline.plan import markup, profiles
+from gemma_pipeline.plan import json_object, markup, profiles
 from jobs.contract import artifacts, splits, stages
 from jobs.contract import documents as docs
 from jobs.contract.layout import RunLayout
@@ -41,12 +41,7 @@ def price_table() -> dict[str, float]:
     if not raw:
         return prices
     text = Path(raw).read_text() if not raw.lstrip().startswith("{") else raw
-    try:
-        overrides = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{source}: not JSON ({err}); expected an object of profile name to USD per hour") from None
-    if not isinstance(overrides, dict):
-        raise ValueError(f"{source}: got {type(overrides).__name__}; expected an object of profile name to USD per hour")
+    overrides = json_object(text, source, "an object of profile name to USD per hour")
     for name, value in overrides.items():
         if name not in prices:
             raise ValueError(f"{source}: unknown profile {name!r}; expected one of {', '.join(sorted(prices))}")
