@@ -7,10 +7,11 @@ from typing import Any
 
 from jobs.common import sources
 from jobs.common.sources import EXPECTED, model_ref
+from jobs.contract import rows as rows_lib
 from jobs.contract.errors import BadInputError
 from jobs.demo_model.weights import model_dir
 
-__all__ = ["EXPECTED", "SUPPORTED_CLASSES", "load_causal_lm", "load_with_adapter", "model_ref", "resolve"]
+__all__ = ["EXPECTED", "SUPPORTED_CLASSES", "end_of_turn_id", "load_causal_lm", "load_with_adapter", "model_ref", "resolve"]
 
 SUPPORTED_CLASSES = ("GemmaCausalLM", "Gemma3CausalLM")
 
@@ -53,3 +54,12 @@ def load_with_adapter(base_uri: str, adapter_uri: str, rank: int, targets: list[
 def adapter_only(finetune_settings: dict[str, Any]) -> bool:
     """True when a fine-tune's product is its adapter alone (it trained on a quantized base)."""
     return finetune_settings.get("base_quantization", "none") != "none"
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The id of the one token every loss segment ends with (`rows.END_OF_TURN`)."""
+    try:
+        return int(tokenizer.token_to_id(rows_lib.END_OF_TURN))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise BadInputError("tokenizer", type(tokenizer).__name__, f"a tokenizer with {rows_lib.END_OF_TURN} as one "
+                            "token (every Gemma has it: the model is trained to stop on it)") from None

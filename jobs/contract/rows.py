@@ -19,6 +19,9 @@ from typing import Any
 from jobs.contract.errors import BadInputError
 
 INSTRUCTION, CHAT, TEXT = "instruction", "chat", "text"
+# Every loss segment (a response, an assistant turn) ends with Gemma's end-of-turn marker: what the model learns to
+# stop on, and what the export's generation config stops on.
+END_OF_TURN = "<end_of_turn>"
 KINDS = (INSTRUCTION, CHAT, TEXT)
 TEXT_PROMPT_WORDS = 24  # a raw-text row as a prompt: its opening words; the reference: the words after
 

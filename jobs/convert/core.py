@@ -81,16 +81,22 @@ def export(model, directory: Path) -> None:
     tokenizer = model.preprocessor.tokenizer
     generation = directory / "generation_config.json"
     settings = json.loads(generation.read_text()) if generation.exists() else {}
+    stops = sorted({int(tokenizer.end_token_id), models.end_of_turn_id(tokenizer)})
     settings.update({"bos_token_id": tokenizer.start_token_id, "pad_token_id": tokenizer.pad_token_id,
-                     "eos_token_id": sorted({tokenizer.end_token_id, *_end_of_turn(tokenizer)})})
+                     "eos_token_id": stops})
     generation.write_text(json.dumps(settings, indent=2))
+    check_stops(directory, stops)
 
 
-def _end_of_turn(tokenizer) -> list[int]:
-    try:
-        return [int(tokenizer.token_to_id("<end_of_turn>"))]
-    except (KeyError, ValueError):
-        return []
+def check_stops(directory: Path, stops: list[int]) -> None:
+    """What transformers and vLLM will stop on, read back as transformers reads it: both EOS and end of turn."""
+    from transformers import GenerationConfig
+
+    found = GenerationConfig.from_pretrained(str(directory)).eos_token_id
+    found = sorted(found) if isinstance(found, list) else [found]
+    if found != stops:
+        raise ExportMismatchError(f"generation_config.json of {directory}: eos_token_id {found}; expected {stops} (EOS "
+                                  "and end of turn: generation would not stop after an answer)")
 
 
 def reference_outputs(model, texts: list[str]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from jobs.common.lm import bucket_width
+from jobs.common.models import end_of_turn_id
 from jobs.contract import rows as rows_lib
 from jobs.contract import splits
 from jobs.contract.errors import BadInputError
@@ -52,9 +53,12 @@ def read_split(data_dir: Path, split: str, field: str, required: bool = True) ->
 
 def tokenize(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> TokenizedSplit:
     """BOS + segments + EOS per row; the loss covers the tokens of loss segments (the response, or every
-    assistant turn) and the EOS after a final loss segment. Raw-text rows are packed instead (`pack`)."""
+    assistant turn) and the EOS after a final loss segment. Raw-text rows are packed instead (`pack`). Every loss
+    segment must end with the end-of-turn token, so the model learns to stop after each answer: a row or tokenizer
+    that breaks that is refused, not trained into a model that never stops."""
     if rows and rows_lib.kind_of(rows[0]) == rows_lib.TEXT:
         return pack(rows, tokenizer, sequence_length)
+    end_of_turn = end_of_turn_id(tokenizer) if rows else -1
     n = len(rows)
     width = sequence_length + 1
     pad, bos, eos = tokenizer.pad_token_id, tokenizer.start_token_id, tokenizer.end_token_id
@@ -67,8 +71,10 @@ def tokenize(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> Tok
     pieces = iter(tokenizer(texts) if texts else [])
     for i, segments in enumerate(row_segments):
         ids, scored = [bos], [False]  # scored[p]: ids[p] is a loss token (target position p - 1)
-        for _, loss in segments:
+        for text, loss in segments:
             piece = [int(t) for t in next(pieces)]
+            if loss and piece[-1:] != [end_of_turn]:
+                _refuse_turn(i, text, tokenizer)
             ids += piece
             scored += [bool(loss)] * len(piece)
         ids.append(eos)
@@ -80,6 +86,15 @@ def tokenize(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> Tok
         lengths[i] = len(ids)
         mask[i, : len(ids) - 1] = np.asarray(scored[1:], dtype=np.float32)
     return TokenizedSplit(tokens, lengths, mask, truncated)
+
+
+def _refuse_turn(index: int, text: str, tokenizer) -> None:
+    if not text.endswith(rows_lib.END_OF_TURN):
+        raise BadInputError("--data", f"row {index + 1}: an answer ending {text[-40:]!r}",
+                            f"every response and assistant turn to end with {rows_lib.END_OF_TURN} (as this project's "
+                            "preprocessing writes them)")
+    raise BadInputError("tokenizer", type(tokenizer).__name__, f"a tokenizer that keeps {rows_lib.END_OF_TURN} as one "
+                        f"token (it split it in row {index + 1}; the model could not learn to stop on it)")
 
 
 def pack(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> TokenizedSplit:

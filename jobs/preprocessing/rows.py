@@ -113,7 +113,7 @@ def prepare(config: PreprocessConfig, row: dict[str, Any], coerced: Counter) -> 
 # ---- what every engine does with a row once it is read (single machine: jobs.preprocessing.core; Beam: .beam) ----
 
 USER_TURN = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
-MODEL_TURN_END = "<end_of_turn>"
+MODEL_TURN_END = contract_rows.END_OF_TURN
 TokenCounter = Callable[[list[str]], list[int]]
 
 

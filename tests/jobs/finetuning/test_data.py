@@ -85,3 +85,62 @@ def test_bucketed_eval_equals_full_width_eval(tiny_gemma3):
     bucketed, full = trainer.evaluate(split, 3, bucket=True), trainer.evaluate(split, 3, bucket=False)
     assert bucketed["tokens"] == full["tokens"]
     assert bucketed["loss"] == pytest.approx(full["loss"], rel=1e-5)
+
+
+class _Tokenizer:
+    """A stand-in with the keras-hub tokenizer's surface the tokenizer code uses: ids per character-ish word."""
+
+    start_token_id, end_token_id, pad_token_id = 2, 1, 0
+    END = 106
+
+    def __init__(self, splits_marker: bool = False, has_marker: bool = True) -> None:
+        self.splits_marker, self.has_marker = splits_marker, has_marker
+
+    def token_to_id(self, token: str) -> int:
+        if not self.has_marker:
+            raise KeyError(token)
+        return self.END
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        out = []
+        for text in texts:
+            body, marker, _ = text.partition("<end_of_turn>")
+            ids = [10 + (ord(c) % 50) for c in body]
+            out.append(ids + ([7, 8] if self.splits_marker else [self.END]) if marker else ids)
+        return out
+
+
+ROWS = [{"prompt": "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n", "response": "Hello<end_of_turn>"},
+        {"segments": [["<start_of_turn>user\nA<end_of_turn>\n<start_of_turn>model\n", False], ["B<end_of_turn>", True],
+                      ["\n<start_of_turn>user\nC<end_of_turn>\n<start_of_turn>model\n", False], ["D<end_of_turn>", True]]}]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=["instruction", "chat"])
+def test_every_answer_ends_with_a_scored_end_of_turn(row):
+    split = data_lib.tokenize([row], _Tokenizer(), 64)
+    targets = split.tokens[0, 1 : split.lengths[0]]
+    mask = split.loss_mask[0, : split.lengths[0] - 1]
+    ends = np.flatnonzero(targets == _Tokenizer.END)
+    answers = sum(1 for _, loss in data_lib.rows_lib.segments_of(row) if loss)
+    scored_ends = [p for p in ends if mask[p] == 1.0]
+    assert len(scored_ends) == answers >= 1  # every answer's end of turn is a loss target; the prompt's are not
+    assert mask[len(targets) - 1] == 1.0 and targets[-1] == _Tokenizer.end_token_id  # and the EOS after the last
+
+
+def test_an_answer_without_its_end_of_turn_is_refused_naming_the_row():
+    from jobs.contract.errors import BadInputError
+
+    rows = [ROWS[0], {**ROWS[0], "response": "Hello, and no end"}]
+    with pytest.raises(BadInputError, match=r"--data: got \"row 2: an answer ending 'Hello, and no end'\"; expected "
+                                            r"every response and assistant turn to end with <end_of_turn>"):
+        data_lib.tokenize(rows, _Tokenizer(), 64)
+
+
+@pytest.mark.parametrize(("tokenizer", "message"), [
+    (_Tokenizer(splits_marker=True), "a tokenizer that keeps <end_of_turn> as one token .it split it in row 1"),
+    (_Tokenizer(has_marker=False), "a tokenizer with <end_of_turn> as one token")])
+def test_a_tokenizer_that_cannot_stop_is_refused(tokenizer, message):
+    from jobs.contract.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=f"tokenizer: got '_Tokenizer'; expected {message}"):
+        data_lib.tokenize(ROWS[:1], tokenizer, 64)
