@@ -4,7 +4,8 @@ Every stage pod and the serving pod runs as its own Kubernetes service account (
 Workload Identity to its own Google service account (`<prefix>-<role>@PROJECT.iam.gserviceaccount.com`). On the
 bucket (uniform bucket-level access) those identities may only read; none may write bucket-wide. Writing happens
 through Cloud Storage managed folders: the `plan` task creates, for its run, one managed folder per stage prefix
-and grants that stage's identity `roles/storage.objectUser` on it alone. So the preprocess pod, which parses
+and grants that stage's identity `roles/storage.objectUser` on it alone, until the run's `report` task takes the
+grant back (`storage.folders`). So the preprocess pod, which parses
 untrusted input, can write `runs/RUN/preprocess/` and nothing else: not `champion.json` (only the Airflow worker,
 Composer's own service account, writes the run's files), not a candidate's export that serving reads.
 
