@@ -252,8 +252,15 @@ class FakeApps:
 
 
 class FakeCore:
-    def __init__(self):
-        self.calls = []
+    def __init__(self, secret=None):
+        self.calls, self.secret = [], secret
+
+    def read_namespaced_secret(self, name, namespace):
+        from kubernetes.client.rest import ApiException
+
+        if self.secret is None:
+            raise ApiException(status=404, reason="Not Found")
+        return self.secret
 
     def create_namespaced_service(self, namespace, body):
         self.calls.append(("create", body["metadata"]["name"]))
@@ -264,23 +271,13 @@ class FakeCore:
 
 def test_serving_without_its_api_key_secret_says_how_to_make_it():
     from kubernetes.client import V1Secret
-    from kubernetes.client.rest import ApiException
 
-    class Core:
-        def __init__(self, secret):
-            self.secret = secret
-
-        def read_namespaced_secret(self, name, namespace):
-            if self.secret is None:
-                raise ApiException(status=404, reason="Not Found")
-            return self.secret
-
-    serving.check_api_key(Core(V1Secret(data={"api-key": "aw=="})), "serving")
+    serving.check_api_key(FakeCore(V1Secret(data={"api-key": "aw=="})), "serving")
     with pytest.raises(ValueError, match=r"serving API key: no Secret serving/gemma-serving-api-key; expected .*"
                                          r"kubectl -n serving create secret generic gemma-serving-api-key"):
-        serving.check_api_key(Core(None), "serving")
+        serving.check_api_key(FakeCore(), "serving")
     with pytest.raises(ValueError, match=r"has keys \['token'\]; expected a Secret serving/gemma-serving-api-key with key 'api-key'"):
-        serving.check_api_key(Core(V1Secret(data={"token": "aw=="})), "serving")
+        serving.check_api_key(FakeCore(V1Secret(data={"token": "aw=="})), "serving")
 
 
 class FakeNetworking:

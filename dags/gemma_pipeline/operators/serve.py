@@ -13,7 +13,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from gemma_pipeline import local
-from gemma_pipeline.plan import jobspec, serving
+from gemma_pipeline.plan import access, jobspec, serving
 from jobs.contract import documents
 from jobs.contract.layout import RunLayout
 
@@ -26,7 +26,8 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
     template_fields = ("run_prefix", "mode")
 
     def __init__(self, *, mode: str, run_prefix: str = "", project_id: str, location: str, cluster_name: str,
-                 gcp_conn_id: str = "google_cloud_default", timeout_s: int = 1800, service_account: str = "gemma-serving",
+                 gcp_conn_id: str = "google_cloud_default", timeout_s: int = 1800,
+                 service_account: str = access.EXAMPLE.ksa(access.SERVING),
                  **kwargs: Any) -> None:
         for key in ("namespace", "service_account_name", "wait_until_job_complete", "deferrable", "parallelism",
                     "completions", "suspend", "backoff_limit", "ttl_seconds_after_finished", "get_logs",

@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from gemma_pipeline.plan import GENERATED_HEADER
+from gemma_pipeline.plan import GENERATED_HEADER, access
 
 MODES = ("none", "vertex", "gke")
 # vLLM's OpenAI-compatible server for GKE; Vertex needs a container that speaks its prediction protocol and
@@ -105,7 +105,7 @@ SERVING_RESOURCES = {"requests": {"cpu": "4", "memory": "24Gi", "ephemeral-stora
 
 
 def gke_objects(export: str, args: list[str], image: str = GKE_VLLM_IMAGE, namespace: str = SERVING["namespace"],
-                service_account: str = "gemma-serving", clients: tuple[str, ...] = CLIENT_NAMESPACES) -> list[dict[str, Any]]:
+                service_account: str = access.EXAMPLE.ksa(access.SERVING), clients: tuple[str, ...] = CLIENT_NAMESPACES) -> list[dict[str, Any]]:
     """The NetworkPolicy that admits only the named clients, the vLLM Deployment and its Service. The pod mounts
     only `export` (the champion's convert prefix), read-only, not the bucket."""
     bucket, _, folder = export.removeprefix("gs://").partition("/")
@@ -222,7 +222,6 @@ def apply(apps: Any, core: Any, networking: Any, objects: list[dict[str, Any]]) 
 def render() -> dict[str, str]:
     import yaml
 
-    from gemma_pipeline.plan import access
 
     header = GENERATED_HEADER
     export = "gs://my-gemma-bucket/runs/manual-001/candidates/default/convert"
