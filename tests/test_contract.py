@@ -9,6 +9,7 @@ import pytest
 
 from jobs.contract import artifacts, documents, stages
 from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES
+from jobs.contract.layout import SHARED
 from tests.conftest import ROOT
 from tests.support import nonempty
 
@@ -53,7 +54,7 @@ def test_each_stage_reads_from_the_upstream_stages_its_config_points_at():
     from jobs.contract import spec
 
     for stage in stages.REGISTRY.values():
-        upstream = {opt.upstream for opt in spec.options(stage.config) if opt.upstream not in (None, "self")}
+        upstream = {opt.upstream for opt in spec.options(stage.config) if opt.upstream not in (None, "self", SHARED)}
         assert upstream == set(stage.reads), stage.name
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict
@@ -11,17 +12,17 @@ from typing import Any
 
 import numpy as np
 
+from jobs.benchmark import answers, metrics
 from jobs.benchmark import perplexity as ppl
 from jobs.common import lm, models, storage
-from jobs.common.manifest import StageRun, read_manifest, stage_in_upstream, upstream_ref
+from jobs.common.manifest import StageRun, digest_json, read_manifest, stage_in_upstream, upstream_ref
 from jobs.contract import artifacts, documents
 from jobs.contract import rows as rows_lib
-from jobs.contract.configs.benchmark import BenchmarkConfig
+from jobs.contract.configs.benchmark import AUTO, METRICS, BenchmarkConfig
 from jobs.contract.errors import BadInputError, QualityGateError
 from jobs.finetuning import data as data_lib
 
 log = logging.getLogger(__name__)
-
 
 
 def resolve_mode(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
@@ -101,6 +102,103 @@ def _tuned(config: BenchmarkConfig, workdir: Path) -> tuple[str, Callable[[], An
                                              list(settings["lora_targets"]), workdir, field="--finetune"))
 
 
+def _result(name: str, uri: str, load: Callable[[], Any], config: BenchmarkConfig, rows: list[dict[str, Any]],
+            ood_docs: list[str], chosen: list[dict[str, str]], workdir: Path) -> dict[str, Any]:
+    """One model's whole evaluation: perplexity per split, answers and their task metrics, lm-eval tasks."""
+    model = load()
+    tokenizer = model.preprocessor.tokenizer
+    scorer = lm.NllScorer(model)
+    windows, n_docs = eval_windows(config, rows, tokenizer)
+    splits = {"eval": windows}
+    if ood_docs:
+        splits["ood"] = text_windows(config, ood_docs, tokenizer)
+    result: dict[str, Any] = {"uri": uri, "splits": {}}
+    for split, win in splits.items():
+        nll = score(scorer, win, config.batch_size)
+        sums, counts = ppl.per_document(win, nll, n_docs if split == "eval" else len(ood_docs))
+        result["splits"][split] = ppl.summarize(sums, counts, config.bootstrap, config.seed)
+        result["splits"][split]["tokens_sha256"] = ppl.digest(win)
+        if split == "eval":  # what a paired bootstrap of the perplexity difference resamples
+            result["per_document"] = {"sums": sums.tolist(), "counts": counts.tolist()}
+        log.info("%s on %s: perplexity %.4f (%d tokens)", name, split, result["splits"][split]["perplexity"], int(counts.sum()))
+    result["tokens_per_s"] = scorer.tokens_per_s
+    if chosen:
+        result["generation"] = answers.evaluate(model, config, chosen)
+    if config.tasks:
+        from jobs.benchmark import harness
+
+        result["tasks"] = harness.run_tasks(model, config.tasks, workdir / f"tasks-{name}", batch_size=config.batch_size,
+                                            max_length=config.max_length, limit=config.eval_task_limit or None,
+                                            seed=config.seed)
+    del model, scorer
+    gc.collect()
+    return result
+
+
+def _shared_base(config: BenchmarkConfig, inputs: list[dict[str, Any]], code: dict[str, Any]) -> tuple[str, dict | None]:
+    """Where the base model's evaluation is shared, and the evaluation when a candidate or an earlier run already
+    made it: keyed by everything it depends on (eval data, base model, every option that changes it, the code)."""
+    if not config.shared:
+        return "", None
+    own = {k: v for k, v in asdict(config).items() if k not in ("output", "finetune", "shared", "require_improvement", "champion_metric")}
+    key = digest_json({"data": inputs[0], "model": inputs[-1], "config": own, "code": code})[:24]
+    uri = storage.join(config.shared, artifacts.base_evaluation(key))
+    if not storage.exists(uri):
+        return uri, None
+    doc = documents.BASE_EVALUATION.load(storage.read_bytes(uri), uri)
+    if doc["key"] != key:
+        return uri, None
+    log.info("base model: reusing its evaluation from %s (same data, model, options and code)", uri)
+    return uri, doc["result"]
+
+
+def _save_shared(uri: str, result: dict[str, Any]) -> None:
+    key = uri.rsplit("/", 1)[-1].removeprefix("base-").removesuffix(".json")
+    try:  # create-only: a candidate that finished first wrote the same evaluation
+        storage.write_bytes(uri, documents.BASE_EVALUATION.dump({"key": key, "result": result}), "application/json",
+                            if_generation_match=0)
+    except storage.Conflict:
+        log.info("base model: %s was written by another candidate meanwhile", uri)
+
+
+def compare(report: dict[str, Any], config: BenchmarkConfig) -> dict[str, Any]:
+    """Tuned minus base for every metric both have, each with a paired 95% bootstrap interval (perplexity: base minus
+    tuned resampling documents, so a positive difference is an improvement as for the others)."""
+    base, tuned = report["models"]["base"], report["models"]["tuned"]
+    out: dict[str, Any] = {}
+    bgen, tgen = base.get("generation"), tuned.get("generation")
+    if bgen and tgen:
+        for name in metrics.GENERATION:
+            out[name] = metrics.paired(tgen["per_example"][name], bgen["per_example"][name], config.bootstrap, config.seed)
+    if "per_document" in base and "per_document" in tuned:
+        out["perplexity"] = ppl.paired_difference(base["per_document"], tuned["per_document"], config.bootstrap, config.seed)
+    for task, figures in (tuned.get("tasks") or {}).items():
+        for metric, figure in figures.items():
+            before = ((base.get("tasks") or {}).get(task) or {}).get(metric)
+            if before and figure.get("value") is not None and before.get("value") is not None:
+                out[f"{task}:{metric}"] = {"value": figure["value"] - before["value"], "ci95_low": None,
+                                           "ci95_high": None, "excludes_zero": None}
+    return out
+
+
+def champion_metric(config: BenchmarkConfig, report: dict[str, Any]) -> dict[str, Any]:
+    """The metric that chooses and gates: `auto` is ROUGE-L when answers were generated, else perplexity. A
+    `task:metric` must be one the tasks produced (exit 2 naming what exists)."""
+    name = config.champion_metric
+    if name == AUTO:
+        name = "rouge_l" if "generation" in report["models"]["base"] else "perplexity"
+    if name in METRICS:
+        if name != "perplexity" and "generation" not in report["models"]["base"]:
+            raise BadInputError("--champion-metric", name, f"perplexity or a task:metric: {report['generation']['skipped']}")
+        return {"name": name, "higher_is_better": METRICS[name]}
+    task, _, metric = name.partition(":")
+    tasks = report["models"]["base"].get("tasks") or {}
+    if metric not in (tasks.get(task) or {}):
+        produced = [f"{t}:{m}" for t, figures in tasks.items() for m in figures]
+        raise BadInputError("--champion-metric", name, f"one of the task metrics produced: {', '.join(produced) or 'none'}")
+    return {"name": name, "higher_is_better": bool(tasks[task][metric].get("higher_is_better", True))}
+
+
 def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     inputs = [upstream_ref(config.data, "--data")]
     if config.finetune:
@@ -122,47 +220,64 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
         text = storage.stage_in(config.ood_text, workdir / "ood").read_text(encoding="utf-8")
         ood_docs = [d for d in text.split("\n\n") if d.strip()]
 
-    candidates: dict[str, tuple[str, Callable[[], Any]]] = {
-        "base": (config.base_model, lambda: models.load_causal_lm(config.base_model, workdir))}
+    mode = resolve_mode(config, rows)
+    why_not = answers.skipped(config, mode)
+    if why_not and config.champion_metric in METRICS and config.champion_metric != "perplexity":
+        raise BadInputError("--champion-metric", config.champion_metric, f"perplexity or a task:metric: {why_not}")
+    chosen = [] if why_not else answers.items(config, rows)
+    report: dict[str, Any] = {"mode": mode, "max_length": config.max_length, "stride": config.stride,
+                              "separator": config.separator, "models": {},
+                              "generation": {"skipped": why_not} if why_not else answers.settings(config, len(chosen)),
+                              "eval_tasks": list(config.tasks)}
+    shared_uri, base = _shared_base(config, inputs, stage.code)
+    report["base_evaluation"] = {"uri": shared_uri or None, "reused": base is not None}
+    if base is None:
+        base = _result("base", config.base_model, lambda: models.load_causal_lm(config.base_model, workdir), config, rows,
+                       ood_docs, chosen, workdir)
+        if shared_uri:
+            _save_shared(shared_uri, base)
+    report["models"]["base"] = base
     if config.finetune:
-        candidates["tuned"] = _tuned(config, workdir)
+        uri, load = _tuned(config, workdir)
+        report["models"]["tuned"] = _result("tuned", uri, load, config, rows, ood_docs, chosen, workdir)
+    return _finish(config, stage, report, chosen, out)
 
-    report: dict[str, Any] = {"mode": resolve_mode(config, rows), "max_length": config.max_length, "stride": config.stride,
-                              "separator": config.separator, "models": {}}
-    for name, (uri, load) in candidates.items():
-        model = load()
-        tokenizer = model.preprocessor.tokenizer
-        scorer = lm.NllScorer(model)
-        windows, n_docs = eval_windows(config, rows, tokenizer)
-        splits = {"eval": windows}
-        if ood_docs:
-            splits["ood"] = text_windows(config, ood_docs, tokenizer)
-        result: dict[str, Any] = {"uri": uri, "splits": {}}
-        for split, win in splits.items():
-            nll = score(scorer, win, config.batch_size)
-            sums, counts = ppl.per_document(win, nll, n_docs if split == "eval" else len(ood_docs))
-            result["splits"][split] = ppl.summarize(sums, counts, config.bootstrap, config.seed)
-            result["splits"][split]["tokens_sha256"] = ppl.digest(win)
-            log.info("%s on %s: perplexity %.4f (%d tokens)", name, split, result["splits"][split]["perplexity"], int(counts.sum()))
-        result["tokens_per_s"] = scorer.tokens_per_s
-        report["models"][name] = result
-        del model, scorer
-        gc.collect()
 
-    metrics: dict[str, Any] = {f"{name}_{split}_perplexity": r["splits"][split]["perplexity"]
-                               for name, r in report["models"].items() for split in r["splits"]}
-    if "tuned" in report["models"]:
-        base, tuned = metrics["base_eval_perplexity"], metrics["tuned_eval_perplexity"]
-        report["relative_improvement"] = metrics["relative_improvement"] = (base - tuned) / base
-    gate_failed = bool(config.require_improvement) and report["relative_improvement"] < config.require_improvement
-    report["quality_gate"] = {"required": config.require_improvement, "passed": not gate_failed}
+def _finish(config: BenchmarkConfig, stage: StageRun, report: dict[str, Any], chosen: list[dict[str, str]], out: Path) -> dict[str, Any]:
+    models_ = report["models"]
+    metrics_: dict[str, Any] = {f"{name}_{split}_perplexity": r["splits"][split]["perplexity"]
+                                for name, r in models_.items() for split in r["splits"]}
+    chosen_metric = report["champion_metric"] = champion_metric(config, report)
+    if "tuned" in models_:
+        base, tuned = metrics_["base_eval_perplexity"], metrics_["tuned_eval_perplexity"]
+        report["relative_improvement"] = metrics_["relative_improvement"] = (base - tuned) / base
+        report["differences"] = compare(report, config)
+        before = documents.metric(report, "base", chosen_metric["name"]).get("value")
+        after = documents.metric(report, "tuned", chosen_metric["name"]).get("value")
+        report["improvement"] = {"metric": chosen_metric["name"], "base": before, "tuned": after,
+                                 "relative": metrics.improvement(before, after, chosen_metric["higher_is_better"])}
+        for name in ("exact_match", "rouge_l", "chrf", "stop_rate"):
+            for model in ("base", "tuned"):
+                value = documents.metric(report, model, name).get("value")
+                if value is not None:
+                    metrics_[f"{model}_{name}"] = value
+    else:
+        report["relative_improvement"] = None
+    gate = report.get("improvement", {}).get("relative")
+    gate_failed = bool(config.require_improvement) and (gate is None or gate < config.require_improvement)
+    report["quality_gate"] = {"required": config.require_improvement, "metric": chosen_metric["name"], "passed": not gate_failed}
     (out / artifacts.BENCHMARK_REPORT).write_bytes(documents.BENCHMARK.dump(report))
+    if chosen:
+        tuned_gen = models_.get("tuned", {}).get("generation")
+        with (out / artifacts.GENERATIONS).open("w", encoding="utf-8") as handle:
+            for line in answers.lines(chosen, tuned_gen, models_["base"]["generation"]):
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
     chart(report, out / artifacts.PERPLEXITY_CHART)
     if gate_failed:
         storage.publish_dir(out, config.output)  # the report explains the failure; no manifest: not complete
+        imp = report["improvement"]
         raise QualityGateError(
-            f"--require-improvement: tuned eval perplexity {metrics['tuned_eval_perplexity']:.4f} is "
-            f"{report['relative_improvement']:.2%} lower than base {metrics['base_eval_perplexity']:.4f}; "
-            f"expected at least {config.require_improvement:.2%}"
+            f"--require-improvement: tuned {imp['metric']} {imp['tuned']:.4f} vs base {imp['base']:.4f} is a "
+            f"{imp['relative']:.2%} improvement; expected at least {config.require_improvement:.2%}"
         )
-    return stage.finish(out, metrics)
+    return stage.finish(out, metrics_)

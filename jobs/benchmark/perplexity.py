@@ -110,3 +110,19 @@ def summarize(sums: np.ndarray, counts: np.ndarray, bootstrap: int, seed: int) -
         ppl = np.exp(sums[picks].sum(1) / np.maximum(counts[picks].sum(1), 1))
         result["ci95_low"], result["ci95_high"] = (float(v) for v in np.percentile(ppl, [2.5, 97.5]))
     return result
+
+
+def paired_difference(base: dict[str, list[float]], tuned: dict[str, list[float]], bootstrap: int, seed: int) -> dict:
+    """Base minus tuned perplexity over the same documents, with a paired 95% bootstrap interval (documents resampled
+    once for both models); positive is an improvement. Each side is {"sums", "counts"} from `per_document`."""
+    bs, bc = np.asarray(base["sums"]), np.asarray(base["counts"])
+    ts, tc = np.asarray(tuned["sums"]), np.asarray(tuned["counts"])
+    value = float(np.exp(bs.sum() / bc.sum()) - np.exp(ts.sum() / tc.sum()))
+    out = {"value": value, "ci95_low": None, "ci95_high": None, "excludes_zero": None}
+    if bootstrap and len(bs):
+        picks = np.random.default_rng(seed).integers(0, len(bs), size=(bootstrap, len(bs)))
+        diffs = (np.exp(bs[picks].sum(1) / np.maximum(bc[picks].sum(1), 1))
+                 - np.exp(ts[picks].sum(1) / np.maximum(tc[picks].sum(1), 1)))
+        out["ci95_low"], out["ci95_high"] = (float(v) for v in np.percentile(diffs, [2.5, 97.5]))
+        out["excludes_zero"] = bool(out["ci95_low"] > 0 or out["ci95_high"] < 0)
+    return out

@@ -29,6 +29,7 @@ CHECKPOINTS = "checkpoints"
 # benchmark
 BENCHMARK_REPORT = "report.json"
 PERPLEXITY_CHART = "perplexity.png"
+GENERATIONS = "generations.jsonl"  # one line per eval example: the prompt, reference, base and tuned answers, scores
 
 # convert: the prefix itself is the Hugging Face model directory (`from_pretrained(prefix)`)
 PARITY = "parity.json"
@@ -43,6 +44,12 @@ RUN_REPORT_JSON = "report.json"
 RUN_REPORT_MD = "report.md"
 RUN_REPORT_HTML = "report.html"
 LEASE = "_lease.json"
+
+
+def base_evaluation(key: str) -> str:
+    """The base model's evaluation in the run's shared benchmark folder, named by the digest of what it depends on
+    (base model, eval data, metric config, code), so every candidate and a rerun reuse it."""
+    return f"base-{key}.json"
 
 
 def split_file(split: str) -> str:

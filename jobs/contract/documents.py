@@ -53,7 +53,9 @@ MANIFEST = Document(artifacts.MANIFEST, 2, ("stage", "code", "config", "config_s
                                             "wall_time_s", "peak_rss_bytes", "finished_at"))
 PROGRESS = Document(artifacts.PROGRESS, 1, ("stage", "step", "total_steps", "updated_at", "line"))
 ERROR = Document(artifacts.ERROR, 1, ("error", "exit_code"))
-BENCHMARK = Document(artifacts.BENCHMARK_REPORT, 1, ("models", "relative_improvement"))
+# v2 adds generation metrics, lm-eval tasks and the champion metric; v1 reports (perplexity only) still read.
+BENCHMARK = Document(artifacts.BENCHMARK_REPORT, 2, ("models", "relative_improvement"), accepts=(1,))
+BASE_EVALUATION = Document("base evaluation", 1, ("key", "result"))
 PARITY = Document(artifacts.PARITY, 1, ("passed", "tolerance"))
 CHAMPION = Document(artifacts.CHAMPION, 1, ("champion", "index", "why", "candidates", "quality_gate", "run_prefix"))
 
@@ -62,6 +64,20 @@ def eval_split(report: dict[str, Any], model: str) -> dict[str, Any]:
     """A benchmark report's eval-split figures of one model ("base" or "tuned"): perplexity, ci95_low/high,
     tokens, tokens_sha256; {} when absent."""
     return (report.get("models") or {}).get(model, {}).get("splits", {}).get("eval", {})
+
+
+def metric(report: dict[str, Any], model: str, name: str) -> dict[str, Any]:
+    """One model's figure for a metric in a benchmark report: {"value", "ci95_low", "ci95_high"} ({} when absent).
+    `name` is perplexity, a generation metric (exact_match, rouge_l, chrf, stop_rate, answer_tokens) or
+    `task:metric` from lm-evaluation-harness."""
+    result = (report.get("models") or {}).get(model, {})
+    if name == "perplexity":
+        split = eval_split(report, model)
+        return {"value": split["perplexity"], "ci95_low": split.get("ci95_low"), "ci95_high": split.get("ci95_high")} if split else {}
+    if ":" in name:
+        task, _, key = name.partition(":")
+        return ((result.get("tasks") or {}).get(task) or {}).get(key, {})
+    return ((result.get("generation") or {}).get("metrics") or {}).get(name, {})
 
 
 def champion_row(champion: dict[str, Any] | None) -> dict[str, Any] | None:

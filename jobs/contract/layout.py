@@ -2,6 +2,7 @@
 
     gs://BUCKET/runs/RUN/preprocess/                    shared by every candidate
     gs://BUCKET/runs/RUN/candidates/<key>/<stage>/      finetune, benchmark, convert of one candidate
+    gs://BUCKET/runs/RUN/shared/<stage>/                what one stage shares across candidates (the base's evaluation)
     gs://BUCKET/runs/RUN/{champion.json, report.*, _lease.json}
 
 RUN is the `run_name` param, or the Airflow run id made safe for object names and labels."""
@@ -12,6 +13,9 @@ import re
 from dataclasses import dataclass
 
 from jobs.contract import artifacts, stages
+from jobs.contract.spec import SHARED
+
+__all__ = ["CANDIDATES", "DEFAULT_CANDIDATE", "RUNS", "SHARED", "RunLayout", "join", "run_key", "safe_run_id"]
 
 RUNS = "runs"
 CANDIDATES = "candidates"
@@ -43,9 +47,14 @@ class RunLayout:
             return f"{self.prefix}/{stage}"
         return f"{self.prefix}/{CANDIDATES}/{candidate}/{stage}"
 
+    def shared(self, stage: str) -> str:
+        """What one stage computes once per run for every candidate (the benchmark's base-model evaluation)."""
+        return f"{self.prefix}/{SHARED}/{stages.get(stage).name}"
+
     def stages(self, candidate: str = DEFAULT_CANDIDATE) -> dict[str, str]:
-        """Every stage's prefix for one candidate (the shared ones included)."""
-        return {name: self.stage(name, candidate) for name in stages.NAMES}
+        """Every stage's prefix for one candidate (the shared ones included), and under SHARED the run's shared
+        folder (each stage's own is `shared(stage)`)."""
+        return {**{name: self.stage(name, candidate) for name in stages.NAMES}, SHARED: f"{self.prefix}/{SHARED}"}
 
     def file(self, name: str) -> str:
         """One of the run's own files (`artifacts.CHAMPION`, the report, the lease)."""

@@ -24,6 +24,9 @@ class _NoDagDefault:
 
 
 SAME_AS_CLI: Any = _NoDagDefault()
+# `upstream=SHARED`: the DAG fills the option with the run's shared folder of the option's own stage (what one stage
+# computes once per run for every candidate); `jobs.contract.layout` places it.
+SHARED = "shared"
 Kind = Literal["int", "float", "str", "bool", "tuple"]
 
 

@@ -11,7 +11,7 @@ from gemma_pipeline.plan import jobspec
 
 from jobs.common import cli
 from jobs.contract import spec, stages
-from jobs.contract.layout import RunLayout
+from jobs.contract.layout import SHARED, RunLayout
 from tests.conftest import ROOT
 from tests.support import nonempty
 from tests.support.dag import render, stage_task
@@ -87,6 +87,8 @@ def test_job_arguments_parse_back_to_the_params(dag, stage):  # noqa: F811
             assert parsed.require_improvement == 0  # the gate judges the champion, in the select task
         elif opt.param:
             assert getattr(parsed, opt.name) == PROBES[opt.param], f"{stage} {opt.flag}"
+        elif opt.upstream == SHARED:
+            assert getattr(parsed, opt.name) == RunLayout("gs://bkt/runs/probe").shared(stage), f"{stage} {opt.flag}"
         elif opt.upstream:
             source = stage if opt.upstream == "self" else opt.upstream
             assert getattr(parsed, opt.name) == prefixes[source], f"{stage} {opt.flag}"

@@ -14,7 +14,7 @@ from gemma_pipeline.plan.profiles import Profile
 from jobs.contract import env as contract_env
 from jobs.contract import spec, stages
 from jobs.contract.errors import NON_RETRIABLE_EXIT_CODES
-from jobs.contract.layout import RunLayout, run_key
+from jobs.contract.layout import SHARED, RunLayout, run_key
 
 STAGES = stages.NAMES
 ENGINES = ("gke", "dataflow")  # the preprocessing's two engines (param preprocess_engine)
@@ -287,7 +287,8 @@ def stage_args(stage: str, values: dict[str, Any], prefix: dict[str, str]) -> li
     args: list[str] = []
     for opt in stage_options(stage):
         if opt.upstream:
-            value: Any = prefix[stage if opt.upstream == "self" else opt.upstream]
+            value: Any = (f"{prefix[SHARED]}/{stage}" if opt.upstream == SHARED
+                          else prefix[stage if opt.upstream == "self" else opt.upstream])
         elif opt.param:
             value = merged[opt.param]
         else:

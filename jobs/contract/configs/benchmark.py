@@ -8,9 +8,13 @@ from typing import Literal
 from jobs.contract import spec
 from jobs.contract.demo import DEMO_MODEL_URI
 from jobs.contract.errors import BadInputError
-from jobs.contract.spec import option
+from jobs.contract.spec import SHARED, option
 
-DESCRIPTION = "Perplexity of the base and tuned models on the eval split."
+DESCRIPTION = ("Evaluation of the base and tuned models on the eval split: perplexity, task metrics of generated answers "
+               "(exact match, ROUGE-L, chrF, stop rate) and lm-evaluation-harness tasks.")
+# What `--champion-metric` may name besides `task:metric` of an `--eval-tasks` task; True: higher is better.
+METRICS = {"perplexity": False, "exact_match": True, "rouge_l": True, "chrf": True, "stop_rate": True}
+AUTO = "auto"  # rouge_l when answers are generated (instruction or chat data, --max-new-tokens > 0), else perplexity
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,28 @@ class BenchmarkConfig:
     bootstrap: int = option(1000, "bootstrap resamples for the 95% interval (0: none)", minimum=0, param="bootstrap")
     seed: int = option(0, "bootstrap seed", minimum=0)
     require_improvement: float = option(
-        0.0, "quality gate: minimum relative perplexity drop of the tuned model, e.g. 0.05 (0: no gate)",
+        0.0, "quality gate: minimum relative improvement of the tuned model in the champion metric, in its good "
+             "direction (a perplexity drop, a ROUGE-L gain), e.g. 0.05 (0: no gate)",
         minimum=0, exclusive_maximum=1, param="require_improvement")
+    shared: str = option("", "the run's shared folder for this stage: the base model's evaluation is computed once "
+                             "there and reused by every candidate and rerun (empty: computed here, not shared)",
+                         upstream=SHARED)
+    max_new_tokens: int = option(48, "answer tokens generated per eval prompt for the task metrics (0: no generation)",
+                                 minimum=0, maximum=4096, param="max_new_tokens")
+    generation_examples: int = option(0, "generate answers to at most this many eval examples (0: every scored one)",
+                                      minimum=0, param="generation_examples")
+    generation_batch_size: int = option(16, "prompts per generation batch", minimum=1, maximum=1024)
+    temperature: float = option(0.0, "0: greedy answers; > 0: top-p sampling at this temperature, seeded by --seed",
+                                minimum=0, maximum=5, param="generation_temperature")
+    top_p: float = option(0.95, "nucleus of top-p sampling (with --temperature > 0)", exclusive_minimum=0, maximum=1)
+    eval_tasks: str = option("", "lm-evaluation-harness tasks run on the Keras models, comma-separated: task names, or "
+                                 "YAML task files (local or gs://) whose data files are local or gs://",
+                             param="eval_tasks", nullable=True)
+    eval_task_limit: int = option(0, "at most this many documents per lm-evaluation-harness task (0: all)", minimum=0,
+                                  param="eval_task_limit")
+    champion_metric: str = option(AUTO, "the metric the champion is chosen and gated by: perplexity, exact_match, "
+                                        "rouge_l, chrf, stop_rate, task:metric of an --eval-tasks task, or auto "
+                                        "(rouge_l when answers are generated, else perplexity)", param="champion_metric")
 
     def __post_init__(self) -> None:
         spec.validate(self)
@@ -43,5 +67,41 @@ class BenchmarkConfig:
             object.__setattr__(self, "stride", self.max_length // 2)
         if not 1 <= self.stride <= self.max_length - 1:
             raise BadInputError("--stride", self.stride, f"an integer in [1, max-length - 1 = {self.max_length - 1}]")
+        check_champion_metric(self.champion_metric, self.tasks)
+        if self.champion_metric in ("exact_match", "rouge_l", "chrf", "stop_rate") and not self.max_new_tokens:
+            raise BadInputError("--champion-metric", self.champion_metric, "a metric that is computed: generation is "
+                                "off (--max-new-tokens 0), so perplexity or an --eval-tasks task:metric")
         if self.require_improvement and not self.finetune:
             raise BadInputError("--finetune", self.finetune, "the fine-tuning output prefix when --require-improvement is set")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return parse_tasks(self.eval_tasks)
+
+
+def parse_tasks(value: str | None) -> tuple[str, ...]:
+    """`--eval-tasks` as a tuple: comma-separated, blanks dropped, order kept, duplicates refused."""
+    tasks = tuple(t.strip() for t in (value or "").split(",") if t.strip())
+    if len(set(tasks)) != len(tasks):
+        raise BadInputError("--eval-tasks", value, "each task once")
+    return tasks
+
+
+def is_task_file(entry: str) -> bool:
+    """A YAML task definition (named by its `task` key once read), not an lm-eval task name."""
+    return entry.lower().endswith((".yaml", ".yml"))
+
+
+def check_champion_metric(value: str, tasks: tuple[str, ...]) -> None:
+    """Names the metric is one we compute; a `task:metric`'s task must be in `--eval-tasks` (whether the task produces
+    that metric is checked when its definition is read: in the DAG's plan, and by the stage)."""
+    if value == AUTO or value in METRICS:
+        return
+    task, sep, metric = value.partition(":")
+    if not sep or not task or not metric:
+        raise BadInputError("--champion-metric", value, f"one of {AUTO}, {', '.join(METRICS)} or task:metric of an "
+                            "--eval-tasks task")
+    if not tasks:
+        raise BadInputError("--champion-metric", value, "a task of --eval-tasks, which is empty")
+    if not any(is_task_file(t) for t in tasks) and task not in tasks:
+        raise BadInputError("--champion-metric", value, f"task:metric with a task of --eval-tasks ({', '.join(tasks)})")

@@ -67,7 +67,7 @@ def hf_perplexity(model_dir, rows, mode: str, max_length: int, stride: int, sepa
 @pytest.mark.parametrize("mode", ["response", "text"])
 def test_perplexity_matches_transformers(pipeline, tiny_gemma3, tmp_path, mode):
     cfg = BenchmarkConfig(data=str(pipeline["preprocess"]), finetune=str(pipeline["finetune"]), output=str(tmp_path / "b"),
-                          base_model=str(tiny_gemma3), mode=mode, max_length=40, stride=16, bootstrap=200)
+                          base_model=str(tiny_gemma3), mode=mode, max_length=40, stride=16, bootstrap=200, max_new_tokens=0)
     result = run(cfg, tmp_path / "w")
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     rows = [json.loads(line) for line in (pipeline["preprocess"] / "eval.jsonl").read_text().splitlines()]
@@ -84,11 +84,12 @@ def test_perplexity_matches_transformers(pipeline, tiny_gemma3, tmp_path, mode):
 def test_quality_gate_fails_without_manifest(pipeline, tiny_gemma3, tmp_path):
     (tmp_path / "ood.txt").write_text("Some other text entirely.\n\nAnd a second paragraph about cats.")
     cfg = BenchmarkConfig(data=str(pipeline["preprocess"]), finetune=str(pipeline["finetune"]), output=str(tmp_path / "b"),
-                          base_model=str(tiny_gemma3), max_length=48, require_improvement=0.99, ood_text=str(tmp_path / "ood.txt"))
+                          base_model=str(tiny_gemma3), max_length=48, require_improvement=0.99, ood_text=str(tmp_path / "ood.txt"),
+                          champion_metric="perplexity", max_new_tokens=0)
     with pytest.raises(QualityGateError, match="expected at least 99.00%"):
         run(cfg, tmp_path / "w")
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert report["quality_gate"] == {"required": 0.99, "passed": False}
+    assert report["quality_gate"] == {"required": 0.99, "metric": "perplexity", "passed": False}
     assert report["models"]["base"]["splits"]["ood"]["tokens"] > 0
     assert not (tmp_path / "b" / MANIFEST).exists()
 
