@@ -16,9 +16,9 @@ from jobs.benchmark import answers, metrics
 from jobs.benchmark import perplexity as ppl
 from jobs.common import lm, models, storage
 from jobs.common.manifest import StageRun, digest_json, read_manifest, stage_in_upstream, upstream_ref
-from jobs.contract import artifacts, documents
+from jobs.contract import artifacts, bootstrap, documents
 from jobs.contract import rows as rows_lib
-from jobs.contract.configs.benchmark import AUTO, METRICS, BenchmarkConfig
+from jobs.contract.configs.benchmark import AUTO, METRICS, BenchmarkConfig, improvement
 from jobs.contract.errors import BadInputError, QualityGateError
 from jobs.finetuning import data as data_lib
 
@@ -169,7 +169,7 @@ def compare(report: dict[str, Any], config: BenchmarkConfig) -> dict[str, Any]:
     bgen, tgen = base.get("generation"), tuned.get("generation")
     if bgen and tgen:
         for name in metrics.GENERATION:
-            out[name] = metrics.paired(tgen["per_example"][name], bgen["per_example"][name], config.bootstrap, config.seed)
+            out[name] = bootstrap.paired(tgen["per_example"][name], bgen["per_example"][name], config.bootstrap, config.seed)
     if "per_document" in base and "per_document" in tuned:
         out["perplexity"] = ppl.paired_difference(base["per_document"], tuned["per_document"], config.bootstrap, config.seed)
     for task, figures in (tuned.get("tasks") or {}).items():
@@ -255,7 +255,7 @@ def _finish(config: BenchmarkConfig, stage: StageRun, report: dict[str, Any], ch
         before = documents.metric(report, "base", chosen_metric["name"]).get("value")
         after = documents.metric(report, "tuned", chosen_metric["name"]).get("value")
         report["improvement"] = {"metric": chosen_metric["name"], "base": before, "tuned": after,
-                                 "relative": metrics.improvement(before, after, chosen_metric["higher_is_better"])}
+                                 "relative": improvement(before, after, chosen_metric["higher_is_better"])}
         for name in ("exact_match", "rouge_l", "chrf", "stop_rate"):
             for model in ("base", "tuned"):
                 value = documents.metric(report, model, name).get("value")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.contract import bootstrap
 from jobs.contract import rows as rows_lib
 
 # name -> higher is better. Perplexity is lower-is-better; a `task:metric` takes its direction from lm-eval.
@@ -43,42 +44,6 @@ def score(answers: list[str], references: list[str]) -> dict[str, np.ndarray]:
     }
 
 
-def _picks(n: int, bootstrap: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(bootstrap, n))
+def summarize(per_example: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str, dict[str, Any]]:
+    return {name: bootstrap.interval(values.tolist(), resamples, seed) for name, values in per_example.items()}
 
-
-def interval(values: np.ndarray, bootstrap: int, seed: int) -> dict[str, Any]:
-    """The mean and its 95% bootstrap interval (None without resamples or examples)."""
-    values = np.asarray(values, np.float64)
-    if not len(values):
-        return {"value": None, "ci95_low": None, "ci95_high": None}
-    out: dict[str, Any] = {"value": float(values.mean()), "ci95_low": None, "ci95_high": None}
-    if bootstrap:
-        means = values[_picks(len(values), bootstrap, seed)].mean(1)
-        out["ci95_low"], out["ci95_high"] = (float(v) for v in np.percentile(means, [2.5, 97.5]))
-    return out
-
-
-def paired(a: np.ndarray, b: np.ndarray, bootstrap: int, seed: int) -> dict[str, Any]:
-    """mean(a) - mean(b) over the same examples, with a paired 95% bootstrap interval; `excludes_zero` says the
-    difference is unlikely to be resampling noise."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired bootstrap: {a.shape} vs {b.shape} examples; both must score the same examples")
-    out = interval(a - b, bootstrap, seed)
-    low, high = out["ci95_low"], out["ci95_high"]
-    out["excludes_zero"] = None if low is None else bool(low > 0 or high < 0)
-    return out
-
-
-def summarize(per_example: dict[str, np.ndarray], bootstrap: int, seed: int) -> dict[str, dict[str, Any]]:
-    return {name: interval(values, bootstrap, seed) for name, values in per_example.items()}
-
-
-def improvement(base: float, tuned: float, higher_is_better: bool) -> float:
-    """The tuned model's relative improvement in the metric's good direction: what `--require-improvement` gates.
-    From a base of 0 any gain is unbounded (inf) and no change is 0."""
-    gain = (tuned - base) if higher_is_better else (base - tuned)
-    if base == 0:
-        return 0.0 if gain == 0 else float("inf") if gain > 0 else float("-inf")
-    return gain / abs(base)

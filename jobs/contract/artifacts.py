@@ -30,6 +30,7 @@ CHECKPOINTS = "checkpoints"
 BENCHMARK_REPORT = "report.json"
 PERPLEXITY_CHART = "perplexity.png"
 GENERATIONS = "generations.jsonl"  # one line per eval example: the prompt, reference, base and tuned answers, scores
+BASE_EVALUATION = "base-{key}.json"  # in the run's shared benchmark folder: see base_evaluation
 
 # convert: the prefix itself is the Hugging Face model directory (`from_pretrained(prefix)`)
 PARITY = "parity.json"
@@ -49,7 +50,7 @@ LEASE = "_lease.json"
 def base_evaluation(key: str) -> str:
     """The base model's evaluation in the run's shared benchmark folder, named by the digest of what it depends on
     (base model, eval data, metric config, code), so every candidate and a rerun reuse it."""
-    return f"base-{key}.json"
+    return BASE_EVALUATION.format(key=key)
 
 
 def split_file(split: str) -> str:

@@ -55,7 +55,7 @@ PROGRESS = Document(artifacts.PROGRESS, 1, ("stage", "step", "total_steps", "upd
 ERROR = Document(artifacts.ERROR, 1, ("error", "exit_code"))
 # v2 adds generation metrics, lm-eval tasks and the champion metric; v1 reports (perplexity only) still read.
 BENCHMARK = Document(artifacts.BENCHMARK_REPORT, 2, ("models", "relative_improvement"), accepts=(1,))
-BASE_EVALUATION = Document("base evaluation", 1, ("key", "result"))
+BASE_EVALUATION = Document(artifacts.BASE_EVALUATION, 1, ("key", "result"))
 PARITY = Document(artifacts.PARITY, 1, ("passed", "tolerance"))
 CHAMPION = Document(artifacts.CHAMPION, 1, ("champion", "index", "why", "candidates", "quality_gate", "run_prefix"))
 

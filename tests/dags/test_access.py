@@ -32,8 +32,10 @@ def _name(uri: str) -> str:
 
 def test_each_stage_writes_only_its_own_prefixes():
     grants = nonempty(_grants(), "managed folders")
-    assert len(grants) == 1 + 3 * len(KEYS)
+    assert len(grants) == 1 + 3 * len(KEYS) + 1  # + the benchmark's shared folder (the base's evaluation)
+    shared = _name(LAYOUT.shared("benchmark")) + "/" + artifacts.base_evaluation("k")
     for stage in stages.NAMES:
+        assert access.can_write(IDS, grants, IDS.member(stage), shared) is (stage == "benchmark"), stage
         member = IDS.member(stage)
         for key in KEYS:
             for other in stages.NAMES:

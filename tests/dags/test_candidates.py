@@ -111,6 +111,49 @@ def test_the_champion_is_the_lowest_perplexity_and_overlaps_are_said():
     assert [r["champion"] for r in record["candidates"]] == [False, True, False]
 
 
+def _with_answers(report, rouge, base_rouge, stops=0.5):
+    """A report with generation metrics: per-example ROUGE-L `rouge` (a list) against the base's `base_rouge`."""
+    def block(values):
+        mean = sum(values) / len(values)
+        return {"metrics": {"rouge_l": {"value": mean, "ci95_low": mean - 0.05, "ci95_high": mean + 0.05},
+                            "stop_rate": {"value": stops, "ci95_low": 0.0, "ci95_high": 1.0}},
+                "per_example": {"rouge_l": values, "stop_rate": [stops] * len(values)}}
+    report["models"]["tuned"]["generation"], report["models"]["base"]["generation"] = block(rouge), block(base_rouge)
+    report["generation"] = {"max_new_tokens": 48, "examples": len(rouge), "sampling": "greedy"}
+    report["champion_metric"] = {"name": "rouge_l", "higher_is_better": True}
+    return report
+
+
+def test_the_champion_metric_chooses_and_gates_and_pairwise_differences_are_paired():
+    entries = _entries(2)
+    keys = [e["key"] for e in entries]
+    base = [0.1] * 40
+    # the second candidate has the worse perplexity but the better answers: ROUGE-L (auto) picks it
+    reports = {keys[0]: _with_answers(_report(150, 140, 160), [0.2] * 40, base),
+               keys[1]: _with_answers(_report(180, 170, 190), [0.3 + 0.01 * (i % 3) for i in range(40)], base)}
+    record = candidates.select(entries, reports, 0.0)
+    assert record["champion"] == keys[1] and record["champion_metric"] == {"name": "rouge_l", "higher_is_better": True}
+    assert "highest eval rouge_l" in record["why"]
+    difference = record["pairwise"][keys[0]]
+    assert difference["value"] == pytest.approx(0.11, abs=1e-3) and difference["excludes_zero"]
+    assert record["candidates"][1]["metrics"]["rouge_l"]["ci95"] == [pytest.approx(0.26, abs=1e-3), pytest.approx(0.36, abs=1e-3)]
+    assert record["quality_gate"]["metric"] == "rouge_l" and record["quality_gate"]["relative_improvement"] == pytest.approx(2.1, abs=0.01)
+    assert candidates.select(entries, reports, 0.9)["quality_gate"]["passed"]  # +210% ROUGE-L passes a 90% gate
+    by_perplexity = candidates.select(entries, reports, 0.6, "perplexity")
+    assert by_perplexity["champion"] == keys[0] and by_perplexity["pairwise"] == {}
+    assert by_perplexity["quality_gate"] == {"required": 0.6, "metric": "perplexity", "relative_improvement": 0.5, "passed": False}
+    with pytest.raises(ValueError, match="champion_metric: 'mc:acc' is not in the benchmark of"):
+        candidates.select(entries, reports, 0.0, "mc:acc")
+
+
+def test_candidates_whose_answers_were_generated_differently_are_not_compared():
+    entries = _entries(2)
+    reports = {e["key"]: _with_answers(_report(150, 140, 160), [0.2] * 4, [0.1] * 4) for e in entries}
+    reports[entries[1]["key"]]["generation"]["max_new_tokens"] = 16
+    with pytest.raises(ValueError, match="generated with different settings"):
+        candidates.select(entries, reports, 0.0)
+
+
 def test_candidates_scored_on_different_tokens_are_not_compared():
     entries = _entries(2)
     with pytest.raises(ValueError, match="different eval tokens"):

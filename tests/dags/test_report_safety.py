@@ -1,7 +1,8 @@
 """The run report never renders untrusted text as markup: every field a run's data or its user decides (prompts,
-references and answers, candidate keys, overrides, status and why, params, the run prefix, artifact paths, the
-figures read from the stages' documents) is fed markup, script and Markdown, and the pages are parsed for what
-survived. The report shows no error text (failures go to the task log), so there is none to feed.
+references and answers, each candidate's and the base model's generations, the examples that changed most,
+candidate keys, overrides, status and why, metric names from the user's lm-eval tasks, params, the run prefix,
+artifact paths, the figures read from the stages' documents) is fed markup, script and Markdown, and the pages are
+parsed for what survived. The report shows no error text (failures go to the task log), so there is none to feed.
 
 `report.md` alone must be inert even to a renderer that passes raw HTML through; `report.html` must be inert, read
 correctly in Chromium, and keep its inline charts. Set GEMMA_PIPELINE_SCREENSHOT_DIR to keep the browser's
@@ -29,6 +30,7 @@ from markdown_it import MarkdownIt
 from jobs.contract import stages
 from tests.support import nonempty
 from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip
+from tests.support.generations import generation_row, metric
 
 PAYLOADS = [
     "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "<svg onload=alert(1)>",
@@ -73,19 +75,32 @@ class Page(HTMLParser):
             parts.append(data)
 
 
-def _built(value: str, answers: list[dict[str, str]] | None = None) -> dict:
-    """A finished run whose every untrusted field is `value`."""
+def _generations(texts: list[str]) -> list[dict[str, Any]]:
+    """One example per text, every text field that text; even examples gain on the base model (most first), odd
+    ones lose (most first), so both tables of the examples that changed most have rows."""
+    gain = lambda i: (len(texts) - i) / 20 * (1 if i % 2 == 0 else -1)  # noqa: E731
+    return [generation_row(i, 0.5 + gain(i), 0.5, prompt=t, reference=t, answer=t, base_answer=t) for i, t in enumerate(texts)]
+
+
+def _built(value: str, answers: list[dict[str, str]] | None = None, generated: list[str] | None = None) -> dict:
+    """A finished run whose every untrusted field is `value`; its candidates generated `generated` (default: two
+    examples of `value`)."""
     manifest = {"wall_time_s": 10.0, "peak_rss_bytes": 2**30, "metrics": {"steps": value}}
     answers = answers or [dict.fromkeys(("prompt", "reference", "before", "after"), value)]
     documents = {"benchmark": {"mode": value, "models": {}}, "answers": answers,
                  "parity": {"passed": False, "logits_max_abs_diff": value, "tolerance": value, "note": value}}
+    task = f"{value}:acc"  # an lm-eval task's name is the user's; its metric is the champion metric here
+    metrics = {"rouge_l": metric(value, value, value), "stop_rate": metric(value, value, value), task: metric(0.5)}
     row = {"overrides": {value: value}, "key": value, "status": value,
-           "prefixes": {s: f"{value}/{s}" for s in stages.NAMES}}  # the artifacts' paths
-    champion = {"champion": value, "index": 0, "why": value,
+           "prefixes": {s: f"{value}/{s}" for s in stages.NAMES},  # the artifacts' paths
+           "metrics": metrics, "base_metrics": metrics, "vs_base": {task: metric(value, value, value)}}
+    champion = {"champion": value, "index": 0, "why": value, "champion_metric": {"name": task, "higher_is_better": True},
+                "pairwise": {value: metric(value, value, value)},
+                "generation": {"max_new_tokens": value, "examples": value, "sampling": value},
                 "candidates": [{**row, "champion": True}, {**row, "champion": False}]}
     usages = {s: {"backend": "gke", "profile": value, "seconds": 10.0} for s in stages.NAMES}
     return report.build(value, {"run_name": value, value: [value]}, dict.fromkeys(stages.NAMES, manifest), documents,
-                        usages, {"cpu": 0.2}, champion)
+                        usages, {"cpu": 0.2}, champion, generations={value: _generations(generated or [value] * 2)})
 
 
 def _strict(md: str) -> str:
@@ -112,8 +127,18 @@ def _assert_reads_as_text(page: Page, value: str, artifacts: int) -> None:
     shown = re.sub(r"\r\n?", "\n", value)  # a line break, however written, shows as one
     units = nonempty(page.units, "text")
     count = lambda tag, text: units.count((tag, text.strip()))  # noqa: E731
-    assert count("td", shown) == 4 + 2 + 1 + len(stages.NAMES) + 1  # answers, statuses, runner-up, profiles, steps
-    assert count("strong", shown) == 1 and count("td", f"{shown} (champion)") == 1
+    # the exported champion's answers, statuses, the runner-up (candidates, metrics, differences and pairwise
+    # tables), profiles, steps; 2 examples x 5 answers side by side; 2 examples x 4 texts that changed most
+    assert count("td", shown) == 4 + 2 + 4 + len(stages.NAMES) + 1 + 2 * 5 + 2 * 4
+    # the champion in the candidates, metrics and differences tables, and heading its answers side by side
+    assert count("strong", shown) == 4 and count("td", f"{shown} (champion)") == 3
+    assert count("th", f"{shown} (champion)") == 1 and count("th", shown) == 1
+    assert count("th", f"{shown}:acc ★ (champion metric, higher is better)") == 2  # metrics, differences
+    # ROUGE-L and stop rate of base and both candidates, both differences, the pairwise one
+    assert count("td", f"{shown} ({shown}–{shown})") == 2 * 3 + 2 + 1
+    assert count("p", f"Answers generated for {shown} eval examples, {shown}, at most {shown} new tokens each.") == 1
+    assert count("p", f"Stop rate: the share of answers that ended with the model's end-of-turn within "
+                      f"max_new_tokens ({shown}); the rest were cut off.") == 1
     assert count("p", f"{shown}.") == 1  # why
     assert count("td", f"perplexity before ({shown} mode, eval split)") == 1
     assert count("td", f"FAILED (max logit diff {shown}, tolerance {shown})") == 1
@@ -189,7 +214,7 @@ def test_the_page_runs_nothing_in_chromium_and_reads_as_the_answers(tmp_path: Pa
     pwn = '<img src=x onerror="window.__pwned=1">'
     answers = [pwn, '<svg onload="window.__pwned=1">', "<script>window.__pwned=1</script>", "<img src=x onerror=alert(1)>",
                "[click](javascript:alert(1))", "two\nlines | pipe", "```\nfence\n```", '<a href="javascript:alert(1)">x</a>']
-    built = _built(pwn, [{"prompt": a, "reference": a, "before": a, "after": a} for a in answers])
+    built = _built(pwn, [{"prompt": a, "reference": a, "before": a, "after": a} for a in answers], answers)
     chart = "data:image/png;base64," + base64.b64encode(_png()).decode()
     path = tmp_path / "report.html"
     path.write_text(markup.to_html(report.markdown(built, {"loss curve": chart})))
@@ -206,13 +231,23 @@ def test_the_page_runs_nothing_in_chromium_and_reads_as_the_answers(tmp_path: Pa
         page.screenshot(path=str(shot), full_page=True)
         print(f"run report screenshot: {shot}")
         pwned = page.evaluate("typeof window.__pwned")
-        cells = page.locator("h2:text-is('What the model says') ~ table td").all_inner_texts()
+        cells = page.locator(f"h2:text-is('{report.EXPORT_CHECK_TITLE}') + p + table td").all_inner_texts()
+        side_by_side = page.locator("h2:text-is('Answers side by side') + p + table td").all_inner_texts()
+        changed = {title: page.locator(f"h3:text-is('{title}') + table td").all_inner_texts()
+                   for title in ("Improved most", "Regressed most")}
         live = page.locator("script, svg, iframe, object, embed, a, [onerror], [onload]").count()
         width = page.evaluate("document.querySelector('img').naturalWidth")
         browser.close()
     assert dialogs == [] and pwned == "undefined" and live == 0, f"{dialogs} {pwned} {live}; screenshot {shot}"
     assert errors == [], f"the browser refused or failed something (CSP?): {errors}; screenshot {shot}"
     assert cells == [a for a in answers for _ in range(4)], f"screenshot {shot}"
+    # The first five examples: prompt, reference, the base model's answer and both candidates' (the same here).
+    assert side_by_side == [a for a in answers[:5] for _ in range(5)], f"screenshot {shot}"
+    # By `_generations`: even examples gained, odd ones lost, the earlier ones most; base ROUGE-L 0.5 throughout.
+    for title, key, indexes in (("Improved most", "improved", (0, 2, 4)), ("Regressed most", "regressed", (1, 3, 5))):
+        scores = [f"{c['score']:.3f}" for c in built["most_changed"][key]]
+        expected = [[answers[i]] * 4 + ["0.500", score] for i, score in zip(indexes, scores, strict=True)]
+        assert changed[title] == [cell for row in expected for cell in row], f"{title}; screenshot {shot}"
     assert width == 1, f"the inline chart did not load; screenshot {shot}"
 
 

@@ -13,7 +13,9 @@ from gemma_pipeline import local
 from gemma_pipeline.plan import access, jobspec, markup
 from gemma_pipeline.plan.report import (
     CHARTS,
+    GENERATIONS_BYTES,
     build,
+    generation_rows,
     markdown,
     price_table,
     stage_prefixes,
@@ -25,6 +27,37 @@ from gemma_pipeline.storage.store import RunStore
 from jobs.contract import artifacts, stages
 from jobs.contract import documents as docs
 from jobs.contract.layout import RunLayout
+
+
+def read_head(store: RunStore, uri: str, max_bytes: int) -> bytes | None:
+    """At most the first `max_bytes` of an object, by a ranged read, so a large file never reaches the worker
+    whole; None when it is absent."""
+    from google.api_core.exceptions import NotFound, RequestRangeNotSatisfiable
+
+    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    try:
+        return store.client.bucket(bucket).blob(name).download_as_bytes(start=0, end=max_bytes - 1)  # end inclusive
+    except NotFound:
+        return None
+    except RequestRangeNotSatisfiable:  # an empty object has no byte 0 to start from
+        return b""
+
+
+def candidate_generations(store: RunStore, champion: dict[str, Any] | None,
+                          max_bytes: int = GENERATIONS_BYTES) -> dict[str, list[dict[str, Any]]]:
+    """The head of each finished candidate's generations.jsonl (`plan.report.generation_rows`), by candidate key;
+    nothing is read when the benchmark skipped generation (raw text) or before champion.json exists."""
+    if not champion or "skipped" in (champion.get("generation") or {}):
+        return {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for row in champion.get("candidates", []):
+        where = (row.get("prefixes") or {}).get("benchmark")
+        if row.get("status") != "finished" or not where:
+            continue
+        data = read_head(store, f"{where}/{artifacts.GENERATIONS}", max_bytes)
+        if data is not None:
+            found[row["key"]] = generation_rows(data)
+    return found
 
 
 class RunReportOperator(BaseOperator):
@@ -79,7 +112,7 @@ class RunReportOperator(BaseOperator):
         params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
         started = context["dag_run"].start_date if context.get("dag_run") else None
         report = build(prefix, params, manifests, documents, usages, price_table(), champion,
-                       started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "")
+                       started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "", candidate_generations(store, champion))
         images = {title: store.read(f"{where[stage]}/{name}") if where[stage] else None for title, (stage, name) in CHARTS.items()}
         relative = {t: f"{where[stage]}/{name}".removeprefix(prefix + "/") for t, (stage, name) in CHARTS.items() if where[stage]}
         md = markdown(report, {t: relative[t] for t, data in images.items() if data})

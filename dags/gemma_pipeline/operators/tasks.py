@@ -13,6 +13,7 @@ from gemma_pipeline.plan.candidates import plan, select
 from gemma_pipeline.storage import lease
 from gemma_pipeline.storage.store import RunStore
 from jobs.contract import artifacts, documents
+from jobs.contract.configs.benchmark import AUTO
 from jobs.contract.layout import RunLayout
 
 
@@ -130,7 +131,8 @@ def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store
         seconds[entry["key"]] = {s: (m or {}).get("wall_time_s") for s, m in manifests.items()}
     run_prefix = layout.prefix
     try:
-        record = select(entries, reports, float(params.get("require_improvement") or 0))
+        record = select(entries, reports, float(params.get("require_improvement") or 0),
+                        params.get("champion_metric") or AUTO, int(params.get("bootstrap") or 0), int(params.get("seed") or 0))
     except ValueError as err:
         raise AirflowFailException(str(err)) from err
     record["run_prefix"] = run_prefix
@@ -143,6 +145,7 @@ def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store
     store.write(layout.champion, documents.CHAMPION.dump(record), "application/json")
     if not record["quality_gate"]["passed"]:
         gate = record["quality_gate"]
-        raise AirflowFailException(f"champion {record['champion']} improved perplexity by {gate['relative_improvement']:.2%}; "
+        gain = "n/a" if gate["relative_improvement"] is None else f"{gate['relative_improvement']:.2%}"
+        raise AirflowFailException(f"champion {record['champion']} improved {gate['metric']} over the base by {gain}; "
                                    f"require_improvement asks for {gate['required']:.2%}; see {layout.champion}")
     return [entry["convert"] for entry in converts]

@@ -19,8 +19,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.contract import stages
-from jobs.contract.layout import RunLayout
+from jobs.contract import spec, stages
+from jobs.contract.layout import SHARED, RunLayout
 
 SERVING = "serving"
 DATAFLOW = "dataflow"  # the Dataflow workers of the Beam engine: they write what the preprocess pod would
@@ -94,6 +94,8 @@ def folder_grants(layout: RunLayout, candidates: list[str]) -> dict[str, tuple[s
         for key in keys:
             roles = (stage, DATAFLOW) if stage == "preprocess" else (stage,)
             grants[object_name(layout.stage(stage, key)) + "/"] = roles
+        if any(opt.upstream == SHARED for opt in spec.options(stages.get(stage).config)):
+            grants[object_name(layout.shared(stage)) + "/"] = (stage,)  # computed once per run, for every candidate
     return grants
 
 

@@ -19,7 +19,8 @@ import re
 from typing import Any
 
 from gemma_pipeline.plan import jobspec, profiles
-from jobs.contract import artifacts, documents, stages
+from jobs.contract import artifacts, bootstrap, documents, stages
+from jobs.contract.configs.benchmark import AUTO, METRICS, improvement
 from jobs.contract.layout import DEFAULT_CANDIDATE, RunLayout
 
 # What a candidate may override: fine-tune Params only (see the module docstring for why not preprocessing's).
@@ -123,10 +124,48 @@ def stage_job(stage: str, values: dict[str, Any], prefixes: dict[str, str], prof
             "labels": {**jobspec.job_labels(stage, values["queue"], values["priority_class"]), **labels}}
 
 
-def select(entries: list[dict[str, Any]], reports: dict[str, dict | None], require_improvement: float) -> dict[str, Any]:
-    """The champion: the lowest tuned perplexity among candidates whose benchmark finished, all scored on the
-    same eval tokens (else nothing is comparable and this raises). Says which candidates the champion cannot be
-    told apart from (overlapping 95% bootstrap intervals), and whether it passes the quality gate."""
+def _figures(report: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
+    """Every metric a benchmark report has for one model, as {name: {"value", "ci95": [low, high]}}."""
+    names = ["perplexity"]
+    result = (report.get("models") or {}).get(model, {})
+    names += list((result.get("generation") or {}).get("metrics") or {})
+    names += [f"{task}:{m}" for task, figures in (result.get("tasks") or {}).items() for m in figures]
+    out = {}
+    for name in names:
+        figure = documents.metric(report, model, name)
+        if figure.get("value") is not None:
+            out[name] = {"value": figure["value"], "ci95": [figure.get("ci95_low"), figure.get("ci95_high")]}
+    return out
+
+
+def _per_example(report: dict[str, Any], name: str) -> list[float] | None:
+    return (((report.get("models") or {}).get("tuned", {}).get("generation") or {}).get("per_example") or {}).get(name)
+
+
+def choose_metric(requested: str, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The champion metric and its direction. `auto` takes what the benchmarks resolved it to (ROUGE-L when answers
+    were generated, else perplexity); a named one must be in every finished candidate's report."""
+    name = requested or AUTO
+    if name == AUTO:
+        name = next((r["champion_metric"]["name"] for r in reports if r.get("champion_metric")), "perplexity")
+    for report in reports:
+        chosen = report.get("champion_metric") or {}
+        if chosen.get("name") == name:
+            return {"name": name, "higher_is_better": bool(chosen["higher_is_better"])}
+    if name in METRICS:
+        return {"name": name, "higher_is_better": METRICS[name]}
+    task, _, metric = name.partition(":")
+    figure = ((reports[0].get("models") or {}).get("tuned", {}).get("tasks") or {}).get(task, {}).get(metric) if reports else None
+    return {"name": name, "higher_is_better": bool((figure or {}).get("higher_is_better", True))}
+
+
+def select(entries: list[dict[str, Any]], reports: dict[str, dict | None], require_improvement: float,
+           champion_metric: str = AUTO, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The champion: the best value of the champion metric among candidates whose benchmark finished, all scored on
+    the same eval tokens and the same generated prompts (else nothing is comparable and this raises). Says which
+    candidates the champion cannot be told apart from (overlapping 95% intervals of that metric), the paired
+    bootstrap difference from each other candidate where per-example scores exist, and whether the champion's
+    improvement over the base in that metric passes the quality gate."""
     rows = []
     for entry in entries:
         report = reports.get(entry["key"])
@@ -137,7 +176,11 @@ def select(entries: list[dict[str, Any]], reports: dict[str, dict | None], requi
             tuned, base = documents.eval_split(report, "tuned"), documents.eval_split(report, "base")
             row |= {"perplexity": tuned["perplexity"], "ci95": [tuned.get("ci95_low"), tuned.get("ci95_high")],
                     "base_perplexity": base["perplexity"], "relative_improvement": report.get("relative_improvement"),
-                    "tokens": tuned["tokens"], "tokens_sha256": tuned.get("tokens_sha256")}
+                    "tokens": tuned["tokens"], "tokens_sha256": tuned.get("tokens_sha256"),
+                    "metrics": _figures(report, "tuned"), "base_metrics": _figures(report, "base"),
+                    "vs_base": {name: {"value": d["value"], "ci95": [d.get("ci95_low"), d.get("ci95_high")],
+                                       "excludes_zero": d.get("excludes_zero")}
+                                for name, d in (report.get("differences") or {}).items()}}
         rows.append(row)
     finished = [r for r in rows if r["status"] == "finished"]
     if not finished:
@@ -145,18 +188,40 @@ def select(entries: list[dict[str, Any]], reports: dict[str, dict | None], requi
     digests = {r["tokens_sha256"] for r in finished}
     if len(digests) != 1:
         raise ValueError(f"the candidates were scored on different eval tokens ({len(digests)} digests); perplexities do not compare")
-    champion = min(finished, key=lambda r: (r["perplexity"], r["key"]))
-    low, high = champion["ci95"]
-    ties = [r["key"] for r in finished if r is not champion and None not in (low, high, *r["ci95"])
-            and r["ci95"][0] <= high and low <= r["ci95"][1]]
-    why = f"lowest eval perplexity {champion['perplexity']:.4f} of {len(finished)} finished candidate(s) on identical eval tokens"
+    finished_reports = [reports[r["key"]] for r in finished]
+    settings = {json.dumps(r.get("generation"), sort_keys=True) for r in finished_reports}
+    if len(settings) != 1:
+        raise ValueError(f"the candidates' answers were generated with different settings ({', '.join(sorted(settings))}); "
+                         "their task metrics do not compare")
+    metric = choose_metric(champion_metric, finished_reports)
+    name, sign = metric["name"], 1 if metric["higher_is_better"] else -1
+    lacking = [r["key"] for r in finished if name not in r["metrics"]]
+    if lacking:
+        raise ValueError(f"champion_metric: {name!r} is not in the benchmark of {', '.join(lacking)}; "
+                         f"expected one of {', '.join(finished[0]['metrics'])}")
+    champion = min(finished, key=lambda r: (-sign * r["metrics"][name]["value"], r["perplexity"], r["key"]))
+    figure = champion["metrics"][name]
+    ties = [r["key"] for r in finished if r is not champion and bootstrap.overlaps(figure["ci95"], r["metrics"][name]["ci95"])]
+    pairwise = {}
+    mine = _per_example(reports[champion["key"]], name)
+    for r in finished:
+        theirs = _per_example(reports[r["key"]], name)
+        if r is not champion and mine is not None and theirs is not None:
+            pairwise[r["key"]] = bootstrap.paired(mine, theirs, resamples, seed)
+    best = "highest" if metric["higher_is_better"] else "lowest"
+    why = (f"{best} eval {name} {figure['value']:.4f} of {len(finished)} finished candidate(s) on identical eval "
+           f"{'tokens' if name == 'perplexity' else 'examples'}")
     if ties:
-        why += (f"; its 95% interval overlaps {', '.join(ties)}: the difference may be noise, not a better model")
-    gate_passed = not require_improvement or (champion["relative_improvement"] or 0) >= require_improvement
+        why += f"; its 95% interval overlaps {', '.join(ties)}: the difference may be noise, not a better model"
+    base_value = champion["base_metrics"].get(name, {}).get("value")
+    gain = improvement(base_value, figure["value"], metric["higher_is_better"]) if base_value is not None else None
+    gate_passed = not require_improvement or (gain is not None and gain >= require_improvement)
     for row in rows:
         row["champion"] = row is champion
     return {"champion": champion["key"], "index": next(e["index"] for e in entries if e["key"] == champion["key"]),
-            "why": why, "overlapping": ties, "eval_tokens_sha256": digests.pop(),
-            "quality_gate": {"required": require_improvement, "relative_improvement": champion["relative_improvement"],
+            "why": why, "overlapping": ties, "eval_tokens_sha256": digests.pop(), "champion_metric": metric,
+            "pairwise": pairwise, "generation": finished_reports[0].get("generation") or {},
+            "quality_gate": {"required": require_improvement, "metric": name, "relative_improvement": gain,
                              "passed": gate_passed},
             "candidates": rows}
+

@@ -105,3 +105,12 @@ def check_champion_metric(value: str, tasks: tuple[str, ...]) -> None:
         raise BadInputError("--champion-metric", value, "a task of --eval-tasks, which is empty")
     if not any(is_task_file(t) for t in tasks) and task not in tasks:
         raise BadInputError("--champion-metric", value, f"task:metric with a task of --eval-tasks ({', '.join(tasks)})")
+
+
+def improvement(base: float, tuned: float, higher_is_better: bool) -> float:
+    """The tuned model's relative improvement in a metric's good direction (a perplexity drop, a ROUGE-L gain): what
+    `--require-improvement` gates, in the stage and in the DAG's `select`. From a base of 0 any gain is unbounded."""
+    gain = (tuned - base) if higher_is_better else (base - tuned)
+    if base == 0:
+        return 0.0 if gain == 0 else float("inf") if gain > 0 else float("-inf")
+    return gain / abs(base)

@@ -10,8 +10,8 @@ import pytest
 
 from jobs.benchmark import generation, metrics
 from jobs.benchmark.core import run
-from jobs.contract import artifacts
-from jobs.contract.configs.benchmark import BenchmarkConfig
+from jobs.contract import artifacts, bootstrap
+from jobs.contract.configs.benchmark import BenchmarkConfig, improvement
 from jobs.contract.errors import BadInputError
 
 STOP = 9
@@ -68,18 +68,18 @@ def test_scorers():
 def test_paired_bootstrap_tells_a_real_difference_from_noise():
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 1, 200)
-    same = metrics.paired(base + rng.normal(0, 0.01, 200), base, 1000, 0)
-    better = metrics.paired(base + 0.05, base, 1000, 0)
+    same = bootstrap.paired(base + rng.normal(0, 0.01, 200), base, 1000, 0)
+    better = bootstrap.paired(base + 0.05, base, 1000, 0)
     assert not same["excludes_zero"] and same["ci95_low"] < 0 < same["ci95_high"]
     assert better["excludes_zero"] and better["value"] == pytest.approx(0.05)
     with pytest.raises(ValueError, match="same examples"):
-        metrics.paired(base[:10], base, 100, 0)
+        bootstrap.paired(base[:10], base, 100, 0)
 
 
 @pytest.mark.parametrize(("base", "tuned", "higher", "expected"), [(200.0, 150.0, False, 0.25), (0.2, 0.3, True, 0.5),
                                                                    (0.0, 0.1, True, float("inf")), (0.0, 0.0, True, 0.0)])
 def test_improvement_in_the_metrics_good_direction(base, tuned, higher, expected):
-    assert metrics.improvement(base, tuned, higher) == pytest.approx(expected)
+    assert improvement(base, tuned, higher) == pytest.approx(expected)
 
 
 def test_stage_reports_task_metrics_and_shares_the_base(tiny_run, tiny_gemma3, tmp_path, caplog):
