@@ -14,7 +14,7 @@ import numpy as np
 
 from jobs.benchmark import answers, metrics
 from jobs.benchmark import perplexity as ppl
-from jobs.common import lm, models, storage
+from jobs.common import compilation, lm, models, storage
 from jobs.common.manifest import StageRun, digest_json, read_manifest, stage_in_upstream, upstream_ref
 from jobs.contract import artifacts, bootstrap, documents
 from jobs.contract import rows as rows_lib
@@ -209,6 +209,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     if (out := stage.start(workdir)) is None:
         return stage.manifest
 
+    compilation.enable_cache(workdir / "xla-cache")  # the tuned model reuses what the base compiled
     data_dir = stage_in_upstream(config.data, inputs[0], workdir / "data", name="data")
     rows = data_lib.read_split(data_dir, artifacts.EVAL, "--data")
     if config.max_examples:

@@ -34,7 +34,7 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
             dag_run = context.get("dag_run")
             access.check_priority(params.get("priority_class", ""), getattr(dag_run, "triggering_user_name", None),
                                   access.production_users())
-        planned = plan(params, run_key)
+        planned = plan(params, run_key, task_file_reader(store))
     except ValueError as err:
         raise AirflowFailException(str(err)) from err
     if context is None:
@@ -61,6 +61,23 @@ def plan_task(params: dict[str, Any], run_key: str, context: Any = None, store: 
     for key in ("preprocess", "dataflow"):
         context["ti"].xcom_push(key=key, value=planned[key])
     return planned["candidates"]
+
+
+def task_file_reader(store: Any = None) -> Any:
+    """How `plan` reads an `eval_tasks` YAML file: a local path, or a gs:// object (on the local backend, the
+    emulator's file, so the check needs no running emulator)."""
+    from pathlib import Path
+
+    def read(uri: str) -> bytes:
+        if not uri.startswith("gs://"):
+            return Path(uri).read_bytes()
+        if store is None and local.backend() == "local":
+            return local.Emulator(local.local_root()).path_of(uri).read_bytes()
+        data = (store or RunStore(local.backend())).read(uri)
+        if data is None:
+            raise FileNotFoundError(f"no object {uri}")
+        return data
+    return read
 
 
 def grant_folders(bucket: str, planned: dict[str, Any], identities: access.Identities, folders: Any = None,

@@ -16,11 +16,13 @@ import difflib
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
-from gemma_pipeline.plan import jobspec, profiles
+from gemma_pipeline.plan import eval_tasks, jobspec, profiles
 from jobs.contract import artifacts, bootstrap, documents, stages
-from jobs.contract.configs.benchmark import AUTO, METRICS, improvement
+from jobs.contract.configs.benchmark import AUTO, METRICS, check_champion_metric, improvement
+from jobs.contract.errors import BadInputError
 from jobs.contract.layout import DEFAULT_CANDIDATE, RunLayout
 
 # What a candidate may override: fine-tune Params only (see the module docstring for why not preprocessing's).
@@ -89,10 +91,29 @@ def candidate_key(overrides: dict[str, Any]) -> str:
     return f"{readable[:40].rstrip('-')}-{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
 
 
-def plan(params: dict[str, Any], run_key: str) -> dict[str, Any]:
+def check_evaluation(params: dict[str, Any], read: eval_tasks.Reader) -> dict[str, tuple[str, ...]]:
+    """Before any Job runs: every `eval_tasks` entry is an lm-eval task or a task file that parses, and
+    `champion_metric` is one the benchmark computes (a `task:metric`: a task of `eval_tasks` that reports that
+    metric). A ValueError names the param, the value and what exists. Returns each task's metrics."""
+    tasks = eval_tasks.parse(params.get("eval_tasks"))
+    metric = params.get("champion_metric") or AUTO
+    try:
+        check_champion_metric(metric, tasks)
+    except BadInputError as err:
+        raise ValueError(f"champion_metric: got {metric!r}; expected {err.expected}") from None
+    if metric in METRICS and metric != "perplexity" and not int(params.get("max_new_tokens", 1) or 0):
+        raise ValueError(f"champion_metric: got {metric!r}; expected perplexity or a task:metric, since max_new_tokens "
+                         "is 0 (no answers are generated)")
+    produced = eval_tasks.metrics_of(tasks, read)
+    eval_tasks.check_metric(metric, produced)
+    return produced
+
+
+def plan(params: dict[str, Any], run_key: str, read: eval_tasks.Reader | None = None) -> dict[str, Any]:
     """Every stage's Job of the run, rendered once from the Params: the shared preprocessing (as a Job, and as the
     Dataflow launch's template parameters), then one entry per candidate with its key, overrides, prefixes and the
     fine-tune, benchmark and convert Jobs' arguments, profile and labels (what the mapped tasks submit)."""
+    check_evaluation(params, read or _read_local)
     layout = RunLayout.of(params["bucket"], run_key)
     run_labels = {jobspec.RUN_LABEL: run_key}
     shared = layout.stages()
@@ -113,6 +134,12 @@ def plan(params: dict[str, Any], run_key: str) -> dict[str, Any]:
             "dataflow": {"job_name": f"gemma-preprocess-{run_key}", "run_key": run_key,
                          "parameters": jobspec.template_parameters(preprocess["arguments"])},
             "candidates": entries}
+
+
+def _read_local(uri: str) -> bytes:
+    if "://" in uri:
+        raise ValueError(f"{uri}: only local task files can be read here (the plan task reads gs:// ones)")
+    return Path(uri).read_bytes()
 
 
 def stage_job(stage: str, values: dict[str, Any], prefixes: dict[str, str], profile: str,

@@ -27,6 +27,7 @@ from jobs.contract import artifacts, splits, stages
 from jobs.contract import documents as docs
 from jobs.contract.layout import RunLayout
 
+SUMMARY_METRICS = ("stop_rate", "rouge_l", "chrf", "exact_match")  # the task metrics the summary shows before/after
 PRICES_ENV = "GEMMA_PIPELINE_PRICES"
 PRICES_VARIABLE = "gemma_pipeline_prices"
 CHARTS = {"loss curve": ("finetune", artifacts.LOSS_CURVE), "perplexity": ("benchmark", artifacts.PERPLEXITY_CHART)}
@@ -113,6 +114,8 @@ def summarize(manifests: dict[str, dict | None], documents: dict[str, dict | Non
         "steps": fine.get("steps"), "tokens_per_s": fine.get("tokens_per_s"),
         "eval_loss_before": fine.get("eval_loss_before"), "eval_loss_after": fine.get("eval_loss_after"),
         "parity": parity,
+        "task_metrics": {name: {model: docs.metric(bench, model, name) for model in ("base", "tuned")}
+                         for name in SUMMARY_METRICS if docs.metric(bench, "base", name)},
     }
 
 
@@ -296,11 +299,23 @@ def summary_table(report: dict[str, Any]) -> str:
              f"| relative improvement | {_fmt(s['relative_improvement'], '.1%')} |",
              f"| fine-tune steps | {_fmt(s['steps'])} |",
              f"| training tokens/s | {_fmt(s['tokens_per_s'], '.1f')} |"]
+    for name, models in (s.get("task_metrics") or {}).items():
+        lines.append(f"| {metric_label(name)} before → after (95% interval) | "
+                     f"{_interval(models['base'])} → {_interval(models['tuned'])} |")
     parity = s.get("parity")
     if parity:
         lines.append(f"| export parity | {'passed' if parity.get('passed') else 'FAILED'} "
                      f"(max logit diff {_fmt(parity.get('logits_max_abs_diff'), '.2e')}, tolerance {_fmt(parity.get('tolerance'))}) |")
     return "\n".join(lines)
+
+
+def _interval(figure: dict[str, Any] | None) -> str:
+    figure = figure or {}
+    if figure.get("value") is None:
+        return "n/a"
+    if figure.get("ci95_low") is None:
+        return _fmt(figure["value"], ".3f")
+    return f"{_fmt(figure['value'], '.3f')} [{_fmt(figure['ci95_low'], '.3f')}–{_fmt(figure['ci95_high'], '.3f')}]"
 
 
 def stage_table(report: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 in, so a `kubectl` user or a reader of the docs sees exactly what the code builds. `check` exits 1 naming what is
 stale (the tests run it). Targets: jobs (k8s/jobs, from jobspec), kueue (k8s/kueue), serving (k8s/serving), params
 (the params table in docs/configuration.md, from the trigger form), security (the gcloud commands in
-docs/security.md, from the access policy)."""
+docs/security.md, from the access policy), lm_eval_tasks (dags/gemma_pipeline/plan/lm_eval_tasks.json, the plan's
+index of lm-eval's tasks and their metrics, from the installed lm-eval: the dev environment)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gemma_pipeline.plan import access, form, kueue, manifests, serving
+from gemma_pipeline.plan import access, eval_tasks, form, kueue, manifests, serving
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (dags/gemma_pipeline/tools/ -> .)
 PARAMS_DOC = Path("docs/configuration.md")
@@ -32,6 +33,7 @@ TARGETS: dict[str, tuple[Path, Callable[[], dict[str, str]]]] = {
     "serving": (Path("k8s/serving"), serving.render),
     "params": (PARAMS_DOC, _params),
     "security": (SECURITY_DOC, _security),
+    "lm_eval_tasks": (eval_tasks.INDEX.relative_to(ROOT), eval_tasks.render_index),
 }
 
 

@@ -87,6 +87,16 @@ def parse_tasks(value: str | None) -> tuple[str, ...]:
     return tasks
 
 
+NO_FILTER = "none"  # lm-eval's filter name for unfiltered outputs
+
+
+def task_metric_name(metric: str, filter_name: str) -> str:
+    """The name an lm-eval result is reported under (and `--champion-metric task:NAME` names): lm-eval reports
+    `metric,filter`; unfiltered results are the metric alone (`acc`), filtered ones `metric/filter`
+    (`exact_match/strict-match`)."""
+    return metric if filter_name == NO_FILTER else f"{metric}/{filter_name}"
+
+
 def is_task_file(entry: str) -> bool:
     """A YAML task definition (named by its `task` key once read), not an lm-eval task name."""
     return entry.lower().endswith((".yaml", ".yml"))
