@@ -238,6 +238,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
         if shared_uri:
             _save_shared(shared_uri, base)
     report["models"]["base"] = base
+    report["champion_metric"] = champion_metric(config, report)  # a metric the tasks lack fails before the tuned model
     if config.finetune:
         uri, load = _tuned(config, workdir)
         report["models"]["tuned"] = _result("tuned", uri, load, config, rows, ood_docs, chosen, workdir)
@@ -248,7 +249,7 @@ def _finish(config: BenchmarkConfig, stage: StageRun, report: dict[str, Any], ch
     models_ = report["models"]
     metrics_: dict[str, Any] = {f"{name}_{split}_perplexity": r["splits"][split]["perplexity"]
                                 for name, r in models_.items() for split in r["splits"]}
-    chosen_metric = report["champion_metric"] = champion_metric(config, report)
+    chosen_metric = report["champion_metric"]
     if "tuned" in models_:
         base, tuned = metrics_["base_eval_perplexity"], metrics_["tuned_eval_perplexity"]
         report["relative_improvement"] = metrics_["relative_improvement"] = (base - tuned) / base

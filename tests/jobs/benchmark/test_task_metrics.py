@@ -117,3 +117,19 @@ def test_raw_text_skips_generation_and_refuses_a_generation_metric(tiny_run, tin
     assert report["champion_metric"]["name"] == "perplexity" and not (tmp_path / "a" / artifacts.GENERATIONS).exists()
     with pytest.raises(BadInputError, match="--champion-metric: got 'rouge_l'.*no reference answers"):
         run(BenchmarkConfig(output=str(tmp_path / "b"), champion_metric="rouge_l", **common), tmp_path / "w2")
+
+
+def test_lm_eval_tasks_run_on_both_models_and_can_choose(tiny_run, tiny_gemma3, tmp_path):
+    from tests.dags.test_eval_tasks import MC
+
+    common = dict(data=str(tiny_run["preprocess"]), finetune=str(tiny_run["finetune"]), base_model=str(tiny_gemma3),
+                  max_length=48, max_new_tokens=0, bootstrap=0, eval_tasks=MC)
+    run(BenchmarkConfig(output=str(tmp_path / "a"), champion_metric="stdlib_mc:acc_norm", **common), tmp_path / "w")
+    report = json.loads((tmp_path / "a" / artifacts.BENCHMARK_REPORT).read_text())
+    for model in ("base", "tuned"):
+        figure = report["models"][model]["tasks"]["stdlib_mc"]["acc_norm"]
+        assert 0 <= figure["value"] <= 1 and figure["higher_is_better"] is True
+    assert report["champion_metric"] == {"name": "stdlib_mc:acc_norm", "higher_is_better": True}
+    assert "stdlib_mc:acc_norm" in report["differences"] and report["improvement"]["metric"] == "stdlib_mc:acc_norm"
+    with pytest.raises(BadInputError, match="one of the task metrics produced: stdlib_mc:acc, stdlib_mc:acc_norm"):
+        run(BenchmarkConfig(output=str(tmp_path / "b"), champion_metric="stdlib_mc:f1", **common), tmp_path / "w2")
