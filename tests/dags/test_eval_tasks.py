@@ -140,6 +140,7 @@ def test_a_stale_index_is_named(tmp_path):
 def test_the_plan_refuses_bad_evaluation_params_before_any_job(overrides, message, tmp_path):
     from airflow.sdk.exceptions import AirflowFailException
     from gemma_pipeline.operators import tasks
+
     from tests.dags.test_candidates import PARAMS
 
     if overrides.get("eval_tasks") == "BAD_YAML":
@@ -151,6 +152,7 @@ def test_the_plan_refuses_bad_evaluation_params_before_any_job(overrides, messag
 
 def test_the_plan_accepts_a_task_metric_and_passes_the_tasks_to_the_benchmark():
     from gemma_pipeline.plan import candidates
+
     from tests.dags.test_candidates import PARAMS
 
     planned = candidates.plan({**PARAMS, "eval_tasks": f"{MC},hellaswag", "champion_metric": "stdlib_mc:acc_norm"}, "r1")

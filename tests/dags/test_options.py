@@ -29,7 +29,9 @@ def _probe(opt: spec.Option):
     if opt.kind == "float":
         high = opt.maximum if opt.maximum is not None else opt.exclusive_maximum
         return round((float(opt.param_default or 0) + (high if high is not None else 1.0)) / 4, 6) or 0.01
-    return "{instruction}: {response}" if opt.name == "template" else f"probe-{opt.name}"
+    # Strings the plan checks: a template with its fields, a real lm-eval task, a metric the benchmark computes.
+    valid = {"template": "{instruction}: {response}", "eval_tasks": "hellaswag", "champion_metric": "chrf"}
+    return valid.get(opt.name, f"probe-{opt.name}")
 
 
 PROBES = {name: _probe(opt) for name, opt in jobspec.param_options().items()}

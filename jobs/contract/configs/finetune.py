@@ -20,11 +20,13 @@ class FinetuneConfig:
     output: str = option(help="output prefix (gs:// or local directory)", upstream="self")
     base_model: str = option(DEMO_MODEL_URI, "keras-hub preset name, hf://ORG/NAME, demo:gemma3-270m, or a gs:// or "
                                              "local model directory", param="base_model")
-    lora_rank: int = option(4, "LoRA rank", minimum=1, maximum=512, param="lora_rank")
+    # The trigger form's defaults are the demo's: 20 steps at a rate high enough to learn the answer format (answers
+    # that stop) within them; a longer run over a larger model usually wants the CLI's lower rate.
+    lora_rank: int = option(4, "LoRA rank", minimum=1, maximum=512, param="lora_rank", dag_default=8)
     lora_targets: tuple[str, ...] = option(("query", "value"), "layers that get LoRA adapters (keras-hub names: "
                                                                 "query, value, key, attention_output, ...)")
     learning_rate: float = option(2e-4, "peak learning rate", exclusive_minimum=0, exclusive_maximum=1,
-                                  param="learning_rate")
+                                  param="learning_rate", dag_default=1e-3)
     weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm scales)",
                                  minimum=0, exclusive_maximum=1)
     warmup_fraction: float = option(0.1, "fraction of the steps spent in linear warmup before cosine decay",

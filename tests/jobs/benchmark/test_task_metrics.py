@@ -44,6 +44,8 @@ def test_generate_restores_order_cuts_at_stop_and_at_max_new_tokens():
     assert out.stopped == [True, True, False, False, False]
     assert out.steps == 1 + 1 + 2 + 1 + 3 + 3 + 3
     assert {shape[0] for shape in model.calls} == {2}  # a fixed batch shape: the last batch is padded
+    evened = generation.generate(_ScriptedModel(), prompts, 3, (STOP,), batch_size=4, pad_id=0)
+    assert evened.shapes == {(3, 16)} and evened.tokens == out.tokens  # 5 prompts at 4: two batches of 3
     assert all(shape[1] % generation.LENGTH_STEP == 0 for shape in model.calls)
 
 
