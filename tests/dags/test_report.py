@@ -295,3 +295,13 @@ def test_the_operator_reads_the_head_of_each_finished_candidates_generations():
     assert sorted(store.reads) == [(name("rank-4"), 0, 999), (name("rank-8"), 0, 999)]
     skipped = {**GENERATION_CHAMPION, "generation": {"skipped": "raw text"}}
     assert operator.candidate_generations(_Store({}), skipped) == {} and operator.candidate_generations(store, None) == {}
+
+
+def test_the_summary_shows_task_metrics_before_and_after_with_intervals():
+    bench = {"models": {m: {"splits": {"eval": {"perplexity": p}}, "generation": {"metrics": {
+        "stop_rate": {"value": v, "ci95_low": v - 0.1, "ci95_high": v + 0.1}}}} for m, p, v in (("base", 300.0, 0.2), ("tuned", 50.0, 0.8))},
+        "relative_improvement": 0.8, "mode": "response"}
+    summary = report.summarize({"finetune": None}, {"benchmark": bench})
+    table = report.summary_table({"summary": summary})
+    assert "| stop rate before → after (95% interval) | 0.200 [0.100–0.300] → 0.800 [0.700–0.900] |" in table, table
+    assert "ROUGE" not in table  # only what the benchmark computed

@@ -301,7 +301,7 @@ def summary_table(report: dict[str, Any]) -> str:
              f"| training tokens/s | {_fmt(s['tokens_per_s'], '.1f')} |"]
     for name, models in (s.get("task_metrics") or {}).items():
         lines.append(f"| {metric_label(name)} before → after (95% interval) | "
-                     f"{_interval(models['base'])} → {_interval(models['tuned'])} |")
+                     f"{_before_after(models['base'])} → {_before_after(models['tuned'])} |")
     parity = s.get("parity")
     if parity:
         lines.append(f"| export parity | {'passed' if parity.get('passed') else 'FAILED'} "
@@ -309,7 +309,7 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _interval(figure: dict[str, Any] | None) -> str:
+def _before_after(figure: dict[str, Any] | None) -> str:
     figure = figure or {}
     if figure.get("value") is None:
         return "n/a"
