@@ -44,11 +44,11 @@ class BenchmarkConfig:
     shared: str = option("", "the run's shared folder for this stage: the base model's evaluation is computed once "
                              "there and reused by every candidate and rerun (empty: computed here, not shared)",
                          upstream=SHARED)
-    # The trigger form's defaults are the demo's (short answers, one batch of prompts on a 2-core machine).
+    # The trigger form's default is the demo's: long enough that an answer which never stops shows as one.
     max_new_tokens: int = option(64, "answer tokens generated per eval prompt for the task metrics (0: no generation)",
-                                 minimum=0, maximum=4096, param="max_new_tokens", dag_default=32)
+                                 minimum=0, maximum=4096, param="max_new_tokens", dag_default=48)
     generation_examples: int = option(0, "generate answers to at most this many eval examples (0: every scored one)",
-                                      minimum=0, param="generation_examples", dag_default=64)
+                                      minimum=0, param="generation_examples")
     generation_batch_size: int = option(64, "prompts per generation batch (at most; batches are evened out)", minimum=1,
                                         maximum=1024)
     temperature: float = option(0.0, "0: greedy answers; > 0: top-p sampling at this temperature, seeded by --seed",
