@@ -1,7 +1,7 @@
 """Candidate fine-tunes and their champion.
 
 A run trains one adapter per candidate (a set of overrides of the fine-tune's Params), scores every candidate
-on the same eval tokens, and picks the one with the lowest perplexity. Preprocessing is shared: no candidate
+on the same eval tokens and prompts, and picks the best by the `champion_metric` Param. Preprocessing is shared: no candidate
 field changes the split, so every candidate is scored on identical rows and none trains on another's eval rows
 (a candidate's data size is `max_train_examples`, a cut of the shared train split, never a new split).
 
@@ -44,7 +44,7 @@ def schema() -> dict[str, Any]:
         "type": "array", "minItems": 1, "maxItems": MAX_CANDIDATES,
         "items": {"type": "object", "properties": field_schemas(), "additionalProperties": False},
         "description": "candidate fine-tunes, each a JSON object overriding any of " + ", ".join(FIELDS)
-                       + "; [{}] is one candidate with the params above. The lowest eval perplexity wins.",
+                       + "; [{}] is one candidate with the params above. The best by champion_metric wins.",
     }
 
 
