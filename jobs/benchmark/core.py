@@ -135,25 +135,24 @@ def _result(name: str, uri: str, load: Callable[[], Any], config: BenchmarkConfi
     return result
 
 
-def _shared_base(config: BenchmarkConfig, inputs: list[dict[str, Any]], code: dict[str, Any]) -> tuple[str, dict | None]:
+def _shared_base(config: BenchmarkConfig, inputs: list[dict[str, Any]], code: dict[str, Any]) -> tuple[str, str, dict | None]:
     """Where the base model's evaluation is shared, and the evaluation when a candidate or an earlier run already
     made it: keyed by everything it depends on (eval data, base model, every option that changes it, the code)."""
     if not config.shared:
-        return "", None
+        return "", "", None
     own = {k: v for k, v in asdict(config).items() if k not in ("output", "finetune", "shared", "require_improvement", "champion_metric")}
     key = digest_json({"data": inputs[0], "model": inputs[-1], "config": own, "code": code})[:24]
     uri = storage.join(config.shared, artifacts.base_evaluation(key))
     if not storage.exists(uri):
-        return uri, None
+        return uri, key, None
     doc = documents.BASE_EVALUATION.load(storage.read_bytes(uri), uri)
     if doc["key"] != key:
-        return uri, None
+        return uri, key, None
     log.info("base model: reusing its evaluation from %s (same data, model, options and code)", uri)
-    return uri, doc["result"]
+    return uri, key, doc["result"]
 
 
-def _save_shared(uri: str, result: dict[str, Any]) -> None:
-    key = uri.rsplit("/", 1)[-1].removeprefix("base-").removesuffix(".json")
+def _save_shared(uri: str, key: str, result: dict[str, Any]) -> None:
     try:  # create-only: a candidate that finished first wrote the same evaluation
         storage.write_bytes(uri, documents.BASE_EVALUATION.dump({"key": key, "result": result}), "application/json",
                             if_generation_match=0)
@@ -230,13 +229,13 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
                               "separator": config.separator, "models": {},
                               "generation": {"skipped": why_not} if why_not else answers.settings(config, len(chosen)),
                               "eval_tasks": list(config.tasks)}
-    shared_uri, base = _shared_base(config, inputs, stage.code)
+    shared_uri, shared_key, base = _shared_base(config, inputs, stage.code)
     report["base_evaluation"] = {"uri": shared_uri or None, "reused": base is not None}
     if base is None:
         base = _result("base", config.base_model, lambda: models.load_causal_lm(config.base_model, workdir), config, rows,
                        ood_docs, chosen, workdir)
         if shared_uri:
-            _save_shared(shared_uri, base)
+            _save_shared(shared_uri, shared_key, base)
     report["models"]["base"] = base
     report["champion_metric"] = champion_metric(config, report)  # a metric the tasks lack fails before the tuned model
     if config.finetune:
