@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import numpy as np
 
 from jobs.benchmark import answers, metrics
 from jobs.benchmark import perplexity as ppl
-from jobs.common import compilation, lm, models, storage
+from jobs.common import compilation, lm, models, storage, timing
 from jobs.common.manifest import StageRun, digest_json, read_manifest, stage_in_upstream, upstream_ref
 from jobs.contract import artifacts, bootstrap, documents
 from jobs.contract import rows as rows_lib
@@ -87,27 +86,30 @@ def chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _tuned(config: BenchmarkConfig, workdir: Path) -> tuple[str, Callable[[], Any]]:
-    """The tuned model: the fine-tune's merged preset, or, when it trained on a quantized base (its product is the
-    adapter), the adapter applied to the full-precision base (the report's uri says which)."""
-    settings = (read_manifest(config.finetune) or {}).get("config", {})
-    if not models.adapter_only(settings):
-        local = str(storage.stage_in(storage.join(config.finetune, artifacts.MERGED_MODEL), workdir / "tuned", name=artifacts.MERGED_MODEL))
-        return storage.join(config.finetune, artifacts.MERGED_MODEL), lambda: models.load_causal_lm(local, workdir, field="--finetune")
-    adapter = storage.join(config.finetune, artifacts.ADAPTER)
-    log.info("the fine-tune trained on a %s base: scoring its adapter on the full-precision base %s",
-             settings["base_quantization"], config.base_model)
-    return (f"{adapter} on {config.base_model} (full precision; trained on a {settings['base_quantization']} base)",
-            lambda: models.load_with_adapter(config.base_model, adapter, settings["lora_rank"],
-                                             list(settings["lora_targets"]), workdir, field="--finetune"))
+def _adapter(config: BenchmarkConfig, inputs: list[dict[str, Any]], workdir: Path) -> tuple[str, Path]:
+    """The fine-tune's adapter, which the benchmark folds into the base it already loaded: the fine-tune's merged
+    model is that same sum (and a fine-tune on a quantized base is scored, as it is served, on the full-precision
+    base). The base must be the fine-tune's own."""
+    manifest = read_manifest(config.finetune) or {}
+    settings = manifest.get("config", {})
+    trained_on = (manifest.get("inputs") or [{}])[-1]
+    if trained_on and trained_on != inputs[-1]:
+        raise BadInputError("--base-model", config.base_model, f"the base the fine-tune trained ({settings.get('base_model', trained_on.get('uri'))})",
+                            "its adapter only applies to that base")
+    uri = storage.join(config.finetune, artifacts.ADAPTER)
+    local = storage.stage_in(uri, workdir / "tuned", name=artifacts.ADAPTER)
+    quantized = models.adapter_only(settings)
+    if quantized:
+        log.info("the fine-tune trained on a %s base: scoring its adapter on the full-precision base %s",
+                 settings["base_quantization"], config.base_model)
+    label = f"{uri} on {config.base_model}" + (f" (full precision; trained on a {settings['base_quantization']} base)" if quantized else "")
+    return label, local
 
 
-def _result(name: str, uri: str, load: Callable[[], Any], config: BenchmarkConfig, rows: list[dict[str, Any]],
+def _result(name: str, uri: str, model: Any, scorer: lm.NllScorer, config: BenchmarkConfig, rows: list[dict[str, Any]],
             ood_docs: list[str], chosen: list[dict[str, str]], workdir: Path) -> dict[str, Any]:
     """One model's whole evaluation: perplexity per split, answers and their task metrics, lm-eval tasks."""
-    model = load()
     tokenizer = model.preprocessor.tokenizer
-    scorer = lm.NllScorer(model)
     windows, n_docs = eval_windows(config, rows, tokenizer)
     splits = {"eval": windows}
     if ood_docs:
@@ -130,8 +132,6 @@ def _result(name: str, uri: str, load: Callable[[], Any], config: BenchmarkConfi
         result["tasks"] = harness.run_tasks(model, config.tasks, workdir / f"tasks-{name}", batch_size=config.batch_size,
                                             max_length=config.max_length, limit=config.eval_task_limit or None,
                                             seed=config.seed)
-    del model, scorer
-    gc.collect()
     return result
 
 
@@ -208,7 +208,8 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     if (out := stage.start(workdir)) is None:
         return stage.manifest
 
-    compilation.enable_cache(workdir / "xla-cache")  # the tuned model reuses what the base compiled
+    xla_cache = compilation.enable_cache(workdir)  # the tuned model, and later candidates, reuse what the base compiled
+    timing.begin("compute")
     data_dir = stage_in_upstream(config.data, inputs[0], workdir / "data", name="data")
     rows = data_lib.read_split(data_dir, artifacts.EVAL, "--data")
     if config.max_examples:
@@ -231,16 +232,23 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
                               "eval_tasks": list(config.tasks)}
     shared_uri, shared_key, base = _shared_base(config, inputs, stage.code)
     report["base_evaluation"] = {"uri": shared_uri or None, "reused": base is not None}
+    # One model in memory: the base, then (the adapter folded in) the tuned model, through the same compiled functions.
+    model = models.load_causal_lm(config.base_model, workdir) if base is None or config.finetune else None
+    scorer = lm.NllScorer(model) if model is not None else None
     if base is None:
-        base = _result("base", config.base_model, lambda: models.load_causal_lm(config.base_model, workdir), config, rows,
-                       ood_docs, chosen, workdir)
+        base = _result("base", config.base_model, model, scorer, config, rows, ood_docs, chosen, workdir)
         if shared_uri:
             _save_shared(shared_uri, shared_key, base)
     report["models"]["base"] = base
     report["champion_metric"] = champion_metric(config, report)  # a metric the tasks lack fails before the tuned model
     if config.finetune:
-        uri, load = _tuned(config, workdir)
-        report["models"]["tuned"] = _result("tuned", uri, load, config, rows, ood_docs, chosen, workdir)
+        uri, adapter = _adapter(config, inputs, workdir)
+        log.info("tuned model: %d kernels of the base updated from %s", models.merge_adapter(model, adapter, uri=uri), uri)
+        scorer.refresh()
+        report["models"]["tuned"] = _result("tuned", uri, model, scorer, config, rows, ood_docs, chosen, workdir)
+    del model, scorer
+    gc.collect()
+    xla_cache.save()
     return _finish(config, stage, report, chosen, out)
 
 

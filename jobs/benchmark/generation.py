@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 LENGTH_STEP = 16  # prompt + answer widths are rounded up to a multiple of this (fewer compiled shapes)
+GREEDY_READY = "_gemma_pipeline_greedy"  # set on a model whose compiled generate step is greedy
 
 
 @dataclass
@@ -33,10 +34,13 @@ def configure(model, temperature: float, top_p: float, seed: int) -> None:
     import keras_hub
 
     if temperature == 0:
+        if getattr(model, GREEDY_READY, False):
+            return  # keep the compiled step: it reads the weights at each call, so a tuned model reuses the base's
         model.compile(sampler=keras_hub.samplers.GreedySampler())
-    else:
+    else:  # a fresh sampler per model: each model's draws start from the seed, whoever generated before it
         model.compile(sampler=keras_hub.samplers.TopPSampler(p=top_p, temperature=temperature, seed=seed))
     model.generate_function = None  # the compiled step closes over the sampler
+    setattr(model, GREEDY_READY, temperature == 0)
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...], batch_size: int,

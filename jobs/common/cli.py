@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jobs.common import storage
+from jobs.common import storage, timing
 from jobs.contract import spec
 from jobs.contract.errors import (
     EXIT_FAILURE,
@@ -103,6 +103,7 @@ def main(
     `passthrough`, the arguments the stage does not know go to it (it validates them: an engine's own options) and
     what it returns is `run`'s third argument."""
     configure_logging()
+    timing.clock()  # what ran before this line (the interpreter, the entry point's imports) counts as imports
     log = logging.getLogger(config_cls.__module__.rsplit(".", 1)[0])  # e.g. jobs.preprocessing
     parser = parser_for(config_cls, description)
     args, rest = parser.parse_known_args(argv) if passthrough else (parser.parse_args(argv), [])

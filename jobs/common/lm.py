@@ -174,6 +174,12 @@ class NllScorer:
         self._compiled = True
         return nll
 
+    def refresh(self) -> None:
+        """Read the model's weights again (after `models.merge_adapter`): the compiled functions stay, since the
+        weights are their arguments; throughput starts over for the new weights."""
+        self.state = ([v.value for v in self.model.trainable_variables], [v.value for v in self.model.non_trainable_variables])
+        self.tokens, self.seconds = 0, 0.0
+
     @property
     def tokens_per_s(self) -> float | None:
         return self.tokens / self.seconds if self.seconds else None

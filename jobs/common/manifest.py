@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.common import faults, storage
+from jobs.common import faults, storage, timing
 from jobs.common.code_identity import code_identity
 from jobs.contract import artifacts, documents
 from jobs.contract.errors import BadInputError
@@ -214,7 +214,7 @@ class StageRun:
             "config_sha256": digest_json(self.config),
             "inputs": self.inputs,
             "outputs": files,
-            "metrics": metrics,
+            "metrics": {**metrics, **timing.clock().record()},
             "wall_time_s": round(time.time() - self.started, 3),
             "peak_rss_bytes": peak_rss_bytes(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

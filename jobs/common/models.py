@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jobs.common import sources
+import numpy as np
+
+from jobs.common import sources, timing
 from jobs.common.sources import EXPECTED, model_ref
 from jobs.contract import rows as rows_lib
 from jobs.contract.errors import BadInputError
@@ -21,11 +23,13 @@ def resolve(uri: str, workdir: Path, field: str = "--base-model") -> str:
 
 
 def load_causal_lm(uri: str, workdir: Path, field: str = "--base-model", **kwargs: Any):
-    import keras_hub
+    with timing.phase("imports"):
+        import keras_hub
 
     handle = resolve(uri, workdir, field)
     try:
-        model = keras_hub.models.CausalLM.from_preset(handle, **kwargs)
+        with timing.phase("model_load"):
+            model = keras_hub.models.CausalLM.from_preset(handle, **kwargs)
     except (ValueError, FileNotFoundError, OSError, KeyError) as err:
         raise BadInputError(field, uri, EXPECTED, f"loading failed: {err}") from err
     if type(model).__name__ not in SUPPORTED_CLASSES:
@@ -45,10 +49,39 @@ def load_with_adapter(base_uri: str, adapter_uri: str, rank: int, targets: list[
     model.backbone.enable_lora(rank, target_layer_names=targets)
     adapter = storage.stage_in(adapter_uri, workdir / "adapter")
     try:
-        model.backbone.load_lora_weights(str(adapter))
+        with timing.phase("model_load"):
+            model.backbone.load_lora_weights(str(adapter))
     except (ValueError, OSError, KeyError) as err:
         raise BadInputError(field, adapter_uri, f"a LoRA adapter of rank {rank} on {targets} for {base_uri}", str(err)) from err
     return model
+
+
+def merge_adapter(model, adapter_file: Path, field: str = "--finetune", uri: str = "") -> int:
+    """Fold a keras-hub LoRA file into an already-loaded model's kernels, in place: `kernel += A @ B` per layer
+    (keras' LoRA with its default alpha = rank, as the fine-tune trains it). The same sum `save_to_preset` stores
+    for a LoRA-enabled model, without loading a second model: the variables keep their structure, so functions
+    already compiled for the base (scoring, keras-hub's generate) run the tuned model as they are. Returns how
+    many kernels changed. Read with h5py (keras-hub's `save_lora_weights` layout: `lora/<index>/vars/…`, the index
+    into the backbone's layers that have weights, in keras' flattening order)."""
+    import h5py
+
+    layers = [layer for layer in model.backbone._flatten_layers(include_self=False) if layer.weights]
+    expected = f"a keras-hub LoRA file (.lora.h5) saved from a {type(model.backbone).__name__} like {uri or 'this base'}"
+    try:
+        with h5py.File(adapter_file, "r") as handle, timing.phase("model_load"):
+            factors = {int(k): (handle[f"lora/{k}/vars/lora_kernel_a"][()], handle[f"lora/{k}/vars/lora_kernel_b"][()])
+                       for k in handle["lora"] if k != "vars"}
+            for index, (a, b) in factors.items():
+                kernel = layers[index]._kernel
+                delta = np.matmul(a.astype(np.float32), b.astype(np.float32))
+                if delta.shape != tuple(kernel.shape):
+                    raise ValueError(f"layer {index} ({layers[index].path}): A @ B is {delta.shape}, its kernel {tuple(kernel.shape)}")
+                kernel.assign((np.asarray(kernel.value, np.float32) + delta).astype(kernel.dtype))
+    except (OSError, KeyError, IndexError, AttributeError, ValueError) as err:
+        raise BadInputError(field, uri or str(adapter_file), expected, str(err)) from err
+    if not factors:
+        raise BadInputError(field, uri or str(adapter_file), expected, "it holds no LoRA factors")
+    return len(factors)
 
 
 def adapter_only(finetune_settings: dict[str, Any]) -> bool:

@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path, PurePosixPath
 
-from jobs.common import faults
+from jobs.common import faults, timing
 from jobs.contract.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ def _safe_local(root: Path, relative: str) -> Path:
     return root.joinpath(*rel.parts)
 
 
+@timing.timed("staging")
 def stage_in(uri: str, workdir: Path, name: str | None = None) -> Path:
     """Make `uri` (a file or a prefix) available on local disk and return the local path.
 
@@ -252,6 +253,7 @@ def _raise_first(results: list) -> None:
             raise result
 
 
+@timing.timed("publish")
 def publish_dir(local_dir: Path, uri: str, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy every file under `local_dir` to `uri` and return the relative names copied."""
     names = [str(p.relative_to(local_dir).as_posix()) for p in sorted(local_dir.rglob("*")) if p.is_file()]

@@ -20,6 +20,9 @@ STATS = "stats.json"
 
 # finetune
 ADAPTER = "adapter.lora.h5"  # keras-hub's LoRA weights (`save_lora_weights`)
+# The fine-tuned model's logits on the probe texts (`PROBES`), recorded by the fine-tune: what convert checks its
+# Hugging Face export and PEFT adapter against, without loading the training stack.
+REFERENCE_LOGITS = "reference_logits.npz"
 MERGED_MODEL = "model"  # the merged keras-hub preset directory (absent for a quantized base: the adapter is the product)
 TRAIN_METRICS = "metrics.json"
 LOSS_CURVE = "loss_curve.png"
@@ -34,7 +37,8 @@ BASE_EVALUATION = "base-{key}.json"  # in the run's shared benchmark folder: see
 
 # convert: the prefix itself is the Hugging Face model directory (`from_pretrained(prefix)`)
 PARITY = "parity.json"
-PEFT_ADAPTER = "adapter"  # PEFT's adapter directory (adapter_config.json + adapter_model.safetensors)
+PEFT_ADAPTER = "adapter"  # PEFT's adapter directory (adapter_config.json + adapter_model.safetensors); the fine-tune
+# writes it, convert checks it with PeftModel and publishes it beside the merged export
 PEFT_PARITY = "peft_parity.json"  # inside PEFT_ADAPTER
 ANSWERS = "answers.json"
 BASE_EXPORT = "base"  # the base model in Hugging Face format, with --export-base

@@ -15,6 +15,11 @@ from typing import Any
 from jobs.contract import artifacts
 
 VERSION_KEY = "schema_version"
+# A manifest's metrics say where the stage's wall time went: seconds per phase (summing to the process's wall
+# time), and the persistent XLA compilation cache's {"hits", "misses"} where JAX ran.
+TIME_SPLIT = "time_split"
+COMPILE_CACHE = "compile_cache"
+PHASES = ("imports", "model_load", "compilation", "compute", "staging", "publish", "other")
 
 
 class DocumentError(ValueError):

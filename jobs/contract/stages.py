@@ -39,14 +39,16 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("preprocess", "jobs.preprocessing", PreprocessConfig, "cpu",
           writes=(*_SPLITS, a.STATS), per_candidate=False),
     Stage("finetune", "jobs.finetuning", FinetuneConfig, "tpu-v5e-1",
-          writes=(a.ADAPTER, f"{a.MERGED_MODEL}/", a.TRAIN_METRICS, a.LOSS_CURVE, f"{a.TENSORBOARD}/"),
+          writes=(a.ADAPTER, f"{a.PEFT_ADAPTER}/", a.REFERENCE_LOGITS, f"{a.MERGED_MODEL}/", a.TRAIN_METRICS,
+                  a.LOSS_CURVE, f"{a.TENSORBOARD}/"),
           reads={"preprocess": _SPLITS}, gpu_image=True),
     Stage("benchmark", "jobs.benchmark", BenchmarkConfig, "tpu-v5e-1",
           writes=(a.BENCHMARK_REPORT, a.PERPLEXITY_CHART),
-          reads={"preprocess": (a.split_file(a.EVAL),), "finetune": (a.ADAPTER, f"{a.MERGED_MODEL}/")}, gpu_image=True),
+          reads={"preprocess": (a.split_file(a.EVAL),), "finetune": (a.ADAPTER,)}, gpu_image=True),
     Stage("convert", "jobs.convert", ConvertConfig, "cpu",
           writes=("", a.PARITY, f"{a.PEFT_ADAPTER}/", a.ANSWERS),
-          reads={"preprocess": (a.split_file(a.EVAL),), "finetune": (a.ADAPTER, f"{a.MERGED_MODEL}/")}),
+          reads={"preprocess": (a.split_file(a.EVAL),),
+                 "finetune": (f"{a.PEFT_ADAPTER}/", a.REFERENCE_LOGITS, a.ADAPTER, f"{a.MERGED_MODEL}/")}),
 )}
 NAMES = tuple(REGISTRY)
 CANDIDATE_STAGES = tuple(name for name, s in REGISTRY.items() if s.per_candidate)

@@ -1,5 +1,15 @@
-"""Convert core: merge LoRA, export with keras-hub's `export_to_transformers`, complete the directory for
-serving, verify it against the Keras model through transformers, then publish."""
+"""Convert core: the fine-tuned model in Hugging Face format (merged) and its PEFT adapter, each verified through
+transformers / PEFT before anything is published.
+
+Two ways, chosen per run (the manifest's `path` says which):
+
+- without the training stack (`hf_merge`): when the base is a Hugging Face checkpoint (the demo model, `hf://`, a
+  checkpoint directory) and the fine-tune recorded its adapter in PEFT's format and its reference logits. The
+  LoRA delta is merged tensor by tensor into safetensors; no Keras model is loaded.
+- through keras-hub (this module): a keras-hub preset base, an `--adapter` file given alone, custom `--samples`, or
+  a fine-tune older than the reference logits. Merge in Keras, `export_to_transformers`, verify against the Keras
+  model's own logits.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +23,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from jobs.common import models, storage
-from jobs.common.manifest import StageRun, peak_rss_bytes, read_manifest, upstream_ref
+from jobs.common import models, peft_adapter, reference, storage, timing
+from jobs.common.manifest import StageRun, peak_rss_bytes, read_manifest, sha256_file, upstream_ref
 from jobs.contract import artifacts, documents
 from jobs.contract.configs.convert import ConvertConfig
 from jobs.contract.errors import BadInputError, ExportMismatchError
+from jobs.convert import hf_merge
 from jobs.convert.safetensors_io import reshard
 
 log = logging.getLogger(__name__)
@@ -99,56 +108,87 @@ def check_stops(directory: Path, stops: list[int]) -> None:
                                   "and end of turn: generation would not stop after an answer)")
 
 
-def reference_outputs(model, texts: list[str]) -> list[dict[str, Any]]:
-    """Token ids and logits of the Keras model on the sample texts, kept so the model can be freed before
-    transformers loads the export (two models in memory at once set the stage's peak)."""
-    import keras
-
-    tokenizer = model.preprocessor.tokenizer
-    outputs = []
-    for text in texts:
-        ids = [int(t) for t in tokenizer(text)]
-        full = [tokenizer.start_token_id, *ids]
-        logits = model({"token_ids": np.array([full], np.int32), "padding_mask": np.ones((1, len(full)), np.int32)})
-        logits = keras.ops.convert_to_numpy(logits).astype(np.float32)
-        outputs.append({"text": text, "ids": ids, "input": full, "logits": logits})
-    return outputs
+def verify(expected: list[reference.Sample], directory: Path, config: ConvertConfig) -> dict[str, Any]:
+    """Token ids, logits and greedy next tokens of the export against the reference."""
+    parity = hf_merge.verify_export(expected, directory, config.tolerance or (1e-3 if config.dtype == "float32" else None))
+    return {**parity, "dtype": config.dtype}
 
 
-def verify(expected: list[dict[str, Any]], directory: Path, config: ConvertConfig) -> dict[str, Any]:
-    """Token ids, logits and greedy next tokens of the export against the Keras model's."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def fast_path(config: ConvertConfig, workdir: Path) -> tuple[Path, dict[str, Any]] | str:
+    """(the base's Hugging Face checkpoint, the fine-tune's manifest) when the conversion can skip Keras; else why not."""
+    if config.adapter or not config.finetune:
+        return "an --adapter file is given (keras-hub's LoRA format)"
+    if config.samples:
+        return "custom --samples (the fine-tune recorded its logits on the built-in probes)"
+    manifest = read_manifest(config.finetune) or {}
+    outputs = manifest.get("outputs") or {}
+    if artifacts.REFERENCE_LOGITS not in outputs or not any(n.startswith(artifacts.PEFT_ADAPTER + "/") for n in outputs):
+        return f"the fine-tune has no {artifacts.REFERENCE_LOGITS} and {artifacts.PEFT_ADAPTER}/ (made by older code)"
+    base = hf_merge.base_checkpoint(base_model_of(config), workdir)
+    if base is None:
+        return f"the base {base_model_of(config)} is a keras-hub preset, not a Hugging Face checkpoint"
+    return base, manifest
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-    hf_model.eval()
-    token_checks, max_diff, next_tokens, max_logit = [], 0.0, [], 0.0
-    for sample in expected:
-        keras_logits = sample["logits"]
-        token_checks.append(sample["ids"] == hf_tokenizer(sample["text"], add_special_tokens=False)["input_ids"])
-        with torch.no_grad():
-            hf_logits = hf_model(torch.tensor([sample["input"]])).logits.float().numpy()
-        max_diff = max(max_diff, float(np.abs(keras_logits - hf_logits).max()))
-        max_logit = max(max_logit, float(np.abs(keras_logits).max()))
-        last = keras_logits[0, -1]
-        next_tokens.append((int(last.argmax()), int(hf_logits[0, -1].argmax()), last))
-    tolerance = config.tolerance or (1e-3 if config.dtype == "float32" else 0.02 * max_logit)
-    # A different greedy token fails only when the Keras model preferred its own by more than the tolerance: a
-    # near-tie (common in a random or bfloat16 model) cannot be kept through rounding the check already allows.
-    greedy_equal = [keras_top == hf_top or float(last[keras_top] - last[hf_top]) <= tolerance
-                    for keras_top, hf_top, last in next_tokens]
-    parity = {
-        "samples": len(expected),
-        "token_ids_equal": all(token_checks),
-        "logits_max_abs_diff": max_diff,
-        "tolerance": tolerance,
-        "greedy_next_token_equal": all(greedy_equal),
-        "greedy_near_ties": sum(k != h for k, h, _ in next_tokens),
-        "dtype": config.dtype,
-    }
-    parity["passed"] = parity["token_ids_equal"] and max_diff <= tolerance and parity["greedy_next_token_equal"]
-    return parity
+
+def _stage_finetune_files(config: ConvertConfig, manifest: dict[str, Any], workdir: Path) -> Path:
+    """Only what this path reads of the fine-tune (its adapter and reference; not the merged model), each file
+    checked against the fine-tune's manifest."""
+    wanted = [n for n in manifest["outputs"] if n == artifacts.REFERENCE_LOGITS or n.startswith(artifacts.PEFT_ADAPTER + "/")]
+    root = workdir / "finetune"
+    for name in wanted:
+        local = storage.stage_in(storage.join(config.finetune, name), root / Path(name).parent, name=Path(name).name)
+        if sha256_file(local) != manifest["outputs"][name]["sha256"]:
+            raise RuntimeError(f"{config.finetune}/{name} does not match the fine-tune's manifest (rewritten while read?); retry")
+    return root if storage.is_gcs(config.finetune) else Path(config.finetune)
+
+
+def convert_without_keras(config: ConvertConfig, workdir: Path, out: Path, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    finetune_dir = _stage_finetune_files(config, manifest, workdir)
+    samples = reference.load(finetune_dir / artifacts.REFERENCE_LOGITS)
+    adapter_dir = finetune_dir / artifacts.PEFT_ADAPTER
+    shutil.rmtree(out, ignore_errors=True)
+    files = hf_merge.merge(base_dir, hf_merge.adapter_deltas(adapter_dir), out, config.dtype, config.max_shard_mb * 2**20)
+    check_stops(out, hf_merge.complete(base_dir, out, config.dtype))
+    release_memory()
+    parity = verify(samples, out, config)
+    release_memory()
+    _check("export does not reproduce the fine-tuned model's recorded logits", parity)
+    (out / artifacts.PARITY).write_bytes(documents.PARITY.dump(parity))
+    peft = None
+    if config.peft_adapter:
+        shutil.copytree(adapter_dir, out / artifacts.PEFT_ADAPTER, dirs_exist_ok=True)
+        peft = hf_merge.verify_adapter(samples, base_dir, out / artifacts.PEFT_ADAPTER, parity["tolerance"])
+        release_memory()
+        peft = _adapter_result(peft, out)
+    if config.export_base:
+        hf_merge.merge(base_dir, {}, out / artifacts.BASE_EXPORT, config.dtype, config.max_shard_mb * 2**20)
+        hf_merge.complete(base_dir, out / artifacts.BASE_EXPORT, config.dtype)
+    _answers(config, workdir, out, base_dir)
+    return {"path": "without Keras: the base's Hugging Face weights + the PEFT adapter, merged tensor by tensor",
+            "base_checkpoint": str(base_dir), "safetensors_files": files, "parity": parity, "peft_parity": peft}
+
+
+def _check(what: str, result: dict[str, Any]) -> None:
+    log.info("%s: %s", "parity" if "export" in what else "PEFT adapter parity", json.dumps(result))
+    if not result["passed"]:
+        raise ExportMismatchError(f"{what}, nothing published: {json.dumps(result)}")
+
+
+def _adapter_result(result: dict[str, Any], out: Path) -> dict[str, Any]:
+    adapter_config = json.loads((out / artifacts.PEFT_ADAPTER / peft_adapter.ADAPTER_CONFIG).read_text())
+    result = {**result, "rank": adapter_config["r"], "target_modules": adapter_config["target_modules"]}
+    _check("the PEFT adapter does not reproduce the fine-tuned LoRA model", result)
+    (out / artifacts.PEFT_ADAPTER / artifacts.PEFT_PARITY).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _answers(config: ConvertConfig, workdir: Path, out: Path, base_dir: Path | None) -> None:
+    if config.data and config.answers:
+        from jobs.convert import answers
+
+        rows = answers.eval_prompts(config.data, workdir, config.answers)
+        answers.write(rows, base_dir, out, out / artifacts.ANSWERS)
+        log.info("answers of the base and the export to %d eval prompts: answers.json", len(rows))
 
 
 def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
@@ -160,9 +200,37 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     stage = StageRun("convert", config.output, asdict(config), inputs)
     if (out := stage.start(workdir, out=workdir / "export")) is None:
         return stage.manifest
+    timing.begin("compute")
+    started = time.time()
+    chosen = fast_path(config, workdir)
+    if isinstance(chosen, str):
+        log.info("converting through keras-hub: %s", chosen)
+        result = convert_with_keras(config, workdir, out)
+    else:
+        log.info("converting without the training stack (base checkpoint %s)", chosen[0])
+        result = convert_without_keras(config, workdir, out, *chosen)
+    settings = _finetune_settings(config) if config.finetune else {}
+    checkpoint_bytes = sum((out / f).stat().st_size for f in result["safetensors_files"])
+    metrics = {
+        # What was exported: a fine-tune on a quantized base is applied to the full-precision base (its adapter
+        # is the product); the parity check compares the export with exactly that model.
+        "exported_from": ("the fine-tune's merged model" if not from_adapter(config) else
+                          f"the full-precision base {base_model_of(config)} with the adapter applied"
+                          + (f" (trained on a {settings['base_quantization']} base)" if models.adapter_only(settings) else "")),
+        **result,
+        "total_time_s": round(time.time() - started, 2),
+        "checkpoint_bytes": checkpoint_bytes,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_over_checkpoint": round(peak_rss_bytes() / checkpoint_bytes, 3),
+    }
+    return stage.finish(out, metrics)
+
+
+def convert_with_keras(config: ConvertConfig, workdir: Path, out: Path) -> dict[str, Any]:
+    """Merge in Keras, export with keras-hub, verify against the Keras model's logits."""
     started = time.time()
     model = load_reference(config, workdir)
-    expected = reference_outputs(model, config.sample_texts())
+    expected = reference.compute(model, config.sample_texts())
     if from_adapter(config):
         # Exporting a LoRA-enabled model would write the base kernels without the delta. Saving stores merged
         # kernels, so a save/reload round trip yields a plain model with the delta folded in.
@@ -175,66 +243,35 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     export(model, out)
     del model
     release_memory()
-    exported_bytes = (out / "model.safetensors").stat().st_size
     files = reshard(out, config.dtype, config.max_shard_mb * 1024 * 1024)
     config_path = out / "config.json"
     hf_config = json.loads(config_path.read_text())
     hf_config["dtype"] = hf_config["torch_dtype"] = config.dtype
     config_path.write_text(json.dumps(hf_config, indent=2))
     export_time = time.time() - started
-
     parity = verify(expected, out, config)
     release_memory()
-    log.info("parity: %s", json.dumps(parity))
-    if not parity["passed"]:
-        raise ExportMismatchError(f"export does not reproduce the Keras model, nothing published: {json.dumps(parity)}")
+    _check("export does not reproduce the Keras model", parity)
     (out / artifacts.PARITY).write_bytes(documents.PARITY.dump(parity))
     peft = export_peft_adapter(config, workdir, out, parity["tolerance"]) if config.peft_adapter else None
-    if config.data and config.answers:
-        from jobs.convert import answers
-
-        base_dir = (out / artifacts.BASE_EXPORT) if config.export_base else (workdir / "base-export")
-        rows = answers.eval_prompts(config.data, workdir, config.answers)
-        answers.write(rows, base_dir if peft else None, out, out / artifacts.ANSWERS)
-        log.info("answers of the base and the export to %d eval prompts: answers.json", len(rows))
-    settings = _finetune_settings(config) if config.finetune else {}
-    metrics = {
-        # What was exported: a fine-tune on a quantized base is applied to the full-precision base (its adapter
-        # is the product); the parity check compares the export with exactly that model.
-        "exported_from": ("the fine-tune's merged model" if not from_adapter(config) else
-                          f"the full-precision base {base_model_of(config)} with the adapter applied"
-                          + (f" (trained on a {settings['base_quantization']} base)" if models.adapter_only(settings) else "")),
-        "export_time_s": round(export_time, 2),
-        "total_time_s": round(time.time() - started, 2),
-        "checkpoint_bytes": exported_bytes,
-        "safetensors_files": files,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_rss_over_checkpoint": round(peak_rss_bytes() / exported_bytes, 3),
-        "parity": parity,
-        "peft_parity": peft,
-    }
-    return stage.finish(out, metrics)
+    base_dir = (out / artifacts.BASE_EXPORT) if config.export_base else (workdir / "base-export")
+    _answers(config, workdir, out, base_dir if peft else None)
+    return {"path": "through keras-hub's exporter", "export_time_s": round(export_time, 2), "safetensors_files": files,
+            "parity": parity, "peft_parity": peft}
 
 
 def export_peft_adapter(config: ConvertConfig, workdir: Path, out: Path, tolerance: float) -> dict[str, Any]:
     """Write `adapter/` (PEFT's format) and check it: PeftModel on the exported base must reproduce the Keras
     LoRA model's logits within the parity tolerance, or nothing is published (exit 4)."""
-    from jobs.convert import peft_adapter
-
     model = load_lora_model(config, workdir, adapter_uri(config))
-    expected = reference_outputs(model, config.sample_texts())
+    expected = reference.compute(model, config.sample_texts())
     base_dir = (out / artifacts.BASE_EXPORT) if config.export_base else (workdir / "base-export")
     shutil.rmtree(base_dir, ignore_errors=True)
     export(model, base_dir)  # a LoRA-enabled model exports its base kernels: the delta stays in the adapter
-    adapter_config = peft_adapter.write(model.backbone, out / artifacts.PEFT_ADAPTER, base_model_of(config))
+    peft_adapter.write(model.backbone, out / artifacts.PEFT_ADAPTER, base_model_of(config))
     del model
     release_memory()
     if config.export_base:
         reshard(base_dir, config.dtype, config.max_shard_mb * 1024 * 1024)
-    result = peft_adapter.verify(expected, base_dir, out / artifacts.PEFT_ADAPTER, tolerance)
-    result |= {"rank": adapter_config["r"], "target_modules": adapter_config["target_modules"]}
-    log.info("PEFT adapter parity: %s", json.dumps(result))
-    if not result["passed"]:
-        raise ExportMismatchError(f"the PEFT adapter does not reproduce the Keras LoRA model, nothing published: {json.dumps(result)}")
-    (out / artifacts.PEFT_ADAPTER / artifacts.PEFT_PARITY).write_text(json.dumps(result, indent=2))
-    return result
+    result = hf_merge.verify_adapter(expected, base_dir, out / artifacts.PEFT_ADAPTER, tolerance)
+    return _adapter_result(result, out)

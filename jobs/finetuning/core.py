@@ -12,10 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jobs.common import models, storage
+from jobs.common import compilation, models, peft_adapter, reference, storage, timing
 from jobs.common.manifest import StageRun, digest_json, peak_rss_bytes, stage_in_upstream, upstream_ref
 from jobs.common.progress import Progress
 from jobs.contract import artifacts
+from jobs.contract.configs.convert import DEFAULT_SAMPLES as PROBES
 from jobs.contract.configs.finetune import FinetuneConfig
 from jobs.contract.errors import BadInputError, PreemptedError
 from jobs.finetuning import checkpoint, multihost
@@ -130,13 +131,29 @@ def _store_float32_policy(preset: Path) -> None:
             path.write_text(json.dumps(fix(json.loads(path.read_text())), indent=4))
 
 
+def _record_reference(config: FinetuneConfig, model: Any, out: Path, workdir: Path) -> None:
+    """The tuned model's logits on the probe texts, for convert's checks of the export and the PEFT adapter. They
+    must be the float32 model's that the export reproduces: a bfloat16 or quantized training copy is not, so then
+    the full-precision base is loaded and the adapter folded into it (one more model load, only in those modes)."""
+    with timing.phase("compute"):
+        if config.base_quantization == "none" and not config.mixed_precision:
+            samples = reference.compute(model, list(PROBES))
+        else:
+            full = models.load_causal_lm(config.base_model, workdir)
+            models.merge_adapter(full, out / artifacts.ADAPTER)
+            samples = reference.compute(full, list(PROBES))
+            del full
+    reference.save(samples, out / artifacts.REFERENCE_LOGITS)
+
+
 def _join_processes() -> bool:
     multihost.initialize(multihost.detect())
     return multihost.is_primary()
 
 
 def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
-    import keras
+    with timing.phase("imports"):
+        import keras
 
     data_ref = upstream_ref(config.data, "--data")
     model_handle = models.resolve(config.base_model, workdir)
@@ -144,6 +161,8 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     if (out := stage.start(workdir, prepare=_join_processes)) is None:
         return stage.manifest
     primary = stage.writer  # the one process that writes; every process computes every step
+    xla_cache = compilation.enable_cache(workdir)
+    timing.begin("compute")  # what is not loading, staging or publishing (tokenizing, training, evaluating)
 
     keras.utils.set_random_seed(config.seed)
     distribution = setup(config.distribution, config.model_parallel, config.batch_size)
@@ -197,9 +216,10 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     def save_checkpoint(step: int) -> None:
         meta = {"trajectory_sha256": trajectory_sha, "data_position": step * config.batch_size,
                 "history": history, "evals": evals, "processes": multihost.process_count()}
-        trainable, opt_vars = multihost.to_host(trainer.trainable), multihost.to_host(trainer.opt_vars)
-        if primary:
-            checkpoint.save(out, config.output, step, trainable, opt_vars, meta, config.keep_checkpoints)
+        with timing.phase("publish"):
+            trainable, opt_vars = multihost.to_host(trainer.trainable), multihost.to_host(trainer.opt_vars)
+            if primary:
+                checkpoint.save(out, config.output, step, trainable, opt_vars, meta, config.keep_checkpoints)
         multihost.barrier(f"checkpoint-{step}")  # no process moves on (or exits) before the checkpoint is complete
 
     plan = data_lib.BatchPlan(train.lengths, config.batch_size, config.seed, config.bucket_by_length)
@@ -253,7 +273,10 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     if not primary:
         multihost.barrier("finetune-published")  # the primary writes and publishes; the others wait for it
         return {"process": multihost.process_index(), "published_by": 0}
+    timing.begin("publish")  # writing the products is publishing them, locally first
     model.backbone.save_lora_weights(str(out / artifacts.ADAPTER))
+    peft_adapter.write(model.backbone, out / artifacts.PEFT_ADAPTER, config.base_model)
+    _record_reference(config, model, out, workdir)
     if config.base_quantization == "none":
         # Saving a LoRA-enabled model stores merged kernels (kernel + A @ B); the preset reloads as a plain model.
         model.save_to_preset(str(out / artifacts.MERGED_MODEL))
@@ -288,6 +311,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     if storage.is_gcs(config.output):
         shutil.rmtree(out / checkpoint.CHECKPOINTS, ignore_errors=True)  # uploaded as they were made
     progress.update(total_steps, steps_run, force=True, loss=metrics["final_train_loss"] or 0.0, done=True)
+    xla_cache.save()
     manifest = stage.finish(out, {**metrics, "processes": multihost.process_count()})
     multihost.barrier("finetune-published")
     return manifest

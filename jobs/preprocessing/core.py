@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jobs.common import sources, storage
+from jobs.common import sources, storage, timing
 from jobs.common.manifest import StageRun, source_ref
 from jobs.contract import artifacts
 from jobs.contract.configs.preprocess import PreprocessConfig
@@ -59,6 +59,7 @@ def run(config: PreprocessConfig, workdir: Path) -> dict[str, Any]:
     if (out := stage.start(workdir)) is None:
         return stage.manifest
 
+    timing.begin("compute")
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
     coerced: Counter[str] = Counter({name: 0 for name in COERCIONS})
     rows_in = 0

@@ -1,5 +1,6 @@
 """The servable adapter: keras-hub LoRA written in PEFT's format reproduces the Keras LoRA model's logits through
-PeftModel on the exported base (tiny Gemma and Gemma 3, random LoRA weights on every projection kind)."""
+PeftModel on the exported base, and merged into the base's safetensors without Keras (tiny Gemma and Gemma 3,
+random LoRA weights on every projection kind)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from jobs.convert import peft_adapter
+from jobs.common import peft_adapter, reference
+from jobs.convert import hf_merge
 from tests.tiny_models import make_tiny_causal_lm
 
 TARGETS = ["query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear"]
@@ -32,8 +34,6 @@ def test_each_layout_maps_exactly():
 
 @pytest.mark.parametrize("kind", ["gemma3", "gemma"])
 def test_peft_on_the_exported_base_reproduces_the_keras_lora_model(kind, tmp_path):
-    import keras
-
     model = make_tiny_causal_lm(kind, seed=1)
     model.backbone.enable_lora(4, target_layer_names=TARGETS)
     rng = np.random.default_rng(2)
@@ -41,28 +41,36 @@ def test_peft_on_the_exported_base_reproduces_the_keras_lora_model(kind, tmp_pat
         for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
             variable.assign(rng.normal(scale=0.2, size=variable.shape).astype("float32"))
     assert len(peft_adapter.lora_layers(model.backbone)) == 2 * len(TARGETS)
-    ids = [2, 17, 40, 99, 5, 63, 8, 120]
-    logits = np.asarray(keras.ops.convert_to_numpy(model({"token_ids": np.array([ids]), "padding_mask": np.ones((1, len(ids)), "int32")})))
+    samples = reference.compute(model, ["What does os.path.join do?", "Sort the list in place."])
     # Exporting a LoRA-enabled model writes the base kernels (the delta is not folded in): the base PEFT loads.
     model.export_to_transformers(str(tmp_path / "base"))
     config = peft_adapter.write(model.backbone, tmp_path / "adapter", "base")
     assert config["r"] == 4 * 2 and config["lora_alpha"] == config["r"]  # query and key: rank x heads
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    result = peft_adapter.verify([{"input": ids, "logits": logits}], tmp_path / "base", tmp_path / "adapter", 1e-4)
+    result = hf_merge.verify_adapter(samples, tmp_path / "base", tmp_path / "adapter", 1e-4)
     assert result["passed"], result
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
-    with torch.no_grad():
-        base_logits = base(torch.tensor([ids])).logits.numpy()
-    assert np.abs(base_logits - logits).max() > 100 * result["logits_max_abs_diff"]  # the adapter does the work
+    base_result = reference.compare(samples, hf_merge._logits_of(_hf(tmp_path / "base")), 1e-4)
+    assert base_result["logits_max_abs_diff"] > 100 * result["logits_max_abs_diff"]  # the adapter does the work
+    # Convert's merge without Keras: the adapter folded into the base's safetensors, tensor by tensor, in shards.
+    files = hf_merge.merge(tmp_path / "base", hf_merge.adapter_deltas(tmp_path / "adapter"), tmp_path / "merged",
+                           "float32", max_shard_bytes=60_000)
+    assert len(files) > 1 and (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    (tmp_path / "merged" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    merged = reference.compare(samples, hf_merge._logits_of(_hf(tmp_path / "merged")), 1e-4)
+    assert merged["passed"], merged
 
     from safetensors.numpy import load_file
 
     keys = set(load_file(str(tmp_path / "adapter" / peft_adapter.ADAPTER_WEIGHTS)))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert json.loads((tmp_path / "adapter" / peft_adapter.ADAPTER_CONFIG).read_text())["peft_type"] == "LORA"
+
+
+def _hf(directory):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
 
 
 def test_a_model_without_lora_is_refused():

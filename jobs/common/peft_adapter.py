@@ -97,26 +97,3 @@ def write(backbone: Any, directory: Path, base_model: str) -> dict[str, Any]:
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return config
-
-
-def verify(expected: list[dict[str, Any]], base_dir: Path, adapter_dir: Path, tolerance: float) -> dict[str, Any]:
-    """PEFT's `PeftModel` on the exported base against the Keras LoRA model's logits, as in `parity.json`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    max_diff, max_logit, greedy = 0.0, 0.0, []
-    for sample in expected:
-        with torch.no_grad():
-            logits = model(torch.tensor([sample["input"]])).logits.float().numpy()
-        max_diff = max(max_diff, float(np.abs(sample["logits"] - logits).max()))
-        max_logit = max(max_logit, float(np.abs(sample["logits"]).max()))
-        last = sample["logits"][0, -1]
-        top, peft_top = int(last.argmax()), int(logits[0, -1].argmax())
-        greedy.append(top == peft_top or float(last[top] - last[peft_top]) <= tolerance)
-    result = {"samples": len(expected), "logits_max_abs_diff": max_diff, "tolerance": tolerance,
-              "greedy_next_token_equal": all(greedy)}
-    result["passed"] = max_diff <= tolerance and result["greedy_next_token_equal"]
-    return result
