@@ -6,9 +6,11 @@ saves every later one the compile. Where the cache lives:
 
 - `JAX_COMPILATION_CACHE_DIR`, when set, is used as it is (JAX reads it itself);
 - else `GEMMA_PIPELINE_COMPILATION_CACHE` (`env.COMPILATION_CACHE_ENV`): a local directory (the local backend
-  sets one under its root) is used in place; a `gs://` prefix (set per deployment on GKE) is copied to scratch
+  sets one under its root) is used in place; a `gs://` prefix (set per deployment on GKE) is copied to `MIRROR`
   when the stage starts and the executables this stage added are uploaded when it ends (create-only, so two
-  candidates that compiled the same program do not fight: the first upload wins and both are the same);
+  candidates that compiled the same program do not fight: the first upload wins and both are the same). The
+  mirror's path is the same in every pod on purpose: JAX's cache key includes the cache directory (through the
+  autotuning cache path in XLA's options), so a per-stage scratch path would never hit;
 - else a directory in the stage's scratch space: the cache still serves the base and tuned model of one process.
 
 Hits and misses are counted by `timing` (JAX's monitoring events) and recorded in the manifest.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from jobs.common import storage, timing
@@ -25,6 +28,7 @@ from jobs.contract.env import COMPILATION_CACHE_ENV
 
 log = logging.getLogger(__name__)
 ENV = "JAX_COMPILATION_CACHE_DIR"  # a deployment's own JAX setting wins
+MIRROR = Path(tempfile.gettempdir()) / "gemma-pipeline-xla-cache"  # a gs:// cache's local copy (see above)
 MIN_COMPILE_TIME_S = 0.5  # programs quicker to compile than to fetch are not worth a cache entry
 
 
@@ -67,7 +71,7 @@ def enable_cache(workdir: Path) -> Cache:
     if os.environ.get(ENV):
         cache = Cache(Path(os.environ[ENV]))
     elif storage.is_gcs(configured):
-        local = workdir / "xla-cache"
+        local = MIRROR
         if storage.list_files(configured):
             storage.stage_in(configured, local.parent, name=local.name)
         local.mkdir(parents=True, exist_ok=True)
@@ -76,7 +80,8 @@ def enable_cache(workdir: Path) -> Cache:
         cache = Cache(Path(configured) if configured else workdir / "xla-cache")
     cache.directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(cache.directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     log.info("XLA compilation cache: %s (%d executables)%s", cache.directory, len(cache.before),
              f", mirrored from {configured}" if cache.remote else "")

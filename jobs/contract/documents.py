@@ -85,5 +85,13 @@ def metric(report: dict[str, Any], model: str, name: str) -> dict[str, Any]:
     return ((result.get("generation") or {}).get("metrics") or {}).get(name, {})
 
 
+def time_split(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage manifest's wall-time split with its compilation cache counts: {"seconds": {phase: s}, "cache":
+    {"hits", "misses"} or None}; {} for a manifest made before stages recorded it."""
+    metrics = (manifest or {}).get("metrics") or {}
+    split = metrics.get(TIME_SPLIT)
+    return {"seconds": split, "cache": metrics.get(COMPILE_CACHE)} if split else {}
+
+
 def champion_row(champion: dict[str, Any] | None) -> dict[str, Any] | None:
     return next((r for r in (champion or {}).get("candidates", []) if r.get("champion")), None)

@@ -9,6 +9,10 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF only tokenizes: no cuInit error on CPU (docs/operations.md)
 
+from jobs.common import quiet  # noqa: E402
+
+quiet.import_tensorflow()  # before keras-hub imports it: no CUDA-driver notices on a CPU node
+
 from jobs.common.cli import main  # noqa: E402
 from jobs.contract.configs.finetune import DESCRIPTION, FinetuneConfig  # noqa: E402
 from jobs.finetuning.core import run  # noqa: E402

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from jobs.contract.env import COMPILATION_CACHE_ENV  # noqa: E402
+
 BACKEND_ENV = "GEMMA_PIPELINE_BACKEND"
 BACKEND_VARIABLE = "gemma_pipeline_backend"
 BACKENDS = ("gke", "local")
@@ -193,6 +195,8 @@ def process_spec(container: dict[str, Any], scratch: Path, fields: dict[str, str
     env["GEMMA_PIPELINE_CACHE"] = str(host_cache())
     # Matplotlib's font list would otherwise be rebuilt in every stage's fresh scratch (seconds per stage).
     env["MPLCONFIGDIR"] = str(host_cache() / "matplotlib")
+    # One XLA compilation cache for every stage, candidate and run under this root (a Job's spec names a gs:// one).
+    env.setdefault(COMPILATION_CACHE_ENV, str(local_root() / "xla-cache"))
     return command, env
 
 

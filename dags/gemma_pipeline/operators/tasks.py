@@ -140,12 +140,13 @@ def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store
             return record_champion(entries, params, RunStore("local"))
     store = store or RunStore(local.backend())
     layout = RunLayout(entries[0]["run_prefix"])
-    reports, seconds = {}, {}
+    reports, seconds, splits = {}, {}, {}
     for entry in entries:
         manifests = {s: store.read_json(f"{entry['prefixes'][s]}/{artifacts.MANIFEST}") for s in ("finetune", "benchmark")}
         report_uri = f"{entry['prefixes']['benchmark']}/{artifacts.BENCHMARK_REPORT}"
         reports[entry["key"]] = documents.BENCHMARK.load(store.read(report_uri), report_uri) if manifests["benchmark"] else None
         seconds[entry["key"]] = {s: (m or {}).get("wall_time_s") for s, m in manifests.items()}
+        splits[entry["key"]] = {s: documents.time_split(m) for s, m in manifests.items() if documents.time_split(m)}
     run_prefix = layout.prefix
     try:
         record = select(entries, reports, float(params.get("require_improvement") or 0),
@@ -155,6 +156,7 @@ def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store
     record["run_prefix"] = run_prefix
     for row, entry in zip(record["candidates"], entries, strict=True):
         row["seconds"] = seconds[entry["key"]]
+        row["time_split"] = splits[entry["key"]]
         row["profiles"] = {"finetune": entry["finetune"]["profile_name"], "benchmark": entry["benchmark"]["profile_name"]}
     finished = {r["key"] for r in record["candidates"] if r["status"] == "finished"}
     converts = [e for e in entries if e["key"] in (finished if params.get("convert_all") else {record["champion"]})]

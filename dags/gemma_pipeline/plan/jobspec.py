@@ -7,6 +7,7 @@ drain) do not count against `backoffLimit`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,18 @@ TOKEN_SECRET_NAME = "gemma-pipeline-tokens"
 SECRET_ENV = {"HF_TOKEN": "hf-token", "KAGGLE_USERNAME": "kaggle-username", "KAGGLE_KEY": "kaggle-key"}
 
 
+def deployment_env() -> dict[str, str]:
+    """Stage settings that come from the deployment (Composer's environment variables), not from a run's params:
+    where the shared XLA compilation cache lives (a gs:// prefix; unset: each stage compiles for itself)."""
+    cache = os.environ.get(contract_env.COMPILATION_CACHE_ENV, "")
+    if cache and not cache.startswith("gs://"):
+        raise ValueError(f"{contract_env.COMPILATION_CACHE_ENV}: got {cache!r}; expected a gs:// prefix the stages' "
+                         "identities can read and write")
+    return {contract_env.COMPILATION_CACHE_ENV: cache} if cache else {}
+
+
 def env_list(extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    literal = [{"name": k, "value": v} for k, v in sorted({**STAGE_ENV, **(extra or {})}.items())]
+    literal = [{"name": k, "value": v} for k, v in sorted({**STAGE_ENV, **deployment_env(), **(extra or {})}.items())]
     secret = [{"name": name, "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET_NAME, "key": key, "optional": True}}}
               for name, key in SECRET_ENV.items()]
     return literal + secret

@@ -91,6 +91,7 @@ def stage_row(stage: str, manifest: dict[str, Any] | None, usage: dict[str, Any]
         "stage": stage, "done": manifest is not None, "skipped": skipped, "backend": usage.get("backend", ""), "profile": profile,
         "seconds": seconds, "stage_wall_s": manifest.get("wall_time_s") if manifest else None,
         "peak_rss_bytes": manifest.get("peak_rss_bytes") if manifest else None,
+        "time_split": docs.time_split(manifest),
         "hourly_usd": prices.get(profile), "accelerator_hours": None, "cost_usd": None,
     }
     if row["backend"] == "local":
@@ -331,6 +332,39 @@ def stage_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PHASE_LABELS = {"model_load": "model load"}
+
+
+def time_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, split) for every stage process of the run: the shared stages once, the per-candidate ones for each
+    candidate (the champion.json rows carry them), else the champion's."""
+    candidates = (report.get("champion") or {}).get("candidates") or []
+    out = []
+    for row in report["stages"]:
+        if stages.get(row["stage"]).per_candidate and any(c.get("time_split") for c in candidates):
+            out += [(f"{row['stage']} [{c['key']}]", c["time_split"][row["stage"]]) for c in candidates
+                    if (c.get("time_split") or {}).get(row["stage"])]
+        elif row.get("time_split"):
+            out.append((row["stage"], row["time_split"]))
+    return out
+
+
+def time_table(report: dict[str, Any]) -> str | None:
+    """Where each stage's wall time went (seconds per phase), its compute share and its XLA cache hits/misses."""
+    rows = time_rows(report)
+    if not rows:
+        return None
+    lines = [_row(["stage", *(PHASE_LABELS.get(p, p) for p in docs.PHASES), "compute share", "XLA cache hits / misses"]),
+             _row(["---"] * (len(docs.PHASES) + 3))]
+    for label, split in rows:
+        seconds, cache = split["seconds"], split.get("cache")
+        total = sum(v for v in seconds.values() if _number(v))
+        share = seconds.get("compute", 0) / total if total else None
+        lines.append(_row([markup.text(label), *(_fmt(seconds.get(p), ".1f") for p in docs.PHASES), _fmt(share, ".0%"),
+                           f"{cache['hits']} / {cache['misses']}" if cache else "–"]))
+    return "\n".join(lines)
+
+
 def candidate_cost(row: dict[str, Any], prices: dict[str, float] | None) -> float | None:
     """Fine-tune plus benchmark: each stage's profile price x its wall time (None without prices, i.e. locally)."""
     if not prices:
@@ -532,6 +566,9 @@ def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
                if report.get("champion") else []),
              *metrics_section(report), *answers_sections(report),
              "## Stages (the champion's)\n", stage_table(report) + "\n",
+             *(["## Where the time went\n\nSeconds per phase of each stage's process (compilation: JAX's tracing, lowering "
+                "and compiling, or reading the persistent cache); compute share = compute / all.\n\n" + table + "\n"]
+               if (table := time_table(report)) else []),
              ("Local backend: times are this machine's wall time; no cost is shown, since the profiles' hardware "
               "never ran.\n" if backend == {"local"} else
               "Cost = the profile's hourly price x the hours the stage held its hardware. Prices are a configurable "

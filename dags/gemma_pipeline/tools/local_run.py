@@ -107,6 +107,15 @@ def print_outcome(emulator: local.Emulator, run_prefix: str) -> bool:
     if data.get("champion"):
         print("\n" + report.candidates_table(data["champion"]) + "\n" + data["champion"]["why"])
     print("\n" + report.summary_table(data) + "\n\n" + report.stage_table(data), flush=True)
+    if table := report.time_table(data):
+        totals: dict[str, float] = {}
+        for _, split in report.time_rows(data):
+            for phase, seconds in split["seconds"].items():
+                totals[phase] = totals.get(phase, 0.0) + (seconds or 0.0)
+        whole = sum(totals.values()) or 1.0
+        print("\n==> where the stages' time went (seconds)\n" + table + "\n\n    all stages: " +
+              ", ".join(f"{phase.replace('_', ' ')} {seconds:.0f} s ({seconds / whole:.0%})" for phase, seconds in totals.items()),
+              flush=True)
     return bool(data["complete"])
 
 
