@@ -305,3 +305,26 @@ def test_the_summary_shows_task_metrics_before_and_after_with_intervals():
     table = report.summary_table({"summary": summary})
     assert "| stop rate before → after (95% interval) | 0.200 [0.100–0.300] → 0.800 [0.700–0.900] |" in table, table
     assert "ROUGE" not in table  # only what the benchmark computed
+
+
+def _split(compute, cache=None):
+    seconds = {"imports": 10.0, "model_load": 5.0, "compilation": 20.0, "compute": compute, "staging": 1.0,
+               "publish": 2.0, "other": 2.0}
+    return {"seconds": seconds, "cache": cache}
+
+
+def test_where_the_time_went_per_stage_and_candidate(prices):
+    manifests = {**MANIFESTS, "preprocess": {**MANIFESTS["preprocess"], "metrics": {"time_split": _split(10.0)["seconds"]}}}
+    champion = {**CHAMPION, "candidates": [
+        {**CHAMPION["candidates"][0], "time_split": {"finetune": _split(60.0, {"hits": 2, "misses": 5}),
+                                                    "benchmark": _split(160.0, {"hits": 7, "misses": 0})}},
+        {**CHAMPION["candidates"][1], "time_split": {"finetune": _split(40.0, {"hits": 5, "misses": 0})}}]}
+    built = report.build("gs://b/runs/r", {}, manifests, DOCUMENTS, USAGES, prices, champion)
+    labels = [label for label, _ in report.time_rows(built)]
+    assert labels == ["preprocess", "finetune [default]", "finetune [lora-rank-8-abc]", "benchmark [default]"]
+    table = report.time_table(built)
+    assert "| benchmark \\[default\\] | 10.0 | 5.0 | 20.0 | 160.0 | 1.0 | 2.0 | 2.0 | 80% | 7 / 0 |" in table
+    assert "| preprocess |" in table and "| – |" in table  # no JAX there: no cache figures
+    assert "## Where the time went" in report.markdown(built, {})
+    # A run whose manifests predate the split renders without the section.
+    assert report.time_table(report.build("gs://b/runs/r", {}, MANIFESTS, DOCUMENTS, USAGES, prices, CHAMPION)) is None

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from jobs.common import manifest
-from jobs.contract import artifacts
+from jobs.contract import artifacts, documents
 from jobs.contract.errors import BadInputError
 
 
@@ -25,7 +25,7 @@ def test_manifest_records_outputs_and_rerun_is_skipped(tmp_path):
     assert on_disk == written
     assert on_disk["outputs"]["data.txt"]["bytes"] == 7
     assert on_disk["outputs"]["data.txt"]["sha256"] == manifest.sha256_file(out / "data.txt")
-    assert on_disk["metrics"] == {"rows": 3}
+    assert on_disk["metrics"]["rows"] == 3 and set(on_disk["metrics"]["time_split"]) == set(documents.PHASES)
     assert on_disk["peak_rss_bytes"] > 0 and on_disk["wall_time_s"] >= 0
     assert _run(out).already_done()
     assert not _run(out, config={"a": 2}).already_done()
