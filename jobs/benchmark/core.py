@@ -232,6 +232,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
                               "eval_tasks": list(config.tasks)}
     shared_uri, shared_key, base = _shared_base(config, inputs, stage.code)
     report["base_evaluation"] = {"uri": shared_uri or None, "reused": base is not None}
+    tuned = _adapter(config, inputs, workdir) if config.finetune else None  # a wrong base fails before any loading
     # One model in memory: the base, then (the adapter folded in) the tuned model, through the same compiled functions.
     model = models.load_causal_lm(config.base_model, workdir) if base is None or config.finetune else None
     scorer = lm.NllScorer(model) if model is not None else None
@@ -241,8 +242,8 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
             _save_shared(shared_uri, shared_key, base)
     report["models"]["base"] = base
     report["champion_metric"] = champion_metric(config, report)  # a metric the tasks lack fails before the tuned model
-    if config.finetune:
-        uri, adapter = _adapter(config, inputs, workdir)
+    if tuned is not None:
+        uri, adapter = tuned
         log.info("tuned model: %d kernels of the base updated from %s", models.merge_adapter(model, adapter, uri=uri), uri)
         scorer.refresh()
         report["models"]["tuned"] = _result("tuned", uri, model, scorer, config, rows, ood_docs, chosen, workdir)

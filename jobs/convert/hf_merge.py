@@ -118,7 +118,9 @@ def merge(base_dir: Path, deltas: dict[str, tuple[Any, Any, float]], out: Path, 
             with (out / filename).open("wb") as handle:
                 handle.write(struct.pack("<Q", len(encoded)) + encoded)
                 for path, name, _, kind, nbytes in shard:
-                    reader = readers.get(path) or readers.setdefault(path, safe_open(str(path), framework="pt").__enter__())
+                    if path not in readers:  # each base file opened once, kept open for the shards that read it
+                        readers[path] = safe_open(str(path), framework="pt").__enter__()
+                    reader = readers[path]
                     tensor = reader.get_tensor(name)
                     if name in deltas:
                         lora_a, lora_b, scale = deltas[name]

@@ -94,6 +94,14 @@ def test_quality_gate_fails_without_manifest(pipeline, tiny_gemma3, tmp_path):
     assert not (tmp_path / "b" / MANIFEST).exists()
 
 
+def test_a_base_other_than_the_fine_tunes_is_refused(pipeline, tiny_gemma, tmp_path):
+    """The tuned model is the base with the fine-tune's adapter folded in: on another base it would be nonsense."""
+    cfg = BenchmarkConfig(data=str(pipeline["preprocess"]), finetune=str(pipeline["finetune"]), output=str(tmp_path / "b"),
+                          base_model=str(tiny_gemma), max_new_tokens=0)
+    with pytest.raises(BadInputError, match="--base-model.*the base the fine-tune trained"):
+        run(cfg, tmp_path / "w")
+
+
 def test_windows_score_every_token_once():
     tokens, owner = ppl.stream([[5, 6, 7, 8], [9, 10], [11, 12, 13]], [3], bos=2)
     windows = ppl.sliding_windows(tokens, owner, max_length=5, stride=2, pad_id=0)
