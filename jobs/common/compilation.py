@@ -66,7 +66,7 @@ def enable_cache(workdir: Path) -> Cache:
     counting compilations; returns the cache, whose `save()` the stage calls before it publishes."""
     import jax
 
-    timing.clock().listen_to_jax()
+    timing.clock().listen_to_jax(jax.monitoring)
     configured = os.environ.get(COMPILATION_CACHE_ENV, "")
     if os.environ.get(ENV):
         cache = Cache(Path(os.environ[ENV]))

@@ -86,11 +86,11 @@ class Clock:
         self._charge()
         self._base = name
 
-    def listen_to_jax(self) -> None:
-        """Count JAX's compilations and persistent-cache hits from now on (once per process; imports jax)."""
+    def listen_to_jax(self, monitoring: Any) -> None:
+        """Count JAX's compilations and persistent-cache hits from now on (once per process). `monitoring` is
+        `jax.monitoring`, passed in so that stages without JAX (convert) never import it."""
         if self._listening:
             return
-        import jax
 
         def on_duration(event: str, duration: float, **_: Any) -> None:
             if event in COMPILE_EVENTS:
@@ -102,8 +102,8 @@ class Clock:
             elif event == CACHE_MISS:
                 self.cache["misses"] += 1
 
-        jax.monitoring.register_event_duration_secs_listener(on_duration)
-        jax.monitoring.register_event_listener(on_event)
+        monitoring.register_event_duration_secs_listener(on_duration)
+        monitoring.register_event_listener(on_event)
         self._listening = True
 
     def split(self) -> dict[str, float]:

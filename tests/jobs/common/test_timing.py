@@ -42,7 +42,7 @@ def test_compilation_is_counted_apart_from_compute():
     clock = timing.Clock()
     timing._CLOCK, saved = clock, timing._CLOCK
     try:
-        clock.listen_to_jax()
+        clock.listen_to_jax(jax.monitoring)
         with clock.phase("compute"):
             fn = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0))
             fn(jnp.ones((33, 17))).block_until_ready()
