@@ -142,7 +142,7 @@ def test_a_stale_writer_never_overwrites_a_newer_manifest(request, tmp_path, whe
     fast.finish(out, {"rows": 2})  # the other writer finishes first
     with pytest.raises(ConcurrentWriter, match="another writer changed .*_manifest.json"):
         slow.finish(out, {"rows": 1})
-    assert json.loads(storage.read_bytes(storage.join(output, MANIFEST)))["metrics"] == {"rows": 2}
+    assert json.loads(storage.read_bytes(storage.join(output, MANIFEST)))["metrics"]["rows"] == 2
     # a writer that saw an old manifest cannot delete a newer one either
     stale = _stage(output)
     stale.already_done()
@@ -153,7 +153,7 @@ def test_a_stale_writer_never_overwrites_a_newer_manifest(request, tmp_path, whe
     newer.finish(out, {"rows": 3})
     with pytest.raises(ConcurrentWriter):
         stale.invalidate()
-    assert json.loads(storage.read_bytes(storage.join(output, MANIFEST)))["metrics"] == {"rows": 3}
+    assert json.loads(storage.read_bytes(storage.join(output, MANIFEST)))["metrics"]["rows"] == 3
 
 
 def test_a_prefix_rewritten_while_a_stage_reads_it_is_never_used(tmp_path):
