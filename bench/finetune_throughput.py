@@ -5,6 +5,9 @@
 - the same batches padded to --sequence-length instead of bucketed (the baseline for bucketing);
 - Hugging Face transformers + PEFT (PyTorch), the bucketed batches, same loss (response tokens only), AdamW.
 
+Then the stage default's utilisation of the CPU: its model FLOPs per step (bench/flops.py, with XLA's own count
+beside it) over its median wall time, against a float32 matmul peak measured in the same process.
+
 Every padded width is compiled (JAX) or run once (PyTorch) before timing. Then --rounds rounds: in each, every
 contender trains on the same --steps batches, in an order that alternates from round to round, so a slow
 moment of the machine lands on all of them. Reported per contender: the median useful (non-padding) tokens/s;
@@ -28,6 +31,7 @@ import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/flops.py
 
 
 def keras_contender(model, initial, train, args, by_length: bool, lm_head: str):
@@ -153,6 +157,26 @@ def main() -> None:
     print(f"eval pass: head at loss positions {eval_head[0]:.1f} s, every position {eval_full[0]:.1f} s "
           f"({eval_full[0] / eval_head[0]:.2f}x), eval loss difference {abs(eval_head[1] - eval_full[1]):.2e}")
     print(f"peak RSS of the keras-hub training process: {rss:.2f} GiB")
+    utilisation(head[0], head[1], statistics.median(useful[names[0]] / r for r in rates[names[0]]), args)
+
+
+def utilisation(trainer, batches, seconds: float, args) -> None:
+    """Model FLOPs of the stage's own steps over their median wall time, against a matmul peak measured now."""
+    import flops
+
+    model_total, xla_total = 0.0, 0.0
+    for batch in batches:
+        size = trainer._size(batch[2])
+        x, y, w = trainer._device_batch(batch)
+        model_total += flops.model_flops(trainer.model.backbone, args.batch_size, batch[0]["token_ids"].shape[1], size,
+                                         4, ("query", "value"))
+        compiled = trainer._train_step.lower(trainer.trainable, trainer.non_trainable, trainer.opt_vars, x, y, w, size).compile()
+        xla_total += flops.xla_flops(compiled) or float("nan")
+    peak = flops.matmul_peak()
+    achieved = model_total / seconds
+    print(f"FLOPs per step (stage default, mean of {len(batches)}): model {model_total / len(batches) / 1e9:.1f} GFLOP, "
+          f"XLA's count {xla_total / len(batches) / 1e9:.1f} GFLOP; achieved {achieved / 1e9:.1f} GFLOP/s; float32 "
+          f"matmul peak measured now {peak / 1e9:.1f} GFLOP/s; utilisation {achieved / peak:.1%} (goal >= 40%)")
 
 
 if __name__ == "__main__":
