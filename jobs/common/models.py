@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ def load_causal_lm(uri: str, workdir: Path, field: str = "--base-model", **kwarg
 
     handle = resolve(uri, workdir, field)
     try:
-        with timing.phase("model_load"):
+        with timing.phase("model_load"), _untracked_vocabulary(), _placeholder_initialization():
             model = keras_hub.models.CausalLM.from_preset(handle, **kwargs)
     except (ValueError, FileNotFoundError, OSError, KeyError) as err:
         raise BadInputError(field, uri, EXPECTED, f"loading failed: {err}") from err
@@ -37,6 +39,62 @@ def load_causal_lm(uri: str, workdir: Path, field: str = "--base-model", **kwarg
     return model
 
 
+
+
+@contextlib.contextmanager
+def _placeholder_initialization() -> Iterator[None]:
+    """While a model loads, its variables start as zeros made on the host instead of being drawn by their
+    initializers: keras builds every layer with its initializer and the checkpoint then overwrites every value, and
+    on a CPU the initializers, run op by op, were half of a load (cProfile of the demo model's `from_preset`). A
+    variable the load did not assign (an RNG state, say) gets its real initializer afterwards, so the model is the
+    same, value for value (tests/jobs/common/test_models.py); only the time changes. Private API, so optional."""
+    try:
+        import jax.numpy as jnp
+        from keras.src.backend.common.variables import Variable as KerasVariable
+    except ImportError:
+        yield
+        return
+    initialize, assign = KerasVariable._initialize_with_initializer, KerasVariable.assign
+    pending: dict[int, tuple[Any, Any]] = {}
+
+    def placeholder(self: Any, initializer: Any) -> None:
+        pending[id(self)] = (self, initializer)
+        self._initialize(self._convert_to_tensor(np.zeros(self._shape, dtype=jnp.dtype(self._dtype))))
+
+    def assigned(self: Any, value: Any) -> Any:
+        pending.pop(id(self), None)
+        return assign(self, value)
+
+    KerasVariable._initialize_with_initializer, KerasVariable.assign = placeholder, assigned
+    try:
+        yield
+    finally:
+        KerasVariable._initialize_with_initializer, KerasVariable.assign = initialize, assign
+    for variable, initializer in pending.values():  # not in the checkpoint: its own initializer, as keras would
+        initialize(variable, initializer)
+
+
+@contextlib.contextmanager
+def _untracked_vocabulary() -> Iterator[None]:
+    """While a model loads, its SentencePiece vocabulary is set without keras' list tracking, as `load_tokenizer` does
+    for the tokenizer alone (`sources._untracked`: tracking Gemma 3's 262k pieces is seconds per load, and they hold
+    no variables). Private API, so optional."""
+    try:
+        from keras_hub.src.tokenizers.sentence_piece_tokenizer import SentencePieceTokenizer
+    except ImportError:
+        yield
+        return
+    original = SentencePieceTokenizer.set_proto
+
+    def set_proto(self: Any, proto: Any) -> Any:
+        with sources._untracked():
+            return original(self, proto)
+
+    SentencePieceTokenizer.set_proto = set_proto
+    try:
+        yield
+    finally:
+        SentencePieceTokenizer.set_proto = original
 
 
 def load_with_adapter(base_uri: str, adapter_uri: str, rank: int, targets: list[str], workdir: Path,
