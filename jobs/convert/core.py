@@ -34,6 +34,7 @@ from jobs.convert.safetensors_io import reshard
 log = logging.getLogger(__name__)
 
 SUPPORTED_BACKBONES = ("GemmaBackbone", "Gemma3Backbone")
+WITHOUT_KERAS = "without Keras: the base's Hugging Face weights + the PEFT adapter, merged tensor by tensor"
 
 
 def release_memory() -> None:
@@ -164,7 +165,7 @@ def convert_without_keras(config: ConvertConfig, workdir: Path, out: Path, base_
         hf_merge.merge(base_dir, {}, out / artifacts.BASE_EXPORT, config.dtype, config.max_shard_mb * 2**20)
         hf_merge.complete(base_dir, out / artifacts.BASE_EXPORT, config.dtype)
     _answers(config, workdir, out, base_dir)
-    return {"path": "without Keras: the base's Hugging Face weights + the PEFT adapter, merged tensor by tensor",
+    return {"path": WITHOUT_KERAS,
             "base_checkpoint": str(base_dir), "safetensors_files": files, "parity": parity, "peft_parity": peft}
 
 
@@ -211,12 +212,17 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
         result = convert_without_keras(config, workdir, out, *chosen)
     settings = _finetune_settings(config) if config.finetune else {}
     checkpoint_bytes = sum((out / f).stat().st_size for f in result["safetensors_files"])
+    # What was exported: a fine-tune on a quantized base is applied to the full-precision base (its adapter is the
+    # product); the parity check compares the export with exactly that model.
+    quantized = f" (trained on a {settings['base_quantization']} base)" if models.adapter_only(settings) else ""
+    if result["path"] == WITHOUT_KERAS:
+        source = f"the base's Hugging Face checkpoint with the fine-tune's adapter merged in{quantized}"
+    elif not from_adapter(config):
+        source = "the fine-tune's merged model"
+    else:
+        source = f"the full-precision base {base_model_of(config)} with the adapter applied{quantized}"
     metrics = {
-        # What was exported: a fine-tune on a quantized base is applied to the full-precision base (its adapter
-        # is the product); the parity check compares the export with exactly that model.
-        "exported_from": ("the fine-tune's merged model" if not from_adapter(config) else
-                          f"the full-precision base {base_model_of(config)} with the adapter applied"
-                          + (f" (trained on a {settings['base_quantization']} base)" if models.adapter_only(settings) else "")),
+        "exported_from": source,
         **result,
         "total_time_s": round(time.time() - started, 2),
         "checkpoint_bytes": checkpoint_bytes,

@@ -314,14 +314,15 @@ def _split(compute, cache=None):
 
 
 def test_where_the_time_went_per_stage_and_candidate(prices):
-    manifests = {**MANIFESTS, "preprocess": {**MANIFESTS["preprocess"], "metrics": {"time_split": _split(10.0)["seconds"]}}}
+    manifests = {**MANIFESTS, "preprocess": {**MANIFESTS["preprocess"], "metrics": {"time_split": _split(10.0)["seconds"]}},
+                 "convert": {"wall_time_s": 40.0, "peak_rss_bytes": 2**30, "metrics": {"time_split": _split(30.0)["seconds"]}}}
     champion = {**CHAMPION, "candidates": [
         {**CHAMPION["candidates"][0], "time_split": {"finetune": _split(60.0, {"hits": 2, "misses": 5}),
                                                     "benchmark": _split(160.0, {"hits": 7, "misses": 0})}},
         {**CHAMPION["candidates"][1], "time_split": {"finetune": _split(40.0, {"hits": 5, "misses": 0})}}]}
     built = report.build("gs://b/runs/r", {}, manifests, DOCUMENTS, USAGES, prices, champion)
     labels = [label for label, _ in report.time_rows(built)]
-    assert labels == ["preprocess", "finetune [default]", "finetune [lora-rank-8-abc]", "benchmark [default]"]
+    assert labels == ["preprocess", "finetune [default]", "finetune [lora-rank-8-abc]", "benchmark [default]", "convert"]
     table = report.time_table(built)
     assert "| benchmark \\[default\\] | 10.0 | 5.0 | 20.0 | 160.0 | 1.0 | 2.0 | 2.0 | 80% | 7 / 0 |" in table
     assert "| preprocess |" in table and "| – |" in table  # no JAX there: no cache figures

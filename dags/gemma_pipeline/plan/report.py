@@ -341,10 +341,11 @@ def time_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     candidates = (report.get("champion") or {}).get("candidates") or []
     out = []
     for row in report["stages"]:
-        if stages.get(row["stage"]).per_candidate and any(c.get("time_split") for c in candidates):
-            out += [(f"{row['stage']} [{c['key']}]", c["time_split"][row["stage"]]) for c in candidates
-                    if (c.get("time_split") or {}).get(row["stage"])]
-        elif row.get("time_split"):
+        per_candidate = [(f"{row['stage']} [{c['key']}]", c["time_split"][row["stage"]]) for c in candidates
+                         if (c.get("time_split") or {}).get(row["stage"])]
+        if per_candidate:  # fine-tune and benchmark: every candidate's
+            out += per_candidate
+        elif row.get("time_split"):  # preprocess, and convert (the champion's)
             out.append((row["stage"], row["time_split"]))
     return out
 
