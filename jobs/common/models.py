@@ -49,7 +49,7 @@ def _placeholder_initialization() -> Iterator[None]:
     variable the load did not assign (an RNG state, say) gets its real initializer afterwards, so the model is the
     same, value for value (tests/jobs/common/test_models.py); only the time changes. Private API, so optional."""
     try:
-        import jax.numpy as jnp
+        import ml_dtypes  # keras' own dependency: numpy's names for bfloat16 and the other ML types
         from keras.src.backend.common.variables import Variable as KerasVariable
     except ImportError:
         yield
@@ -59,7 +59,8 @@ def _placeholder_initialization() -> Iterator[None]:
 
     def placeholder(self: Any, initializer: Any) -> None:
         pending[id(self)] = (self, initializer)
-        self._initialize(self._convert_to_tensor(np.zeros(self._shape, dtype=jnp.dtype(self._dtype))))
+        dtype = getattr(ml_dtypes, self._dtype) if hasattr(ml_dtypes, self._dtype) else np.dtype(self._dtype)
+        self._initialize(self._convert_to_tensor(np.zeros(self._shape, dtype=dtype)))
 
     def assigned(self: Any, value: Any) -> Any:
         pending.pop(id(self), None)
