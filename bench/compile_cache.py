@@ -21,17 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.contract import artifacts, documents  # noqa: E402
+from jobs.contract import artifacts, documents, stages  # noqa: E402
 from jobs.contract.env import COMPILATION_CACHE_ENV  # noqa: E402
+from jobs.contract.layout import RunLayout  # noqa: E402
 
-DEMO = ROOT / "runs/local/gcs/local-gemma-bucket/runs/demo"
+
+def demo(stage: str) -> Path:
+    """Where the main command's demo run left a stage's output (the emulator keeps gs:// objects as files)."""
+    return ROOT / "runs/local/gcs" / RunLayout.of("local-gemma-bucket", "demo").stage(stage).removeprefix("gs://")
 
 
 def command(stage: str, args: argparse.Namespace, output: Path) -> list[str]:
     if stage == "benchmark":
-        return [sys.executable, "-m", "jobs.benchmark", "--data", str(args.data), "--finetune", str(args.finetune),
+        return [sys.executable, "-m", stages.get("benchmark").module, "--data", str(args.data), "--finetune", str(args.finetune),
                 "--output", str(output), "--max-examples", str(args.examples), "--max-new-tokens", str(args.new_tokens)]
-    return [sys.executable, "-m", "jobs.finetuning", "--data", str(args.data), "--output", str(output),
+    return [sys.executable, "-m", stages.get("finetune").module, "--data", str(args.data), "--output", str(output),
             "--max-steps", str(args.steps), "--checkpoint-every", "0"]
 
 
@@ -51,8 +55,8 @@ def run(stage: str, args: argparse.Namespace, cache: Path, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=("benchmark", "finetune"), default="benchmark")
-    parser.add_argument("--data", type=Path, default=DEMO / "preprocess")
-    parser.add_argument("--finetune", type=Path, default=DEMO / "candidates/default/finetune")
+    parser.add_argument("--data", type=Path, default=demo("preprocess"))
+    parser.add_argument("--finetune", type=Path, default=demo("finetune"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--examples", type=int, default=32, help="benchmark: eval rows scored and answered")
     parser.add_argument("--new-tokens", type=int, default=16, help="benchmark: answer length")
