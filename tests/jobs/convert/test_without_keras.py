@@ -79,3 +79,22 @@ def test_a_lost_delta_is_refused_and_nothing_published(hf_run, tmp_path, monkeyp
     with pytest.raises(ExportMismatchError, match="recorded logits.*nothing published"):
         core.run(ConvertConfig(finetune=str(hf_run["finetune"]), output=str(tmp_path / "hf")), tmp_path / "w")
     assert not (tmp_path / "hf" / artifacts.MANIFEST).exists()
+
+
+def test_the_base_can_be_exported_beside_the_adapter(hf_run, tmp_path):
+    """`--export-base`: the base in Hugging Face format next to the merged model, for serving the adapter on it."""
+    from safetensors.numpy import load_file
+
+    core.run(ConvertConfig(finetune=str(hf_run["finetune"]), output=str(tmp_path / "hf"), export_base=True,
+                           dtype="bfloat16"), tmp_path / "w")
+    base = tmp_path / "hf" / artifacts.BASE_EXPORT
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (base / "tokenizer.model").exists() and (base / "generation_config.json").exists()
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), framework="pt") as exported:
+        names = list(exported.keys())
+        assert names and all(exported.get_tensor(n).dtype == torch.bfloat16 for n in names)
+    original = load_file(str(hf_run["base"] / "model.safetensors"))
+    assert set(names) == set(original)  # the base's own tensors, the adapter not merged in
