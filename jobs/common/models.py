@@ -49,7 +49,6 @@ def _placeholder_initialization() -> Iterator[None]:
     variable the load did not assign (an RNG state, say) gets its real initializer afterwards, so the model is the
     same, value for value (tests/jobs/common/test_models.py); only the time changes. Private API, so optional."""
     try:
-        import ml_dtypes  # keras' own dependency: numpy's names for bfloat16 and the other ML types
         from keras.src.backend.common.variables import Variable as KerasVariable
     except ImportError:
         yield
@@ -58,9 +57,12 @@ def _placeholder_initialization() -> Iterator[None]:
     pending: dict[int, tuple[Any, Any]] = {}
 
     def placeholder(self: Any, initializer: Any) -> None:
+        try:
+            zeros = np.zeros(self._shape, dtype=np.dtype(self._dtype))
+        except TypeError:  # a dtype numpy lacks (bfloat16): keras' own initializer, the slow way
+            return initialize(self, initializer)
         pending[id(self)] = (self, initializer)
-        dtype = getattr(ml_dtypes, self._dtype) if hasattr(ml_dtypes, self._dtype) else np.dtype(self._dtype)
-        self._initialize(self._convert_to_tensor(np.zeros(self._shape, dtype=dtype)))
+        self._initialize(self._convert_to_tensor(zeros))
 
     def assigned(self: Any, value: Any) -> Any:
         pending.pop(id(self), None)

@@ -25,7 +25,7 @@ def test_a_variable_the_load_did_not_assign_gets_its_own_initializer():
     with models._placeholder_initialization():
         loaded = keras.Variable(initializer="ones", shape=(3,))
         untouched = keras.Variable(initializer="ones", shape=(2,))
-        half = keras.Variable(initializer="ones", shape=(2,), dtype="bfloat16")  # numpy has no bfloat16 of its own
+        half = keras.Variable(initializer="ones", shape=(2,), dtype="bfloat16")  # numpy has no bfloat16: initialized the usual way
         loaded.assign(np.full(3, 7.0, np.float32))
         assert np.array_equal(np.asarray(untouched.value), np.zeros(2))  # a placeholder while loading
     assert np.array_equal(np.asarray(loaded.value), np.full(3, 7.0)) and np.array_equal(np.asarray(untouched.value), np.ones(2))
