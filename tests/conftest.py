@@ -30,6 +30,20 @@ def tiny_gemma(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma4(tmp_path_factory) -> Path:
+    from tests.tiny_models import save_tiny_preset
+
+    return save_tiny_preset(tmp_path_factory.mktemp("models") / "tiny_gemma4", "gemma4")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_moe(tmp_path_factory) -> Path:
+    from tests.tiny_models import save_tiny_preset
+
+    return save_tiny_preset(tmp_path_factory.mktemp("models") / "tiny_gemma4_moe", "gemma4_moe")
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_gemma3) -> dict[str, Path]:
     """One tiny preprocess -> fine-tune (8 steps) shared by every test that only reads its outputs."""
     from tests.pipeline import tiny_pipeline

@@ -1,4 +1,4 @@
-"""Tiny random-weight Gemma and Gemma 3 causal LMs with a SentencePiece model trained on the spot.
+"""Tiny random-weight Gemma, Gemma 3 and Gemma 4 causal LMs with a SentencePiece model trained on the spot.
 
 Everything here runs in seconds on a CPU and downloads nothing.
 """
@@ -23,16 +23,20 @@ _CORPUS = [
     "Machine learning models learn patterns from data.",
     "Fine-tuning adapts a pretrained model to a new task.",
 ]
-# Special symbols keras-hub's Gemma 3 tokenizer insists on.
-_GEMMA3_SYMBOLS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<img>"]
+# Special symbols keras-hub's tokenizers insist on, and each family's chat turn markers.
+_SYMBOLS = {
+    "gemma": ["<start_of_turn>", "<end_of_turn>"],
+    "gemma3": ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<img>"],
+    "gemma4": ["<|turn>", "<turn|>"],
+}
 
 
-def train_sentencepiece(vocab_size: int = 384, gemma3: bool = True) -> bytes:
+def train_sentencepiece(vocab_size: int = 384, gemma3: bool = True, family: str = "") -> bytes:
     """A BPE SentencePiece proto with Gemma's special ids: pad 0, eos 1, bos 2, unk 3."""
     import sentencepiece as spm
 
     buffer = io.BytesIO()
-    symbols = _GEMMA3_SYMBOLS if gemma3 else ["<start_of_turn>", "<end_of_turn>"]
+    symbols = _SYMBOLS[family or ("gemma3" if gemma3 else "gemma")]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_CORPUS * 20),
         model_writer=buffer,
@@ -62,11 +66,16 @@ def train_sentencepiece(vocab_size: int = 384, gemma3: bool = True) -> bytes:
 
 
 def make_tiny_causal_lm(kind: str = "gemma3", seed: int = 0, vocab_size: int = 384):
-    """Build a 2-layer random-weight `GemmaCausalLM` ("gemma") or `Gemma3CausalLM` ("gemma3")."""
+    """Build a 2-layer random-weight `GemmaCausalLM` ("gemma") or `Gemma3CausalLM` ("gemma3"), or a tiny
+    `Gemma4CausalLM`: "gemma4" (dense, 4 layers: per-layer inputs, the last two sharing key/value layers, global
+    layers with their own head size and partial RoPE, as the 2B/4B) or "gemma4_moe" (mixture of experts beside
+    the dense block, K=V global layers, as the 26B-A4B)."""
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(seed)
+    if kind.startswith("gemma4"):
+        return _tiny_gemma4(kind == "gemma4_moe", vocab_size)
     proto = train_sentencepiece(vocab_size, gemma3=kind == "gemma3")
     if kind == "gemma3":
         tokenizer = keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
@@ -100,6 +109,26 @@ def make_tiny_causal_lm(kind: str = "gemma3", seed: int = 0, vocab_size: int = 3
         preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer=tokenizer, sequence_length=64)
         return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
     raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def _tiny_gemma4(moe: bool, vocab_size: int):
+    import keras_hub
+
+    tokenizer = keras_hub.models.Gemma4Tokenizer(proto=train_sentencepiece(vocab_size, family="gemma4"),
+                                                 has_vision_tokens=False, has_video_tokens=False)
+    shape = dict(num_query_heads=2, num_key_value_heads=1, hidden_dim=32, intermediate_dim=64, head_dim=16,
+                 global_head_dim=32, sliding_window_size=16, sliding_window_pattern=2, final_logit_soft_cap=30.0,
+                 global_rope_partial_rotary_factor=0.25)
+    if moe:
+        variant = dict(num_layers=2, enable_moe_block=True, num_experts=4, expert_intermediate_dim=16,
+                       num_experts_per_token=2, num_global_key_value_heads=1)
+    else:
+        variant = dict(num_layers=4, num_kv_shared_layers=2, hidden_size_per_layer_input=8)
+    backbone = keras_hub.models.Gemma4Backbone(vocabulary_size=tokenizer.vocabulary_size(), image_size=None,
+                                               **shape, **variant)
+    preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer=tokenizer, sequence_length=64,
+                                                               image_converter=None)
+    return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
 def save_tiny_preset(path: Path, kind: str = "gemma3", seed: int = 0) -> Path:

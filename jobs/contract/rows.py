@@ -19,9 +19,9 @@ from typing import Any
 from jobs.contract.errors import BadInputError
 
 INSTRUCTION, CHAT, TEXT = "instruction", "chat", "text"
-# Every loss segment (a response, an assistant turn) ends with Gemma's end-of-turn marker: what the model learns to
-# stop on, and what the export's generation config stops on.
-END_OF_TURN = "<end_of_turn>"
+# Every loss segment (a response, an assistant turn) ends with the model family's end-of-turn marker
+# (`jobs.families`: `<end_of_turn>` for Gemma 1-3, `<turn|>` for Gemma 4): what the model learns to stop on, and what
+# the export's generation config stops on.
 KINDS = (INSTRUCTION, CHAT, TEXT)
 TEXT_PROMPT_WORDS = 24  # a raw-text row as a prompt: its opening words; the reference: the words after
 

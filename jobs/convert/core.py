@@ -13,27 +13,31 @@ Two ways, chosen per run (the manifest's `path` says which):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from jobs import families
 from jobs.common import models, peft_adapter, reference, storage, timing
 from jobs.common.manifest import StageRun, peak_rss_bytes, read_manifest, sha256_file, upstream_ref
 from jobs.contract import artifacts, documents
 from jobs.contract.configs.convert import ConvertConfig
-from jobs.contract.errors import BadInputError, ExportMismatchError
+from jobs.contract.errors import ExportMismatchError
 from jobs.convert import hf_merge
 from jobs.convert.safetensors_io import reshard
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_BACKBONES = ("GemmaBackbone", "Gemma3Backbone")
 WITHOUT_KERAS = "without Keras: the base's Hugging Face weights + the PEFT adapter, merged tensor by tensor"
 
 
@@ -84,10 +88,9 @@ def load_lora_model(config: ConvertConfig, workdir: Path, uri: str):
 
 
 def export(model, directory: Path) -> None:
-    name = type(model.backbone).__name__
-    if name not in SUPPORTED_BACKBONES:
-        raise BadInputError("model architecture", name, f"one of {', '.join(SUPPORTED_BACKBONES)} (what the exporter supports)")
+    family = families.of_model(model)
     model.export_to_transformers(str(directory))
+    family.finish_export(directory, model.backbone)
     tokenizer = model.preprocessor.tokenizer
     generation = directory / "generation_config.json"
     settings = json.loads(generation.read_text()) if generation.exists() else {}
@@ -266,6 +269,20 @@ def convert_with_keras(config: ConvertConfig, workdir: Path, out: Path) -> dict[
             "parity": parity, "peft_parity": peft}
 
 
+@contextlib.contextmanager
+def _delta_off(backbone) -> Iterator[None]:
+    """LoRA's B factors zeroed for the duration: a LoRA-enabled layer's `kernel` (what some families' exporters
+    read, Gemma 4's among them) then is its base kernel, whatever the exporter reads."""
+    saved = [(v, v.numpy()) for v in backbone.trainable_variables if v.path.endswith("lora_kernel_b")]
+    for variable, value in saved:
+        variable.assign(np.zeros_like(value))
+    try:
+        yield
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+
+
 def export_peft_adapter(config: ConvertConfig, workdir: Path, out: Path, tolerance: float) -> dict[str, Any]:
     """Write `adapter/` (PEFT's format) and check it: PeftModel on the exported base must reproduce the Keras
     LoRA model's logits within the parity tolerance, or nothing is published (exit 4)."""
@@ -273,7 +290,8 @@ def export_peft_adapter(config: ConvertConfig, workdir: Path, out: Path, toleran
     expected = reference.compute(model, config.sample_texts())
     base_dir = (out / artifacts.BASE_EXPORT) if config.export_base else (workdir / "base-export")
     shutil.rmtree(base_dir, ignore_errors=True)
-    export(model, base_dir)  # a LoRA-enabled model exports its base kernels: the delta stays in the adapter
+    with _delta_off(model.backbone):  # the base's kernels: the delta is the adapter's
+        export(model, base_dir)
     peft_adapter.write(model.backbone, out / artifacts.PEFT_ADAPTER, base_model_of(config))
     del model
     release_memory()

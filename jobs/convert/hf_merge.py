@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from jobs import families
 from jobs.common import models, peft_adapter, reference, timing
 from jobs.contract.errors import BadInputError
 
@@ -44,7 +45,12 @@ def base_checkpoint(base_model: str, workdir: Path) -> Path | None:
     if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
         return None
     config = json.loads((path / "config.json").read_text())
-    return path if config.get("architectures") and "registered_name" not in config else None
+    if "registered_name" in config:
+        return None
+    # A text causal LM of its family: its weights carry the names the adapter uses (a multimodal checkpoint's
+    # language model sits under another prefix, and goes through keras-hub, which loads its text part).
+    family = families.of_config(config, str(path))
+    return path if set(config.get("architectures") or ()) & set(family.hf_text_architectures) else None
 
 
 def _tensor_files(directory: Path) -> list[Path]:
@@ -149,9 +155,8 @@ def complete(base_dir: Path, out: Path, dtype: str) -> list[int]:
     (what transformers and vLLM stop on). Returns the stop ids."""
     from transformers import AutoTokenizer
 
-    from jobs.contract import rows as rows_lib
-
     config = json.loads((base_dir / "config.json").read_text())
+    marker = families.of_config(config, str(base_dir)).chat.end_of_turn
     config.pop("quantization_config", None)
     config["dtype"] = config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -159,9 +164,9 @@ def complete(base_dir: Path, out: Path, dtype: str) -> list[int]:
         if (base_dir / name).exists():
             shutil.copyfile(base_dir / name, out / name)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    end_of_turn = tokenizer.convert_tokens_to_ids(rows_lib.END_OF_TURN)
+    end_of_turn = tokenizer.convert_tokens_to_ids(marker)
     if end_of_turn is None or end_of_turn == tokenizer.unk_token_id:
-        raise BadInputError("tokenizer", str(base_dir), f"a tokenizer with {rows_lib.END_OF_TURN} as one token")
+        raise BadInputError("tokenizer", str(base_dir), f"a tokenizer with {marker} as one token")
     stops = sorted({int(tokenizer.eos_token_id), int(end_of_turn)})
     generation_path = base_dir / "generation_config.json"
     settings = json.loads(generation_path.read_text()) if generation_path.exists() else {}

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from jobs import families
 from jobs.common import compilation, models, peft_adapter, reference, storage, timing
 from jobs.common.manifest import StageRun, digest_json, peak_rss_bytes, stage_in_upstream, upstream_ref
 from jobs.common.progress import Progress
@@ -165,7 +166,7 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     timing.begin("compute")  # what is not loading, staging or publishing (tokenizing, training, evaluating)
 
     keras.utils.set_random_seed(config.seed)
-    distribution = setup(config.distribution, config.model_parallel, config.batch_size)
+    distribution = setup(config.distribution, config.model_parallel, config.batch_size, families.of_source(model_handle))
     # A per-model dtype policy rather than keras' global one, so nothing leaks into later work in the process.
     model = models.load_causal_lm(config.base_model, workdir, **({"dtype": "mixed_bfloat16"} if config.mixed_precision else {}))
     check_model_parallel(model.backbone, config.model_parallel)

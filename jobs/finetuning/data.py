@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs import families
 from jobs.common.lm import bucket_width
 from jobs.common.models import end_of_turn_id
 from jobs.contract import rows as rows_lib
@@ -89,11 +90,15 @@ def tokenize(rows: list[dict[str, Any]], tokenizer, sequence_length: int) -> Tok
 
 
 def _refuse_turn(index: int, text: str, tokenizer) -> None:
-    if not text.endswith(rows_lib.END_OF_TURN):
+    family = families.of_tokenizer(tokenizer)
+    marker = family.chat.end_of_turn
+    if not text.endswith(marker):
+        other = [f.title for f in families.all_families() if f.chat.end_of_turn != marker and text.endswith(f.chat.end_of_turn)]
+        hint = f"; it ends with {other[0]}'s marker: preprocess again with this base model" if other else ""
         raise BadInputError("--data", f"row {index + 1}: an answer ending {text[-40:]!r}",
-                            f"every response and assistant turn to end with {rows_lib.END_OF_TURN} (as this project's "
-                            "preprocessing writes them)")
-    raise BadInputError("tokenizer", type(tokenizer).__name__, f"a tokenizer that keeps {rows_lib.END_OF_TURN} as one "
+                            f"every response and assistant turn to end with {marker}, {family.title}'s end of turn (as "
+                            f"this project's preprocessing writes them for a {family.title} base){hint}")
+    raise BadInputError("tokenizer", type(tokenizer).__name__, f"a tokenizer that keeps {marker} as one "
                         f"token (it split it in row {index + 1}; the model could not learn to stop on it)")
 
 

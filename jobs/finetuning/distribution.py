@@ -1,33 +1,21 @@
-"""Device layout for training through `keras.distribution`: data parallel, or model parallel for Gemma 3
-with a layout map (keras-hub ships one for Gemma only)."""
+"""Device layout for training through `keras.distribution`: data parallel, or model parallel with the model
+family's layout map (`jobs.families`)."""
 
 from __future__ import annotations
 
 import logging
 
+from jobs import families
 from jobs.contract.errors import BadInputError
+from jobs.families import Family
 from jobs.finetuning import multihost
 
 log = logging.getLogger(__name__)
 
 
-def gemma3_layout_map(device_mesh, model_dim: str = "model"):
-    """Shard the big kernels over the model axis. Query heads and the feed-forward width are split;
-    key/value kernels split the hidden dimension because Gemma 3 often has a single key/value head."""
-    import keras
-
-    layout_map = keras.distribution.LayoutMap(device_mesh)
-    layout_map["token_embedding/embeddings"] = (model_dim, None)
-    layout_map["decoder_block.*attention/query/kernel"] = (model_dim, None, None)
-    layout_map["decoder_block.*attention/(key|value)/kernel"] = (None, model_dim, None)
-    layout_map["decoder_block.*attention_output/kernel"] = (model_dim, None, None)
-    layout_map["decoder_block.*ffw_gating(_2)?/kernel"] = (None, model_dim)
-    layout_map["decoder_block.*ffw_linear/kernel"] = (model_dim, None)
-    return layout_map
-
-
-def setup(kind: str, model_parallel: int, batch_size: int):
-    """Install a global keras distribution before the model is built; returns it (or None)."""
+def setup(kind: str, model_parallel: int, batch_size: int, family: Family | None = None):
+    """Install a global keras distribution before the model is built; returns it (or None). Model parallel needs
+    the model's `family` (its layout map)."""
     import jax
     import keras
 
@@ -57,8 +45,12 @@ def setup(kind: str, model_parallel: int, batch_size: int):
         data = n // model_parallel
         if batch_size % data:
             raise BadInputError("--batch-size", batch_size, f"a multiple of the {data} data-parallel replicas")
+        if family is None or not family.model_parallel:
+            raise BadInputError("--distribution", "model", "a model whose family has a layout map: "
+                                + ", ".join(f.title for f in families.all_families() if f.model_parallel),
+                                f"got {family.title if family else 'an unknown family'}")
         mesh = keras.distribution.DeviceMesh((data, model_parallel), ["batch", "model"], devices)
-        distribution = keras.distribution.ModelParallel(layout_map=gemma3_layout_map(mesh), batch_dim_name="batch")
+        distribution = keras.distribution.ModelParallel(layout_map=family.layout_map(mesh), batch_dim_name="batch")
     keras.distribution.set_distribution(distribution)
     log.info("distribution %s over %d %s devices", type(distribution).__name__, n, devices[0].platform)
     return distribution
@@ -67,11 +59,11 @@ def setup(kind: str, model_parallel: int, batch_size: int):
 def check_model_parallel(backbone, model_parallel: int) -> None:
     if model_parallel == 1:
         return
-    if type(backbone).__name__ != "Gemma3Backbone":
-        raise BadInputError("--distribution", "model", "a Gemma 3 model (the layout map covers Gemma 3 only)")
-    dims = {"query heads": backbone.num_query_heads, "hidden size": backbone.hidden_dim,
-            "feed-forward size": backbone.intermediate_dim, "vocabulary": backbone.vocabulary_size}
-    for name, size in dims.items():
+    family = families.of_model(backbone)
+    if not family.model_parallel:
+        raise BadInputError("--distribution", "model", "a model whose family has a layout map: "
+                            + ", ".join(f.title for f in families.all_families() if f.model_parallel), f"got {family.title}")
+    for name, size in family.model_parallel_sizes(backbone).items():
         if size % model_parallel:
             raise BadInputError("--model-parallel", model_parallel, f"a divisor of the model's {name} ({size})")
 

@@ -1,9 +1,9 @@
 """Row-level logic of the chat and raw-text modes (shared by every engine that preprocesses): rendering a
-`messages` conversation into Gemma chat turns with a per-segment loss flag, and cleaning raw-text documents.
+`messages` conversation into the model family's chat turns with a per-segment loss flag, and cleaning raw-text documents.
 
 A rendered conversation is a list of segments `[text, loss]`: the fine-tune and the benchmark tokenize each
 segment and put loss on the tokens of `loss` segments only, i.e. on every assistant turn (its content and its
-`<end_of_turn>`), never on the system prompt, the user turns or the turn headers.
+end-of-turn marker), never on the system prompt, the user turns or the turn headers.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from typing import Any
+
+from jobs.families import ChatFormat
 
 USER_ROLES = ("user",)
 ASSISTANT_ROLES = ("assistant", "model")
@@ -22,9 +24,9 @@ class ChatError(ValueError):
     """A conversation that cannot be trained on; the message is its per-row reason."""
 
 
-def render_chat(messages: Any) -> list[list[Any]]:
-    """Gemma's chat template as segments. A system message (first only) is folded into the first user turn, as
-    Gemma's template does; roles must alternate user / assistant and the conversation must end with an
+def render_chat(messages: Any, chat: ChatFormat) -> list[list[Any]]:
+    """The model family's chat template (`chat`) as segments. A system message (first only) is folded into the
+    first user turn, as Gemma's templates do; roles must alternate user / assistant and the conversation must end with an
     assistant turn (otherwise its last user turn would train nothing)."""
     if not isinstance(messages, list) or not messages:
         raise ChatError(f"messages: expected a non-empty list of {{role, content}} turns, got {_kind(messages)}")
@@ -57,10 +59,9 @@ def render_chat(messages: Any) -> list[list[Any]]:
     for index, (role, content) in enumerate(turns):
         if role == "user":
             text = f"{system}\n\n{content}" if index == 0 and system else content
-            lead = "\n" if index else ""  # the newline after the previous <end_of_turn>
-            segments.append([f"{lead}<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n", False])
+            segments.append([chat.user_turn(text, first=index == 0), False])
         else:
-            segments.append([f"{content}<end_of_turn>", True])
+            segments.append([chat.model_turn(content), True])
     return segments
 
 

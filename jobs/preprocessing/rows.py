@@ -10,6 +10,7 @@ the optional context field counts as no context (`coerced.null_context_to_empty`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -18,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jobs import families
 from jobs.contract import rows as contract_rows
 from jobs.contract.configs.preprocess import PreprocessConfig
 from jobs.contract.errors import BadInputError
+from jobs.families import ChatFormat
 from jobs.preprocessing.modes import ChatError, clean_text, render_chat
 
 # Rejects are quarantined (skip) or fatal (fail); the others are counted drops of rows that are well formed.
@@ -95,7 +98,7 @@ def prepare(config: PreprocessConfig, row: dict[str, Any], coerced: Counter) -> 
     """(dedup key, rendered item) of a row that has the mapped columns, or Drop with its reason."""
     if config.mode == "chat":
         try:
-            segments = render_chat(messages_of(row, config.messages_field, coerced))
+            segments = render_chat(messages_of(row, config.messages_field, coerced), chat_format(config.base_model))
         except ChatError as err:
             raise Drop("bad_chat", str(err)) from err
         return normalise("".join(text for text, _ in segments)), segments
@@ -112,8 +115,12 @@ def prepare(config: PreprocessConfig, row: dict[str, Any], coerced: Counter) -> 
 
 # ---- what every engine does with a row once it is read (single machine: jobs.preprocessing.core; Beam: .beam) ----
 
-USER_TURN = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
-MODEL_TURN_END = contract_rows.END_OF_TURN
+
+@functools.lru_cache(maxsize=8)
+def chat_format(base_model: str) -> ChatFormat:
+    """The chat turns of the base model's family (read once per process from its config; no weights)."""
+    return families.of_source(base_model).chat
+
 TokenCounter = Callable[[list[str]], list[int]]
 
 
@@ -176,7 +183,8 @@ def sentencepiece_counter(proto: bytes, add_bos: bool = False, add_eos: bool = F
 
 def chat(config: PreprocessConfig, prompt: str, response: str) -> tuple[str, str]:
     if config.chat_format == "gemma":
-        return USER_TURN.format(prompt=prompt), response + MODEL_TURN_END
+        turns = chat_format(config.base_model)
+        return turns.user_turn(prompt), turns.model_turn(response)
     return prompt + "\n", response
 
 

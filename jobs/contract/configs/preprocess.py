@@ -44,7 +44,7 @@ class PreprocessConfig:
     template: str = option("", "prompt template with {column} placeholders; overrides the instruction/context fields "
                                "(empty: none)", param="template", nullable=True)
     chat_format: Literal["gemma", "none"] = option(
-        "gemma", "gemma: wrap in Gemma chat turns (instruction-tuned models); none: raw text", param="chat_format")
+        "gemma", "gemma: wrap in the base model family's chat turns (instruction-tuned models); none: raw text", param="chat_format")
     max_tokens: int = option(128, "drop rows whose prompt+response (a whole conversation in chat mode) exceed this "
                                   "many tokens with BOS/EOS; text mode keeps long documents (the fine-tune packs them)",
                              minimum=8, maximum=131072, param="max_tokens")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from jobs import families
 from jobs.common.lm import document_attention
 from jobs.finetuning import data as data_lib
 from jobs.preprocessing.modes import render_chat
@@ -71,7 +72,7 @@ def test_chat_loss_covers_exactly_the_assistant_tokens(model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there?"},
                 {"role": "assistant", "content": "Hello friend."}, {"role": "user", "content": "Sum of 2 and 2?"},
                 {"role": "assistant", "content": "It is 4."}]
-    segments = render_chat(messages)
+    segments = render_chat(messages, families.of_model(model).chat)
     split = data_lib.tokenize([{"segments": segments}], tokenizer, 96)
     targets = split.tokens[0, 1 : split.lengths[0]]
     scored = [int(t) for t, m in zip(targets, split.loss_mask[0]) if m]

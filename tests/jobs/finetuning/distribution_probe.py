@@ -15,9 +15,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 def two_step_losses(kind: str, model_parallel: int, preset: str, quantization: str = "none") -> list[float]:
     import keras
-    import keras_hub
     import numpy as np
 
+    from jobs import families
     from jobs.contract.configs.finetune import FinetuneConfig
     from jobs.finetuning.distribution import check_model_parallel, setup
     from jobs.finetuning.train import Trainer, make_optimizer
@@ -25,8 +25,8 @@ def two_step_losses(kind: str, model_parallel: int, preset: str, quantization: s
     config = FinetuneConfig(data="-", output="-", distribution=kind, model_parallel=model_parallel, batch_size=8,
                             learning_rate=1e-2, warmup_fraction=0.0)
     keras.utils.set_random_seed(0)
-    distribution = setup(kind, model_parallel, config.batch_size)
-    model = keras_hub.models.CausalLM.from_preset(preset)
+    distribution = setup(kind, model_parallel, config.batch_size, families.of_source(preset))
+    model = families.of_source(preset).load(preset)
     check_model_parallel(model.backbone, model_parallel)
     if quantization != "none":  # quantized under the distribution: the layout map must still fit the int8 kernels
         from jobs.finetuning.core import quantize_base
@@ -36,7 +36,7 @@ def two_step_losses(kind: str, model_parallel: int, preset: str, quantization: s
     trainer = Trainer(model, make_optimizer(config, 10)[0], distribution, "all" if quantization != "none" else "loss_positions")
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, 300, size=(8, 33)).astype(np.int32)
-    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((8, 32), dtype=np.int32)}
+    x = families.of_model(model).backbone_inputs(tokens[:, :-1], np.ones((8, 32), dtype=np.int32))
     batch = (x, tokens[:, 1:], np.ones((8, 32), dtype=np.float32))
     losses = [trainer.train_step(batch) for _ in range(3)]
     shardings = {v.path: str(getattr(v.value.sharding, "spec", "single")) for v in model.backbone.weights if "ffw_gating/" in v.path}

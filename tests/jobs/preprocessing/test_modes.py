@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from jobs import families
 from jobs.contract.configs.preprocess import PreprocessConfig
 from jobs.contract.errors import BadInputError
 from jobs.preprocessing.core import run
@@ -18,11 +19,20 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 def test_gemma_turns_fold_the_system_prompt_and_flag_every_assistant_turn():
-    assert render_chat(CHAT) == [
+    assert render_chat(CHAT, families.by_name("gemma3").chat) == [
         ["<start_of_turn>user\nBe brief.\n\nHi?<end_of_turn>\n<start_of_turn>model\n", False],
         ["Hello.<end_of_turn>", True],
         ["\n<start_of_turn>user\nAnd 2+2?<end_of_turn>\n<start_of_turn>model\n", False],
         ["4.<end_of_turn>", True],
+    ]
+
+
+def test_gemma4_turns_use_its_own_markers():
+    assert render_chat(CHAT, families.by_name("gemma4").chat) == [
+        ["<|turn>user\nBe brief.\n\nHi?<turn|>\n<|turn>model\n", False],
+        ["Hello.<turn|>", True],
+        ["\n<|turn>user\nAnd 2+2?<turn|>\n<|turn>model\n", False],
+        ["4.<turn|>", True],
     ]
 
 
@@ -40,7 +50,7 @@ def test_gemma_turns_fold_the_system_prompt_and_flag_every_assistant_turn():
 ])
 def test_a_bad_conversation_gets_its_own_reason(messages, reason):
     with pytest.raises(ChatError, match=re.escape(reason)):
-        render_chat(messages)
+        render_chat(messages, families.by_name("gemma3").chat)
 
 
 def _chat_source(tmp_path, rows):
