@@ -1,5 +1,5 @@
-"""The loss-position head: loss and LoRA gradients equal to the full-logits path (tiny Gemma 3, and Gemma with
-Gemma 2's final-logit soft-cap), whatever the capacity's padding, with the logits kept or recomputed in slices."""
+"""The loss-position head: loss and LoRA gradients equal to the full-logits path (tiny Gemma 3, Gemma with
+Gemma 2's final-logit soft-cap, Gemma 4 dense with per-layer inputs and shared key/value layers, Gemma 4 MoE), whatever the capacity's padding, with the logits kept or recomputed in slices."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ def _soft_capped_gemma():
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["logits-kept", "sliced-recomputed"])
-@pytest.mark.parametrize("kind", ["gemma3", "gemma2-softcap"])
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2-softcap", "gemma4", "gemma4_moe"])
 def test_loss_and_lora_gradients_equal_the_full_logits_path(kind, remat, monkeypatch):
     import jax
     import jax.numpy as jnp
 
-    model = _soft_capped_gemma() if kind == "gemma2-softcap" else make_tiny_causal_lm("gemma3", seed=3)
+    model = _soft_capped_gemma() if kind == "gemma2-softcap" else make_tiny_causal_lm(kind, seed=3)
     model.backbone.enable_lora(2, target_layer_names=["query", "value"])
     rng = np.random.default_rng(0)
     for variable in model.trainable_variables:  # LoRA B starts at zero: give every factor a gradient path
