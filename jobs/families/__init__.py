@@ -83,27 +83,40 @@ def of_config(config: dict[str, Any], where: str = "config.json", field: str = "
                         f"its config.json says model_type {model_type!r}, architectures {config.get('architectures')}")
 
 
-def of_source(uri: str, field: str = "--base-model") -> Family:
-    """The family of a model URI the stages accept, read from its config (no weights, no keras): the demo model,
-    a keras-hub preset name (by its name), hf://ORG/NAME (its config.json), or a gs:// or local directory."""
-    from jobs.common import storage
-
+def of_name(uri: str, field: str = "--base-model") -> Family | None:
+    """The family of a model named without reading anything: the demo model or a keras-hub preset name (refused
+    when it names no supported family); None for a directory, gs:// or hf:// URI (its config says; the stage reads
+    it). What the DAG's `plan` checks before any Job runs."""
     if uri == DEMO_MODEL_URI:
         return by_name(DEMO_FAMILY)
-    if uri.startswith("hf://"):
-        return of_config(_hub_config(uri, field), uri, field)
-    if storage.is_gcs(uri) or uri.startswith(("/", ".", "~")) or Path(uri).expanduser().is_dir():
-        base = uri if storage.is_gcs(uri) else str(Path(uri).expanduser())
-        config = storage.join(base, "config.json")
-        if not storage.exists(config):
-            raise BadInputError(field, uri, "a directory holding config.json (a keras-hub preset or HF checkpoint)")
-        return of_config(json.loads(storage.read_bytes(config)), uri, field)
+    if "://" in uri and not uri.startswith("kaggle://") or uri.startswith(("/", ".", "~")) or Path(uri).exists():
+        return None
     name = uri.rstrip("/").rsplit("/", 2)  # kaggle://keras/gemma4/keras/gemma4_2b/1 names the family too
     for family in all_families():
         if any(part.startswith(family.preset_prefixes) for part in name):
             return family
     raise BadInputError(field, uri, f"a model of a supported family ({supported()}): a preset named "
                         + ", ".join(p + "…" for f in all_families() for p in f.preset_prefixes))
+
+
+def of_source(uri: str, field: str = "--base-model") -> Family:
+    """The family of a model URI the stages accept, read from its config (no weights, no keras): the demo model,
+    a keras-hub preset name (by its name), hf://ORG/NAME (its config.json), or a gs:// or local directory."""
+    if (named := of_name(uri, field)) is not None:
+        return named
+    if uri.startswith("hf://"):
+        return of_config(_hub_config(uri, field), uri, field)
+    if uri.startswith("gs://"):
+        from jobs.common import storage
+
+        config = storage.join(uri, "config.json")
+        if not storage.exists(config):
+            raise BadInputError(field, uri, "a directory holding config.json (a keras-hub preset or HF checkpoint)")
+        return of_config(json.loads(storage.read_bytes(config)), uri, field)
+    path = Path(uri).expanduser() / "config.json"
+    if not path.is_file():
+        raise BadInputError(field, uri, "a directory holding config.json (a keras-hub preset or HF checkpoint)")
+    return of_config(json.loads(path.read_text()), uri, field)
 
 
 @functools.cache

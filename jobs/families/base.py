@@ -51,6 +51,9 @@ class Family:
     # of them are attention (every family) or feed-forward.
     lora_layers: tuple[str, ...] = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
     model_parallel: bool = True  # a layout map exists
+    # keras-hub modules whose `backbone_presets` list the family's presets (with their parameter counts): the
+    # source of the DAG's preset index (`gemma_pipeline.tools.generate write model_presets`).
+    preset_modules: tuple[str, ...] = ()
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -107,5 +107,6 @@ def _read_config(handle: str) -> dict[str, Any]:
 FAMILY = _Gemma4(
     name="gemma4", title="Gemma 4", causal_lm="Gemma4CausalLM", backbone="Gemma4Backbone", tokenizer="Gemma4Tokenizer",
     preset_prefixes=("gemma4_",), hf_model_types=("gemma4_text", "gemma4"), hf_text_architectures=(ARCHITECTURE,),
+    preset_modules=("keras_hub.src.models.gemma4.gemma4_presets",),
     chat=ChatFormat("<|turn>", "<turn|>"),
 )

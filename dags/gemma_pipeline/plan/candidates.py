@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gemma_pipeline.plan import eval_tasks, jobspec, profiles
+from gemma_pipeline.plan import eval_tasks, fit, jobspec, profiles
 from jobs.contract import artifacts, bootstrap, documents, stages
 from jobs.contract.configs.benchmark import AUTO, METRICS, check_champion_metric, improvement
 from jobs.contract.errors import BadInputError
@@ -127,6 +127,7 @@ def plan(params: dict[str, Any], run_key: str, read: eval_tasks.Reader | None = 
         profile = {"finetune": overrides.get("finetune_profile", params["finetune_profile"]),
                    "benchmark": params["benchmark_profile"], "convert": params["convert_profile"]}
         profiles.check_model_parallel(profiles.get(profile["finetune"]), int(values.get("model_parallel", 1)))
+        fit.check(values, profile["finetune"])
         labels = {**run_labels, jobspec.CANDIDATE_LABEL: key[:63].rstrip("-")}
         entries.append({"index": index, "key": key, "overrides": overrides, "run_prefix": layout.prefix, "prefixes": prefixes,
                         **{stage: stage_job(stage, values, prefixes, profile[stage], labels) for stage in stages.CANDIDATE_STAGES}})

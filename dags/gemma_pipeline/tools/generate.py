@@ -3,7 +3,9 @@ in, so a `kubectl` user or a reader of the docs sees exactly what the code build
 stale (the tests run it). Targets: jobs (k8s/jobs, from jobspec), kueue (k8s/kueue), serving (k8s/serving), params
 (the params table in docs/configuration.md, from the trigger form), security (the gcloud commands in
 docs/security.md, from the access policy), lm_eval_tasks (dags/gemma_pipeline/plan/lm_eval_tasks.json, the plan's
-index of lm-eval's tasks and their metrics, from the installed lm-eval: the dev environment)."""
+index of lm-eval's tasks and their metrics, from the installed lm-eval: the dev environment), model_presets
+(dags/gemma_pipeline/plan/model_presets.json, keras-hub's presets of the supported families with their sizes, from
+the installed keras-hub), models (the fit table in docs/models.md, from the plan's memory estimate)."""
 
 from __future__ import annotations
 
@@ -12,15 +14,20 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gemma_pipeline.plan import access, eval_tasks, form, kueue, manifests, serving
+from gemma_pipeline.plan import access, eval_tasks, fit, form, kueue, manifests, serving
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (dags/gemma_pipeline/tools/ -> .)
 PARAMS_DOC = Path("docs/configuration.md")
 SECURITY_DOC = Path("docs/security.md")
+MODELS_DOC = Path("docs/models.md")
 
 
 def _params() -> dict[str, str]:
     return {"": form.render((ROOT / PARAMS_DOC).read_text())}
+
+
+def _models() -> dict[str, str]:
+    return {"": fit.render_doc((ROOT / MODELS_DOC).read_text())}
 
 
 def _security() -> dict[str, str]:
@@ -34,6 +41,8 @@ TARGETS: dict[str, tuple[Path, Callable[[], dict[str, str]]]] = {
     "params": (PARAMS_DOC, _params),
     "security": (SECURITY_DOC, _security),
     "lm_eval_tasks": (eval_tasks.INDEX.relative_to(ROOT), eval_tasks.render_index),
+    "model_presets": (fit.INDEX.relative_to(ROOT), fit.render_index),
+    "models": (MODELS_DOC, _models),
 }
 
 
