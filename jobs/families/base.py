@@ -28,11 +28,6 @@ class ChatFormat:
     def model_turn(self, answer: str) -> str:
         return answer + self.end_of_turn
 
-    def strip(self, text: str) -> str:
-        """An answer without the end-of-turn marker it ends with."""
-        text = text.strip()
-        return text[: -len(self.end_of_turn)].rstrip() if text.endswith(self.end_of_turn) else text
-
 
 @dataclass(frozen=True)
 class Family:

@@ -57,7 +57,7 @@ def test_each_family_has_its_chat_turns():
     gemma3, g4 = families.by_name("gemma3").chat, families.by_name("gemma4").chat
     assert gemma3.user_turn("Hi?") == "<start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\n"
     assert g4.user_turn("Hi?") == "<|turn>user\nHi?<turn|>\n<|turn>model\n"
-    assert g4.model_turn("Yes.") == "Yes.<turn|>" and g4.strip(" Yes.<turn|> ") == "Yes."
+    assert g4.model_turn("Yes.") == "Yes.<turn|>"
     assert set(families.end_of_turn_markers()) == {"<end_of_turn>", "<turn|>"}
 
 
