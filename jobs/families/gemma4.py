@@ -12,7 +12,8 @@ What differs from Gemma 3, and where it is handled:
   adapter on attention alone leaves routing as trained. (`lora_layers`; docs/models.md says the same.)
 - keras-hub 0.32's exporter writes `architectures: [Gemma4TextModel]`, no RoPE type and no `attention_k_eq_v`,
   so transformers would load a model that is not the one trained (partial RoPE read as full: logits off by 0.1;
-  K=V models' value projections random); `finish_export` writes what transformers and vLLM read.
+  K=V models' value projections random), and `num_global_key_value_heads` on models without K=V, which keras-hub's
+  importer then reads as K=V; `finish_export` writes what transformers, vLLM and keras-hub read back.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ class _Gemma4(Family):
         config = _read_config(handle)
         ignored = ignored_parts(config) if config else []
         backbone = keras_hub.models.Gemma4Backbone.from_preset(handle, vision_encoder=None, audio_encoder=None, **kwargs)
-        preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor.from_preset(
-            handle, image_converter=None, audio_converter=None, video_converter=None)
+        try:
+            preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor.from_preset(
+                handle, image_converter=None, audio_converter=None, video_converter=None)
+        except FileNotFoundError:  # a text-only Hugging Face checkpoint has no processor_config.json: the tokenizer
+            preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(
+                tokenizer=keras_hub.models.Gemma4Tokenizer.from_preset(handle), image_converter=None)
         if ignored:
             log.warning("%s is a multimodal Gemma 4 checkpoint: the text decoder, its embeddings and tokenizer are used; "
                         "the %s %s not loaded (this pipeline fine-tunes text)", handle, " and ".join(ignored),
@@ -96,7 +101,18 @@ class _Gemma4(Family):
         config["rope_parameters"] = rope
         if getattr(backbone, "num_global_key_value_heads", None) is not None:
             config["attention_k_eq_v"] = True
+        else:
+            # The exporter writes num_global_key_value_heads = num_key_value_heads for every model, and keras-hub's
+            # own importer reads any value there as K=V: the export read back would lose its global layers' value
+            # projections (transformers ignores the key without attention_k_eq_v).
+            config.pop("num_global_key_value_heads", None)
         path.write_text(json.dumps(config, indent=2))
+        if not (directory / "tokenizer.json").exists():
+            # keras-hub writes the SentencePiece model only; its own Gemma 4 loader (and fast tokenizers) read
+            # tokenizer.json, which transformers converts from it.
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(directory)).save_pretrained(str(directory))
 
 
 def _read_config(handle: str) -> dict[str, Any]:
