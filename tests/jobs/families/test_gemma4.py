@@ -25,9 +25,8 @@ CHATS = [[{"role": "user", "content": f"What does function number {i} do?"},
           {"role": "assistant", "content": f"It returns the value {i % 5}."}] for i in range(40)]
 
 
-@pytest.mark.parametrize("kind, quantization", [("gemma4", "none"), ("gemma4_moe", "int8")], ids=["dense-chat", "moe-int8"])
-def test_every_stage_runs_and_the_export_reproduces_the_model(tmp_path, request, kind, quantization):
-    model = request.getfixturevalue("tiny_gemma4" if kind == "gemma4" else "tiny_gemma4_moe")
+def _through_the_stages(tmp_path, model, quantization: str = "none") -> dict:
+    """Chat data preprocessed for the model, a LoRA fine-tune, the benchmark and convert; convert's metrics."""
     source = tmp_path / "chat.jsonl"
     source.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
     pre, ft = tmp_path / "pre", tmp_path / "ft"
@@ -39,8 +38,7 @@ def test_every_stage_runs_and_the_export_reproduces_the_model(tmp_path, request,
     manifest = finetune(FinetuneConfig(data=str(pre), output=str(ft), base_model=str(model), max_steps=8, batch_size=4,
                                        sequence_length=48, learning_rate=2e-2, checkpoint_every=0,
                                        base_quantization=quantization), tmp_path / "w")
-    history = manifest["metrics"]
-    assert history["eval_loss_after"] < history["eval_loss_before"]
+    assert manifest["metrics"]["eval_loss_after"] < manifest["metrics"]["eval_loss_before"]
 
     report = benchmark(BenchmarkConfig(data=str(pre), finetune=str(ft), base_model=str(model), output=str(tmp_path / "b"),
                                        max_new_tokens=6), tmp_path / "w")
@@ -54,7 +52,6 @@ def test_every_stage_runs_and_the_export_reproduces_the_model(tmp_path, request,
         assert converted[check]["logits_max_abs_diff"] < 1e-3
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["Gemma4ForCausalLM"]
-    assert config.get("attention_k_eq_v", False) is (kind == "gemma4_moe")
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     from transformers import AutoTokenizer
 
@@ -62,6 +59,15 @@ def test_every_stage_runs_and_the_export_reproduces_the_model(tmp_path, request,
     assert tokenizer.convert_tokens_to_ids("<turn|>") in generation["eos_token_id"]
     adapter = json.loads((tmp_path / "hf" / artifacts.PEFT_ADAPTER / "adapter_config.json").read_text())
     assert adapter["target_modules"] == ["q_proj", "v_proj"]
+    return converted
+
+
+def test_the_mixture_of_experts_on_an_int8_base_runs_every_stage(tmp_path, tiny_gemma4_moe):
+    """A keras-hub preset base: convert goes through keras-hub's exporter (fixed for Gemma 4) and applies the
+    adapter to the full-precision base; the K=V global layers are declared so."""
+    converted = _through_the_stages(tmp_path, tiny_gemma4_moe, "int8")
+    assert converted["path"].startswith("through keras-hub")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["attention_k_eq_v"] is True
 
 
 def test_packed_raw_text_trains(tmp_path, tiny_gemma4):
@@ -111,17 +117,28 @@ def test_an_export_reads_back_as_the_same_model_in_keras_hub_and_transformers(hf
 
 
 def test_a_hugging_face_directory_runs_every_stage_and_converts_without_keras(tmp_path, hf_gemma4):
-    """The demo's shape: the base is a Hugging Face checkpoint, so convert merges the adapter into its safetensors
-    and checks the export and the adapter against the fine-tune's recorded logits, no Keras model loaded."""
-    from tests.pipeline import tiny_pipeline
-
+    """The demo's shape, dense: the base is a Hugging Face checkpoint, so convert merges the adapter into its
+    safetensors and checks the export and the adapter against the fine-tune's recorded logits, no Keras model."""
     directory, _ = hf_gemma4
-    paths = tiny_pipeline(tmp_path, directory)
-    report = benchmark(BenchmarkConfig(data=str(paths["preprocess"]), finetune=str(paths["finetune"]),
-                                       base_model=str(directory), output=str(tmp_path / "b"), max_new_tokens=4),
-                       tmp_path / "w")
-    assert report["metrics"]["tuned_eval_perplexity"] < report["metrics"]["base_eval_perplexity"]
-    converted = convert(ConvertConfig(finetune=str(paths["finetune"]), output=str(tmp_path / "hf")), tmp_path / "w")["metrics"]
+    converted = _through_the_stages(tmp_path, directory)
     assert converted["path"].startswith("without Keras")
-    for check in ("parity", "peft_parity"):
-        assert converted[check]["passed"] and converted[check]["logits_max_abs_diff"] < 1e-3, converted[check]
+    assert "attention_k_eq_v" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["gemma4", pytest.param("gemma4_moe", marks=pytest.mark.slow)])
+def test_model_parallel_with_its_layout_map_matches_one_device(request, kind):
+    """Eight simulated CPU devices, the model axis 2: per-layer input tables and experts are sharded too."""
+    import numpy as np
+
+    from tests.conftest import run_module
+
+    preset = request.getfixturevalue("tiny_gemma4" if kind == "gemma4" else "tiny_gemma4_moe")
+    probe = run_module("tests.jobs.finetuning.distribution_probe", str(preset), "none,model",
+                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(result["model"], result["none"], rtol=1e-4)
+    assert result["none"][2] < result["none"][0]
+    shardings = json.loads([line for line in probe.stderr.splitlines() if line.startswith('{"kind": "model"')][-1])["shardings"]
+    sharded = "moe_expert_bank/gate_proj" if kind == "gemma4_moe" else "per_layer_token_embedding/embeddings"
+    assert any(sharded in path and "'model'" in spec for path, spec in shardings.items()), shardings

@@ -1,4 +1,4 @@
-"""Run two LoRA steps of tiny Gemma 3 under each distribution and print the losses as JSON.
+"""Run two LoRA steps of a tiny model (Gemma 3, Gemma 4) under each distribution and print the losses as JSON.
 
 Started by the test in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8, which must be
 set before JAX is imported.
@@ -39,7 +39,8 @@ def two_step_losses(kind: str, model_parallel: int, preset: str, quantization: s
     x = families.of_model(model).backbone_inputs(tokens[:, :-1], np.ones((8, 32), dtype=np.int32))
     batch = (x, tokens[:, 1:], np.ones((8, 32), dtype=np.float32))
     losses = [trainer.train_step(batch) for _ in range(3)]
-    shardings = {v.path: str(getattr(v.value.sharding, "spec", "single")) for v in model.backbone.weights if "ffw_gating/" in v.path}
+    shardings = {v.path: str(getattr(v.value.sharding, "spec", "single")) for v in model.backbone.weights
+                 if "ffw_gating/" in v.path or "moe_expert_bank" in v.path or "per_layer_token_embedding" in v.path}
     print(json.dumps({"kind": kind, "quantization": quantization, "shardings": shardings}), file=sys.stderr)
     return losses
 
@@ -48,11 +49,8 @@ if __name__ == "__main__":
     import jax
 
     preset = sys.argv[1]
-    print(json.dumps({
-        "devices": len(jax.devices()),
-        "none": two_step_losses("none", 1, preset),
-        "data": two_step_losses("data", 1, preset),
-        "model": two_step_losses("model", 2, preset),
-        "int8_none": two_step_losses("none", 1, preset, "int8"),
-        "int8_model": two_step_losses("model", 2, preset, "int8"),
-    }))
+    runs = {"none": ("none", 1, "none"), "data": ("data", 1, "none"), "model": ("model", 2, "none"),
+            "int8_none": ("none", 1, "int8"), "int8_model": ("model", 2, "int8")}
+    wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else list(runs)  # a subset: "none,model"
+    print(json.dumps({"devices": len(jax.devices()),
+                      **{name: two_step_losses(runs[name][0], runs[name][1], preset, runs[name][2]) for name in wanted}}))
