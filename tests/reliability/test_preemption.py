@@ -4,20 +4,16 @@ run (within 1e-6); a stage that dies while uploading never leaves a prefix that 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from jobs.contract.artifacts import ADAPTER, MANIFEST
 from jobs.contract.configs.finetune import FinetuneConfig
-from jobs.contract.errors import EXIT_PREEMPTED
 from jobs.finetuning.core import run
-from tests.conftest import ROOT, run_module
+from tests.conftest import run_module
 from tests.support import nonempty
-from tests.support.finetune import _adapter_arrays
+from tests.support.finetune import _adapter_arrays, sigterm_then_resume
 
 STEPS = 12
 FLAGS = ["--max-steps", str(STEPS), "--batch-size", "4", "--sequence-length", "48", "--learning-rate", "0.005",
@@ -41,22 +37,7 @@ def setup(tmp_path_factory, tiny_gemma3, tiny_run):
 def test_sigterm_then_restart_ends_where_an_uninterrupted_run_ends(setup, stop_after):
     out = setup["root"] / f"stopped-after-{stop_after}"
     args = ["--data", str(setup["data"]), "--base-model", str(setup["model"]), *FLAGS, "--output", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.finetuning", *args], cwd=ROOT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if f"progress: step {stop_after}/{STEPS}" in line:
-            proc.send_signal(signal.SIGTERM)
-    log = "".join(lines)
-    assert proc.wait(timeout=300) == EXIT_PREEMPTED, log[-3000:]
-    assert f"preempted at step {stop_after + 1}/{STEPS}" in log or f"preempted at step {stop_after}/{STEPS}" in log
-    assert not (out / MANIFEST).exists()  # an interrupted stage never looks finished
-
-    resumed = run_module("jobs.finetuning", *args)
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "RESUMED from checkpoint at step" in resumed.stdout
-    actual = _adapter_arrays(out / ADAPTER)
+    actual = sigterm_then_resume(args, stop_after, STEPS)
     assert actual.keys() == setup["reference"].keys() and actual
     for key, expected in nonempty(setup["reference"], "reference adapter arrays").items():
         np.testing.assert_allclose(actual[key], expected, atol=1e-6, rtol=0)

@@ -142,3 +142,26 @@ def test_model_parallel_with_its_layout_map_matches_one_device(request, kind):
     shardings = json.loads([line for line in probe.stderr.splitlines() if line.startswith('{"kind": "model"')][-1])["shardings"]
     sharded = "moe_expert_bank/gate_proj" if kind == "gemma4_moe" else "per_layer_token_embedding/embeddings"
     assert any(sharded in path and "'model'" in spec for path, spec in shardings.items()), shardings
+
+
+def test_sigterm_then_restart_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_gemma4):
+    """Preemption on Gemma 4: stopped at step 3 of 6, restarted, the adapter equals an uninterrupted run's."""
+    import numpy as np
+
+    from jobs.contract.artifacts import ADAPTER
+    from tests.pipeline import ROWS
+    from tests.support.finetune import _adapter_arrays, sigterm_then_resume
+
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    preprocess(PreprocessConfig(input=str(source), output=str(tmp_path / "pre"), base_model=str(tiny_gemma4)), tmp_path / "w")
+    flags = ["--data", str(tmp_path / "pre"), "--base-model", str(tiny_gemma4), "--max-steps", "6", "--batch-size", "4",
+             "--sequence-length", "48", "--learning-rate", "0.005", "--checkpoint-every", "100"]
+    finetune(FinetuneConfig(data=str(tmp_path / "pre"), output=str(tmp_path / "reference"), base_model=str(tiny_gemma4),
+                            max_steps=6, batch_size=4, sequence_length=48, learning_rate=0.005, checkpoint_every=100),
+             tmp_path / "w")
+    expected = _adapter_arrays(tmp_path / "reference" / ADAPTER)
+    actual = sigterm_then_resume([*flags, "--output", str(tmp_path / "stopped")], 3, 6)
+    assert actual.keys() == expected.keys() and actual
+    for key, value in expected.items():
+        np.testing.assert_allclose(actual[key], value, atol=1e-6, rtol=0)
