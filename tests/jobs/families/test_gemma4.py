@@ -144,6 +144,7 @@ def test_model_parallel_with_its_layout_map_matches_one_device(request, kind):
     assert any(sharded in path and "'model'" in spec for path, spec in shardings.items()), shardings
 
 
+@pytest.mark.slow  # the mechanism is every family's (tests/reliability/test_preemption.py runs it by default)
 def test_sigterm_then_restart_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_gemma4):
     """Preemption on Gemma 4: stopped at step 3 of 6, restarted, the adapter equals an uninterrupted run's."""
     import numpy as np
@@ -165,3 +166,22 @@ def test_sigterm_then_restart_ends_where_an_uninterrupted_run_ends(tmp_path, tin
     assert actual.keys() == expected.keys() and actual
     for key, value in expected.items():
         np.testing.assert_allclose(actual[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # a whole DAG run: the default suite runs the Gemma 3 one (tests/reliability/test_local_dag.py)
+def test_the_dag_runs_a_gemma4_directory_end_to_end(tmp_path, hf_gemma4):
+    """The demo's DAG run on the local backend, `base_model` a tiny Gemma 4 Hugging Face directory: every stage a
+    real subprocess against the Cloud Storage emulator, the champion converted without Keras."""
+    from tests.support.local_run import BUCKET, _local_run
+
+    directory, _ = hf_gemma4
+    conf = {"base_model": str(directory), "max_steps": 2, "batch_size": 2, "max_tokens": 64, "sequence_length": 64,
+            "run_name": "g4"}
+    result = _local_run(tmp_path, conf)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    prefix = tmp_path / "gcs" / BUCKET / "runs" / "g4"
+    report = json.loads((prefix / "report.json").read_text())
+    assert report["complete"] is True and report["summary"]["parity"]["passed"] is True
+    assert [s["stage"] for s in report["stages"]] == ["preprocess", "finetune", "benchmark", "convert"]
+    exported = json.loads(next(prefix.glob("candidates/*/convert/config.json")).read_text())
+    assert exported["architectures"] == ["Gemma4ForCausalLM"]
