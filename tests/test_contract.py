@@ -82,12 +82,30 @@ def test_the_contract_is_standard_library_only():
     assert outside == []
 
 
+def test_the_model_families_import_the_standard_library_only():
+    """Composer gets `jobs/families/` too (the plan checks a base model's family): importing it needs nothing
+    else; what loads or exports a model imports keras-hub or transformers inside the method that does."""
+    import ast
+    import sys
+
+    files = nonempty(sorted((ROOT / "jobs" / "families").glob("*.py")), "family modules")
+    outside = []
+    for path in files:
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            outside += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] not in sys.stdlib_module_names
+                        and not n.startswith(("jobs.contract", "jobs.families")) and n != "jobs"]
+    assert outside == []
+
+
 def test_the_dag_needs_only_the_contract_of_the_stages():
-    """What Composer gets of `jobs/` is `jobs/contract/`: parsing the DAG imports nothing else of it."""
+    """What Composer gets of `jobs/` is `jobs/contract/` and `jobs/families/`: parsing the DAG imports nothing else
+    of it."""
     import subprocess
     import sys
 
     code = ("import sys; sys.path.insert(0, 'dags'); import gemma_lora_finetune; "
-            "print(sorted(m for m in sys.modules if m.startswith('jobs.') and not m.startswith('jobs.contract')))")
+            "print(sorted(m for m in sys.modules if m.startswith('jobs.') and not m.startswith(('jobs.contract', 'jobs.families'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

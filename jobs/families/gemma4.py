@@ -23,8 +23,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from jobs.families.base import ChatFormat, Family
 
 log = logging.getLogger(__name__)
@@ -64,6 +62,8 @@ class _Gemma4(Family):
     def backbone_inputs(self, token_ids: Any, padding_mask: Any) -> dict[str, Any]:
         # Positions count from 0 on every row (rows are right-padded); packed documents get document masks, and
         # RoPE makes attention depend on relative positions only, as for Gemma 3.
+        import numpy as np
+
         if isinstance(token_ids, np.ndarray):
             positions = np.broadcast_to(np.arange(token_ids.shape[1], dtype=np.int32), token_ids.shape)
         else:
