@@ -74,6 +74,8 @@ def make_tiny_causal_lm(kind: str = "gemma3", seed: int = 0, vocab_size: int = 3
     import keras_hub
 
     keras.utils.set_random_seed(seed)
+    if kind == "gemma4_vision":
+        return _tiny_gemma4_vision(vocab_size)
     if kind.startswith("gemma4"):
         return _tiny_gemma4(kind == "gemma4_moe", vocab_size)
     proto = train_sentencepiece(vocab_size, gemma3=kind == "gemma3")
@@ -135,6 +137,23 @@ def _tiny_gemma4(moe: bool, vocab_size: int):
             variable.assign(rng.normal(scale=0.2, size=variable.shape).astype(variable.dtype))
     preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer=tokenizer, sequence_length=64,
                                                                image_converter=None)
+    return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def _tiny_gemma4_vision(vocab_size: int):
+    """A multimodal Gemma 4 (a one-layer vision encoder beside the text decoder), as the Gemma 4 presets are."""
+    import keras_hub
+
+    tokenizer = keras_hub.models.Gemma4Tokenizer(proto=train_sentencepiece(vocab_size, family="gemma4"))
+    vision = keras_hub.models.Gemma4VisionEncoder(image_size=28, patch_size=14, pool_size=1, num_layers=1, num_heads=2,
+                                                  head_dim=8, num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+                                                  output_dim=32)
+    backbone = keras_hub.models.Gemma4Backbone(vocabulary_size=tokenizer.vocabulary_size(), image_size=28, num_layers=2,
+                                               num_query_heads=2, num_key_value_heads=1, hidden_dim=32,
+                                               intermediate_dim=64, head_dim=16, vision_encoder=vision)
+    preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=64, max_images_per_prompt=1, num_vision_tokens_per_image=4,
+        image_converter=keras_hub.layers.Gemma4ImageConverter(image_size=(28, 28)))
     return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor)
 
 

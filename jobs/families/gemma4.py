@@ -107,7 +107,7 @@ class _Gemma4(Family):
             # projections (transformers ignores the key without attention_k_eq_v).
             config.pop("num_global_key_value_heads", None)
         path.write_text(json.dumps(config, indent=2))
-        if not (directory / "tokenizer.json").exists():
+        if (directory / "tokenizer.model").exists() and not (directory / "tokenizer.json").exists():
             # keras-hub writes the SentencePiece model only; its own Gemma 4 loader (and fast tokenizers) read
             # tokenizer.json, which transformers converts from it.
             from transformers import AutoTokenizer

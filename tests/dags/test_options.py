@@ -29,8 +29,10 @@ def _probe(opt: spec.Option):
     if opt.kind == "float":
         high = opt.maximum if opt.maximum is not None else opt.exclusive_maximum
         return round((float(opt.param_default or 0) + (high if high is not None else 1.0)) / 4, 6) or 0.01
-    # Strings the plan checks: a template with its fields, a real lm-eval task, a metric the benchmark computes.
-    valid = {"template": "{instruction}: {response}", "eval_tasks": "hellaswag", "champion_metric": "chrf"}
+    # Strings the plan checks: a template with its fields, a real lm-eval task, a metric the benchmark computes, a
+    # model of a supported family.
+    valid = {"template": "{instruction}: {response}", "eval_tasks": "hellaswag", "champion_metric": "chrf",
+             "base_model": "gemma3_1b"}
     return valid.get(opt.name, f"probe-{opt.name}")
 
 

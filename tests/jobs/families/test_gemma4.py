@@ -185,3 +185,42 @@ def test_the_dag_runs_a_gemma4_directory_end_to_end(tmp_path, hf_gemma4):
     assert [s["stage"] for s in report["stages"]] == ["preprocess", "finetune", "benchmark", "convert"]
     exported = json.loads(next(prefix.glob("candidates/*/convert/config.json")).read_text())
     assert exported["architectures"] == ["Gemma4ForCausalLM"]
+
+
+def test_lm_eval_scores_agree_with_its_hugging_face_backend(hf_gemma4):
+    """The benchmark's lm-evaluation-harness backend on Gemma 4 (its inputs include positions) against lm-eval's own
+    HFLM on the exported model: the same log-likelihoods within 1e-3, the same greedy flags."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from jobs.benchmark import harness
+
+    directory, model = hf_gemma4
+    pairs = [("Question: What does os.path.join do?\nAnswer:", " Join one or more path segments intelligently."),
+             ("Open a file and", " return a stream."), ("", "The quick brown fox jumps over the lazy dog.")]
+    asked = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    ours = harness.KerasHubLM(model, batch_size=4, max_length=64).loglikelihood(asked)
+    theirs = HFLM(pretrained=str(directory), device="cpu", dtype="float32", batch_size=4, max_length=64).loglikelihood(asked)
+    for (a, greedy_a), (b, greedy_b) in zip(ours, theirs, strict=True):
+        assert a == pytest.approx(b, abs=1e-3) and greedy_a == greedy_b
+
+
+def test_a_multimodal_preset_is_loaded_for_text_and_says_what_it_leaves_out(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from jobs.common import models
+    from tests.tiny_models import make_tiny_causal_lm
+
+    original = make_tiny_causal_lm("gemma4_vision")
+    original.save_to_preset(str(tmp_path / "mm"))
+    with caplog.at_level(logging.WARNING):
+        model = models.load_causal_lm(str(tmp_path / "mm"), tmp_path / "w")
+    assert model.backbone.vision_encoder is None
+    assert "the text decoder, its embeddings and tokenizer are used; the vision encoder is not loaded" in caplog.text
+    text_weights = {v.path: v for v in original.backbone.weights if not v.path.startswith("vision")}
+    loaded = {v.path: v for v in model.backbone.weights}
+    assert loaded and set(loaded) <= set(text_weights)
+    for path, variable in loaded.items():
+        np.testing.assert_array_equal(np.asarray(variable.value), np.asarray(text_weights[path].value))

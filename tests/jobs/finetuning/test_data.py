@@ -87,8 +87,9 @@ def test_bucketed_eval_equals_full_width_eval(tiny_gemma3):
     assert bucketed["loss"] == pytest.approx(full["loss"], rel=1e-5)
 
 
-class _Tokenizer:
-    """A stand-in with the keras-hub tokenizer's surface the tokenizer code uses: ids per character-ish word."""
+class Gemma3Tokenizer:
+    """A stand-in with the keras-hub tokenizer's surface the tokenizer code uses: ids per character-ish word. Its
+    class name is keras-hub's Gemma 3 tokenizer's: the model family (its end-of-turn marker) is looked up by it."""
 
     start_token_id, end_token_id, pad_token_id = 2, 1, 0
     END = 106
@@ -117,14 +118,14 @@ ROWS = [{"prompt": "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n
 
 @pytest.mark.parametrize("row", ROWS, ids=["instruction", "chat"])
 def test_every_answer_ends_with_a_scored_end_of_turn(row):
-    split = data_lib.tokenize([row], _Tokenizer(), 64)
+    split = data_lib.tokenize([row], Gemma3Tokenizer(), 64)
     targets = split.tokens[0, 1 : split.lengths[0]]
     mask = split.loss_mask[0, : split.lengths[0] - 1]
-    ends = np.flatnonzero(targets == _Tokenizer.END)
+    ends = np.flatnonzero(targets == Gemma3Tokenizer.END)
     answers = sum(1 for _, loss in data_lib.rows_lib.segments_of(row) if loss)
     scored_ends = [p for p in ends if mask[p] == 1.0]
     assert len(scored_ends) == answers >= 1  # every answer's end of turn is a loss target; the prompt's are not
-    assert mask[len(targets) - 1] == 1.0 and targets[-1] == _Tokenizer.end_token_id  # and the EOS after the last
+    assert mask[len(targets) - 1] == 1.0 and targets[-1] == Gemma3Tokenizer.end_token_id  # and the EOS after the last
 
 
 def test_an_answer_without_its_end_of_turn_is_refused_naming_the_row():
@@ -133,14 +134,14 @@ def test_an_answer_without_its_end_of_turn_is_refused_naming_the_row():
     rows = [ROWS[0], {**ROWS[0], "response": "Hello, and no end"}]
     with pytest.raises(BadInputError, match=r"--data: got \"row 2: an answer ending 'Hello, and no end'\"; expected "
                                             r"every response and assistant turn to end with <end_of_turn>"):
-        data_lib.tokenize(rows, _Tokenizer(), 64)
+        data_lib.tokenize(rows, Gemma3Tokenizer(), 64)
 
 
 @pytest.mark.parametrize(("tokenizer", "message"), [
-    (_Tokenizer(splits_marker=True), "a tokenizer that keeps <end_of_turn> as one token .it split it in row 1"),
-    (_Tokenizer(has_marker=False), "a tokenizer with <end_of_turn> as one token")])
+    (Gemma3Tokenizer(splits_marker=True), "a tokenizer that keeps <end_of_turn> as one token .it split it in row 1"),
+    (Gemma3Tokenizer(has_marker=False), "a tokenizer with <end_of_turn> as one token")])
 def test_a_tokenizer_that_cannot_stop_is_refused(tokenizer, message):
     from jobs.contract.errors import BadInputError
 
-    with pytest.raises(BadInputError, match=f"tokenizer: got '_Tokenizer'; expected {message}"):
+    with pytest.raises(BadInputError, match=f"tokenizer: got 'Gemma3Tokenizer'; expected {message}"):
         data_lib.tokenize(ROWS[:1], tokenizer, 64)
