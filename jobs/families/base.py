@@ -42,8 +42,8 @@ class Family:
     # convert merges those without Keras; other architectures of the family (multimodal) go through keras-hub.
     hf_text_architectures: tuple[str, ...]
     chat: ChatFormat
-    # What LoRA can target, as keras-hub names the layers (`enable_lora(target_layer_names=...)`), and which
-    # of them are attention (every family) or feed-forward.
+    # What LoRA can target, as keras-hub names the layers (`enable_lora(target_layer_names=...)`): the projections
+    # the PEFT adapter maps (jobs/common/peft_adapter.py), attention and feed-forward.
     lora_layers: tuple[str, ...] = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear")
     model_parallel: bool = True  # a layout map exists
     # keras-hub modules whose `backbone_presets` list the family's presets (with their parameter counts): the

@@ -166,7 +166,9 @@ def run(config: FinetuneConfig, workdir: Path) -> dict[str, Any]:
     timing.begin("compute")  # what is not loading, staging or publishing (tokenizing, training, evaluating)
 
     keras.utils.set_random_seed(config.seed)
-    distribution = setup(config.distribution, config.model_parallel, config.batch_size, families.of_source(model_handle))
+    family = families.of_source(model_handle)
+    family.check_lora_targets(config.lora_targets)  # before any load: the names its adapter export maps
+    distribution = setup(config.distribution, config.model_parallel, config.batch_size, family)
     # A per-model dtype policy rather than keras' global one, so nothing leaks into later work in the process.
     model = models.load_causal_lm(config.base_model, workdir, **({"dtype": "mixed_bfloat16"} if config.mixed_precision else {}))
     check_model_parallel(model.backbone, config.model_parallel)

@@ -74,8 +74,9 @@ def test_data_without_manifest_is_exit_2(tmp_path, tiny_gemma3):
 
 
 def test_unknown_lora_target_is_bad_input(tmp_path, prepared, tiny_gemma3):
-    with pytest.raises(BadInputError, match="--lora-targets"):
-        run(_config(prepared, tmp_path / "out", tiny_gemma3, lora_targets=("nonexistent_layer",)), tmp_path / "w")
+    with pytest.raises(BadInputError, match="--lora-targets: got 'query,nonexistent_layer'; expected layer names a "
+                                            "Gemma 3 model has LoRA for: query, key, value, attention_output"):
+        run(_config(prepared, tmp_path / "out", tiny_gemma3, lora_targets=("query", "nonexistent_layer")), tmp_path / "w")
 
 
 @pytest.mark.parametrize("field,value", [("lora_rank", 0), ("lora_rank", -2), ("batch_size", 0), ("learning_rate", 2.0),
