@@ -79,7 +79,7 @@ class FinetuneConfig:
             raise BadInputError("--model-parallel", self.model_parallel, f"1 with --distribution {self.distribution} "
                                 "(model parallel needs --distribution model or auto)")
         if self.base_quantization == "int4" and self.model_parallel > 1:
-            # int4 packs each kernel into a 2-D layout that the Gemma 3 layout map (3-D attention kernels) cannot shard.
+            # int4 packs each kernel into a 2-D layout that the families' layout maps (3-D attention kernels) cannot shard.
             raise BadInputError("--model-parallel", self.model_parallel, "1 with --base-quantization int4 (int8 shards "
                                 "as the full-precision model does)")
         if not self.lora_targets:
