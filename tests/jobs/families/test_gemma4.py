@@ -35,13 +35,13 @@ def _through_the_stages(tmp_path, model, quantization: str = "none") -> dict:
     row = json.loads((pre / "train.jsonl").read_text().splitlines()[0])
     assert row["prompt"].startswith("<|turn>user\n") and row["response"].endswith("<turn|>")
 
-    manifest = finetune(FinetuneConfig(data=str(pre), output=str(ft), base_model=str(model), max_steps=8, batch_size=4,
+    manifest = finetune(FinetuneConfig(data=str(pre), output=str(ft), base_model=str(model), max_steps=6, batch_size=4,
                                        sequence_length=48, learning_rate=2e-2, checkpoint_every=0,
                                        base_quantization=quantization), tmp_path / "w")
     assert manifest["metrics"]["eval_loss_after"] < manifest["metrics"]["eval_loss_before"]
 
     report = benchmark(BenchmarkConfig(data=str(pre), finetune=str(ft), base_model=str(model), output=str(tmp_path / "b"),
-                                       max_new_tokens=6), tmp_path / "w")
+                                       max_new_tokens=3), tmp_path / "w")
     metrics = report["metrics"]
     assert metrics["tuned_eval_perplexity"] < metrics["base_eval_perplexity"]
     assert 0 <= metrics["tuned_stop_rate"] <= 1 and "tuned_rouge_l" in metrics
@@ -70,6 +70,7 @@ def test_the_mixture_of_experts_on_an_int8_base_runs_every_stage(tmp_path, tiny_
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["attention_k_eq_v"] is True
 
 
+@pytest.mark.slow  # packing is family-blind (tests/jobs/common/test_packing.py); this shows Gemma 4 inputs take it
 def test_packed_raw_text_trains(tmp_path, tiny_gemma4):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Paragraph {i}: the function returns {i % 7} for its input." for i in range(60)))
@@ -125,7 +126,8 @@ def test_a_hugging_face_directory_runs_every_stage_and_converts_without_keras(tm
     assert "attention_k_eq_v" not in json.loads((tmp_path / "hf" / "config.json").read_text())
 
 
-@pytest.mark.parametrize("kind", ["gemma4", pytest.param("gemma4_moe", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 20-30 s each; the Gemma 3 layout map's test runs by default
+@pytest.mark.parametrize("kind", ["gemma4", "gemma4_moe"])
 def test_model_parallel_with_its_layout_map_matches_one_device(request, kind):
     """Eight simulated CPU devices, the model axis 2: per-layer input tables and experts are sharded too."""
     import numpy as np

@@ -181,6 +181,12 @@ def test_demo_source_end_to_end(tmp_path, tiny_gemma3):
 
 def test_hf_dataset_offline_gives_clear_error(tmp_path, tiny_gemma3, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Read at import: a suite that imported them before would otherwise try the network (20 s of timeouts here).
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="could not download hf://datasets/someorg/somedata.*network access"):
         run(_config(tmp_path, tiny_gemma3, "hf://datasets/someorg/somedata"), tmp_path / "w")
     with pytest.raises(BadInputError, match="hf://datasets/ORG/NAME"):
