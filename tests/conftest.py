@@ -15,32 +15,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dags"))  # as Composer does: the DAG helpers import as top-level packages
 
 
-@pytest.fixture(scope="session")
-def tiny_gemma3(tmp_path_factory) -> Path:
+def _tiny_preset(tmp_path_factory, kind: str) -> Path:
     from tests.tiny_models import save_tiny_preset
 
-    return save_tiny_preset(tmp_path_factory.mktemp("models") / "tiny_gemma3", "gemma3")
+    return save_tiny_preset(tmp_path_factory.mktemp("models") / f"tiny_{kind}", kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    return _tiny_preset(tmp_path_factory, "gemma3")
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma(tmp_path_factory) -> Path:
-    from tests.tiny_models import save_tiny_preset
-
-    return save_tiny_preset(tmp_path_factory.mktemp("models") / "tiny_gemma", "gemma")
+    return _tiny_preset(tmp_path_factory, "gemma")
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma4(tmp_path_factory) -> Path:
-    from tests.tiny_models import save_tiny_preset
-
-    return save_tiny_preset(tmp_path_factory.mktemp("models") / "tiny_gemma4", "gemma4")
+    """Dense Gemma 4: per-layer inputs, shared key/value layers (tests/tiny_models.py)."""
+    return _tiny_preset(tmp_path_factory, "gemma4")
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma4_moe(tmp_path_factory) -> Path:
-    from tests.tiny_models import save_tiny_preset
-
-    return save_tiny_preset(tmp_path_factory.mktemp("models") / "tiny_gemma4_moe", "gemma4_moe")
+    """Gemma 4 with a mixture of experts and K=V global layers."""
+    return _tiny_preset(tmp_path_factory, "gemma4_moe")
 
 
 @pytest.fixture(scope="session")
