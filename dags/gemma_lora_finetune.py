@@ -1,5 +1,6 @@
 """Gemma LoRA fine-tuning on GKE: preprocess, then one fine-tune and one benchmark per candidate (mapped, each a
-Kueue-queued Job), select the champion, convert it, and write a run report. With GEMMA_PIPELINE_BACKEND=local the
+Kueue-queued Job), select the champion, have a person approve it (approval=required), convert and serve what was
+approved, and write a run report. With GEMMA_PIPELINE_BACKEND=local the
 same Jobs run as local processes (no cloud)."""
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from airflow.providers.google.cloud.operators.kubernetes_engine import GKEStartJ
 from airflow.providers.standard.decorators.python import python_task  # noqa: F401
 from airflow.sdk import DAG, Param, chain, task, task_group
 from gemma_pipeline.operators import dataflow, tasks
+from gemma_pipeline.operators.approval import PromoteOperator
 from gemma_pipeline.operators.report import RunReportOperator
 from gemma_pipeline.operators.serve import ServeOperator
 from gemma_pipeline.operators.stage import StageJobOperator
-from gemma_pipeline.plan import access, form, jobspec
+from gemma_pipeline.plan import access, approval, form, jobspec
 
 from jobs.contract import stages
 from jobs.contract.layout import run_key
@@ -46,6 +48,10 @@ DATAFLOW_TEMP = os.environ.get("GEMMA_PIPELINE_DATAFLOW_TEMP", f"gs://{PROJECT_I
 DATAFLOW_SERVICE_ACCOUNT = IDENTITIES.gsa(access.DATAFLOW)
 DATAFLOW_MACHINE_TYPE = os.environ.get("GEMMA_PIPELINE_DATAFLOW_MACHINE_TYPE", "n2-standard-4")
 DATAFLOW_MAX_WORKERS = int(os.environ.get("GEMMA_PIPELINE_DATAFLOW_MAX_WORKERS", "32"))
+# Promotion with approval=required: who may answer (GEMMA_PIPELINE_APPROVERS, user ids; empty: anyone allowed to
+# act on this DAG) and how long the request waits before it is rejected (GEMMA_PIPELINE_APPROVAL_TIMEOUT_HOURS).
+APPROVERS = approval.approvers()
+APPROVAL_TIMEOUT = approval.response_timeout()
 
 # Every Param with its schema and trigger-form section (run-level first, then by stage): gemma_pipeline.plan.form,
 # derived from the stages' configs (jobs/contract/configs/) and the profiles; docs/configuration.md is generated from it.
@@ -120,9 +126,9 @@ with DAG(
         project_id=PROJECT_ID, environment={
             "tempLocation": DATAFLOW_TEMP, "serviceAccountEmail": DATAFLOW_SERVICE_ACCOUNT, "machineType": DATAFLOW_MACHINE_TYPE,
             "maxWorkers": DATAFLOW_MAX_WORKERS, "sdkContainerImage": IMAGES[stages.BEAM_IMAGE]})
-    chosen = select()
+    promoted = PromoteOperator(task_id="approve", approvers=APPROVERS, response_timeout=APPROVAL_TIMEOUT)
     chain(planned, preprocess_engine(), [preprocess, preprocess_dataflow], candidate.expand_kwargs(planned),
-          chosen, StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=chosen),
+          select(), promoted, StageJobOperator.partial(**stage_kwargs("convert")).expand(plan=promoted.output),
           ServeOperator(task_id="serve", mode="{{ params.serve }}", project_id=PROJECT_ID, location=LOCATION,
                         cluster_name=CLUSTER, service_account=IDENTITIES.ksa(access.SERVING)),
           RunReportOperator(task_id="report", trigger_rule="all_done", identities=IDENTITIES if FOLDER_IAM else None))

@@ -19,20 +19,23 @@ from tests.support.dag import RUN_ID, TASK_OF, params_of, render, render_fields,
 
 def test_exact_task_order(dag):
     order = ["plan", "preprocess_engine", "preprocess", "preprocess_dataflow", "candidate.finetune", "candidate.benchmark",
-             "select", "convert", "serve", "report"]
+             "select", "approve", "convert", "serve", "report"]
     assert [t.task_id for t in dag.topological_sort()] == order
     # The engine branch picks one of the two preprocess tasks; both lead to the candidates.
     assert dag.get_task("preprocess_engine").downstream_task_ids == {"preprocess", "preprocess_dataflow"}
     for task_id in ("preprocess", "preprocess_dataflow"):
         assert dag.get_task(task_id).downstream_task_ids == {"candidate.finetune"}
-    chained = ["plan", "preprocess_engine", "preprocess", "candidate.finetune", "candidate.benchmark", "select", "convert",
-               "serve", "report"]
+    chained = ["plan", "preprocess_engine", "preprocess", "candidate.finetune", "candidate.benchmark", "select", "approve",
+               "convert", "serve", "report"]
     for upstream, downstream in zip(chained, chained[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     # The plan feeds the preprocessing and the candidates' mapped tasks (select pulls it); nothing else skips a step.
     assert dag.get_task("plan").downstream_task_ids == {"preprocess_engine", "preprocess", "preprocess_dataflow",
                                                         "candidate.finetune", "candidate.benchmark"}
     assert dag.get_task("candidate.benchmark").downstream_task_ids == {"select"}
+    # Convert expands over what the approve task promotes (a rejection skips it, and serve with it).
+    assert dag.get_task("approve").downstream_task_ids == {"convert"}
+    assert dag.get_task("approve").__class__.__mro__[1].__name__ == "HITLOperator"
     # One fine-tune and one benchmark per candidate, a convert per chosen candidate.
     assert dag.task_group_dict["candidate"].__class__.__name__ == "MappedTaskGroup"
     assert dag.get_task("convert").__class__.__name__ == "MappedOperator"

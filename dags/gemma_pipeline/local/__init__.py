@@ -58,6 +58,16 @@ def local_root() -> Path:
     return Path(os.environ.get(ROOT_ENV) or Path.home() / ".local" / "share" / "gemma-lora-pipeline").resolve()
 
 
+@contextlib.contextmanager
+def emulated() -> Iterator[None]:
+    """On the local backend, the run's Cloud Storage emulator for the duration (gs:// reaches it); else nothing."""
+    if backend() != "local":
+        yield
+        return
+    with Emulator(local_root()):
+        yield
+
+
 def host_cache() -> Path:
     return Path(os.environ.get("GEMMA_PIPELINE_CACHE") or Path.home() / ".cache" / "gemma-lora-pipeline")
 

@@ -60,6 +60,43 @@ def candidate_generations(store: RunStore, champion: dict[str, Any] | None,
     return found
 
 
+def publish(context: Any, store: RunStore, prefix: str) -> dict[str, Any]:
+    """Render the run report from what the run has written so far and write report.{json,md,html}; the `approve`
+    task publishes it before it asks (the request links to it), the `report` task at the end."""
+    layout = RunLayout(prefix)
+    champion_data = store.read(layout.champion)
+    champion = docs.CHAMPION.load(champion_data, layout.champion) if champion_data else None
+    where = stage_prefixes(prefix, champion)
+    read = lambda stage, name: store.read_json(f"{where[stage]}/{name}") if where[stage] else None  # noqa: E731
+    manifests = {s: read(s, artifacts.MANIFEST) for s in stages.NAMES}
+    documents = {"benchmark": read("benchmark", artifacts.BENCHMARK_REPORT), "parity": read("convert", artifacts.PARITY),
+                 "answers": read("convert", artifacts.ANSWERS)}
+    usages = usages_of(context, champion)
+    params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
+    started = context["dag_run"].start_date if context.get("dag_run") else None
+    report = build(prefix, params, manifests, documents, usages, price_table(), champion,
+                   started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "", candidate_generations(store, champion))
+    images = {title: store.read(f"{where[stage]}/{name}") if where[stage] else None for title, (stage, name) in CHARTS.items()}
+    relative = {t: f"{where[stage]}/{name}".removeprefix(prefix + "/") for t, (stage, name) in CHARTS.items() if where[stage]}
+    md = markdown(report, {t: relative[t] for t, data in images.items() if data})
+    inline = {t: "data:image/png;base64," + base64.b64encode(data).decode() for t, data in images.items() if data}
+    store.write(layout.file(artifacts.RUN_REPORT_JSON), json.dumps(report, indent=2, default=str).encode(), "application/json")
+    store.write(layout.file(artifacts.RUN_REPORT_MD), md.encode(), "text/markdown")
+    store.write(layout.file(artifacts.RUN_REPORT_HTML), markup.to_html(markdown(report, inline)).encode(), "text/html")
+    return report
+
+
+def usages_of(context: Any, champion: dict[str, Any] | None) -> dict[str, dict | None]:
+    """What each of the champion's tasks pushed: its map index among the candidates, and among the converts."""
+    ti = context["ti"]
+    usages = {"preprocess": ti.xcom_pull(task_ids="preprocess", key="usage")}
+    if champion:
+        usages["finetune"] = ti.xcom_pull(task_ids="candidate.finetune", key="usage", map_indexes=champion["index"])
+        usages["benchmark"] = ti.xcom_pull(task_ids="candidate.benchmark", key="usage", map_indexes=champion["index"])
+        usages["convert"] = ti.xcom_pull(task_ids="convert", key="usage", map_indexes=champion.get("convert_index", 0))
+    return usages
+
+
 class RunReportOperator(BaseOperator):
     """Writes the run report. Runs after every stage, finished or not, and fails (without retry) when a stage
     did not finish, so the report of a failed run exists and the run still shows as failed. With `identities`
@@ -85,7 +122,7 @@ class RunReportOperator(BaseOperator):
             report = self._write(context, RunStore(backend, self.gcp_conn_id))
             if self.identities is not None:
                 self.revoke_writes()
-        if not report["complete"]:
+        if not report["complete"] and not report.get("rejected"):
             missing = [r["stage"] for r in report["stages"] if not r["done"]]
             raise AirflowFailException(f"stages without a manifest: {', '.join(missing)}; report at {self.run_prefix}/{artifacts.RUN_REPORT_MD}")
         return {"report": f"{self.run_prefix}/{artifacts.RUN_REPORT_MD}", "summary": report["summary"]}
@@ -100,28 +137,9 @@ class RunReportOperator(BaseOperator):
         if holder.get("run_id") != run_id:  # this run lost the race for its run_name
             raise AirflowFailException(f"no report written: {prefix} belongs to DAG run {holder.get('run_id')!r}, "
                                        "and this run wrote nothing there")
-        layout = RunLayout(prefix)
-        champion_data = store.read(layout.champion)
-        champion = docs.CHAMPION.load(champion_data, layout.champion) if champion_data else None
-        where = stage_prefixes(prefix, champion)
-        read = lambda stage, name: store.read_json(f"{where[stage]}/{name}") if where[stage] else None  # noqa: E731
-        manifests = {s: read(s, artifacts.MANIFEST) for s in stages.NAMES}
-        documents = {"benchmark": read("benchmark", artifacts.BENCHMARK_REPORT), "parity": read("convert", artifacts.PARITY),
-                     "answers": read("convert", artifacts.ANSWERS)}
-        usages = self._usages(context, champion)
-        params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
-        started = context["dag_run"].start_date if context.get("dag_run") else None
-        report = build(prefix, params, manifests, documents, usages, price_table(), champion,
-                       started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "", candidate_generations(store, champion))
-        images = {title: store.read(f"{where[stage]}/{name}") if where[stage] else None for title, (stage, name) in CHARTS.items()}
-        relative = {t: f"{where[stage]}/{name}".removeprefix(prefix + "/") for t, (stage, name) in CHARTS.items() if where[stage]}
-        md = markdown(report, {t: relative[t] for t, data in images.items() if data})
-        inline = {t: "data:image/png;base64," + base64.b64encode(data).decode() for t, data in images.items() if data}
-        store.write(layout.file(artifacts.RUN_REPORT_JSON), json.dumps(report, indent=2, default=str).encode(), "application/json")
-        store.write(layout.file(artifacts.RUN_REPORT_MD), md.encode(), "text/markdown")
-        store.write(layout.file(artifacts.RUN_REPORT_HTML), markup.to_html(markdown(report, inline)).encode(), "text/html")
-        self.log.info("run report: %s (and .html, .json)\n%s\n\n%s", layout.file(artifacts.RUN_REPORT_MD), summary_table(report),
-                      stage_table(report))
+        report = publish(context, store, prefix)
+        self.log.info("run report: %s (and .html, .json)\n%s\n\n%s", RunLayout(prefix).file(artifacts.RUN_REPORT_MD),
+                      summary_table(report), stage_table(report))
         if lease.release(store, prefix, run_id):
             self.log.info("released the lease on %s: the run_name is free for the next run", prefix)
         return report
@@ -133,14 +151,3 @@ class RunReportOperator(BaseOperator):
         changed = (folders or Folders(bucket, self.gcp_conn_id)).revoke(name.rstrip("/") + "/", access.WRITE)
         self.log.info("took back the stages' write access to %d folder(s) of %s", len(changed), self.run_prefix)
         return changed
-
-    @staticmethod
-    def _usages(context: Any, champion: dict[str, Any] | None) -> dict[str, dict | None]:
-        """What each of the champion's tasks pushed: its map index among the candidates, and among the converts."""
-        ti = context["ti"]
-        usages = {"preprocess": ti.xcom_pull(task_ids="preprocess", key="usage")}
-        if champion:
-            usages["finetune"] = ti.xcom_pull(task_ids="candidate.finetune", key="usage", map_indexes=champion["index"])
-            usages["benchmark"] = ti.xcom_pull(task_ids="candidate.benchmark", key="usage", map_indexes=champion["index"])
-            usages["convert"] = ti.xcom_pull(task_ids="convert", key="usage", map_indexes=champion.get("convert_index", 0))
-        return usages

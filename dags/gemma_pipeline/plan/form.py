@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from gemma_pipeline.plan import candidates, jobspec, profiles, serving
+from gemma_pipeline.plan import approval, candidates, jobspec, profiles, serving
 from jobs.contract import stages
 
 RUN, CLUSTER = "Run", "Cluster and queue"
@@ -49,6 +49,9 @@ def specs(namespace: str = "team-a") -> dict[str, tuple[Any, dict[str, Any]]]:
             by_stage[declared_by[name]][name] = (opt.param_default, opt.json_schema())
     by_stage["convert"].update({
         "convert_all": (False, {"type": "boolean", "description": "convert every finished candidate, not only the champion"}),
+        "approval": ("none", {"enum": list(approval.MODES), "description": "required: a person promotes a finished "
+                              "candidate or rejects the run (Required Actions in the Airflow UI) before convert and "
+                              "serve; none: the automatic champion goes on"}),
         "serve": ("none", {"enum": list(serving.MODES), "description": "hand the champion to serving: none, vertex "
                                                                        "(Model Registry + vLLM), or gke (vLLM Deployment)"}),
     })

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from gemma_pipeline.plan import json_object, markup, profiles
+from gemma_pipeline.plan import approval, json_object, markup, profiles
 from jobs.contract import artifacts, splits, stages
 from jobs.contract import documents as docs
 from jobs.contract.layout import RunLayout
@@ -147,9 +147,14 @@ def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | N
     rows = [stage_row(s, manifests.get(s), usages.get(s), prices, run_started) for s in stages.NAMES]
     where = stage_prefixes(run_prefix, champion)
     costs = [r["cost_usd"] for r in rows if r["cost_usd"] is not None]
+    decision = (champion or {}).get("approval")
     return {
         "run_prefix": run_prefix,
         "complete": all(r["done"] for r in rows),
+        # A person's decision (plan.approval): a rejected run converts nothing, and says so instead of failing.
+        "approval": decision,
+        "rejected": approval.rejected(champion),
+        "awaiting_approval": bool(champion) and decision is None and params.get("approval") == "required",
         "params": params,
         "summary": summarize(manifests, documents),
         "stages": rows,
@@ -555,17 +560,34 @@ def answers_table(answers: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _state(report: dict[str, Any]) -> str:
+    if report["complete"]:
+        return "all four stages finished"
+    if report.get("rejected"):
+        return "REJECTED at approval: nothing was converted or served"
+    if report.get("awaiting_approval"):
+        return "awaiting approval: nothing is converted or served until a person decides"
+    return "INCOMPLETE: some stages did not finish"
+
+
+def approval_section(report: dict[str, Any]) -> list[str]:
+    if report.get("awaiting_approval"):
+        return ["## Approval\n", "Awaiting a person's decision under Required Actions in the Airflow UI (or the REST "
+                "API): serve the champion, serve another finished candidate, or reject.\n"]
+    line = approval.summary(report.get("approval"))
+    return ["## Approval\n", markup.line(line) + "\n"] if line else []
+
+
 def markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
     """`charts` maps a chart's title to its image reference (a relative path, or a data: URI); a reference that is
     not a `safe_link` is left out."""
     backend = {r["backend"] for r in report["stages"] if r["backend"]}
-    parts = [f"# Gemma LoRA run report\n\n{markup.code(report['run_prefix'])}: "
-             f"{'all four stages finished' if report['complete'] else 'INCOMPLETE: some stages did not finish'}.\n",
+    parts = [f"# Gemma LoRA run report\n\n{markup.code(report['run_prefix'])}: {_state(report)}.\n",
              "## Results\n", summary_table(report) + "\n",
              *(["## Candidates\n", candidates_table(report["champion"], None if backend == {"local"} else report.get("prices"))
                 + "\n", markup.line(report["champion"]["why"]) + ".\n"]
                if report.get("champion") else []),
-             *metrics_section(report), *answers_sections(report),
+             *approval_section(report), *metrics_section(report), *answers_sections(report),
              "## Stages (the champion's)\n", stage_table(report) + "\n",
              *(["## Where the time went\n\nSeconds per phase of each stage's process (compilation: JAX's tracing, lowering "
                 "and compiling, or reading the persistent cache); compute share = compute / all.\n\n" + table + "\n"]
