@@ -5,7 +5,7 @@ resumes it in a fresh operator, as after a scheduler restart, and the decision l
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -31,7 +31,7 @@ def _record(champion: str = "default") -> dict:
 
 def _event(choice: str, comment: str = "", by: dict | None = None, timedout: bool = False) -> dict:
     return {"chosen_options": [choice], "params_input": {approval.COMMENT: comment} if comment else {},
-            "responded_at": datetime(2026, 12, 4, 12, tzinfo=timezone.utc), "timedout": timedout,
+            "responded_at": datetime(2026, 12, 4, 12, tzinfo=UTC), "timedout": timedout,
             "responded_by_user": None if timedout else (by or {"id": "alice", "name": "Alice"})}
 
 

@@ -15,7 +15,7 @@ Who may answer and how long they have are deployment settings (environment varia
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 MODES = ("none", "required")
@@ -94,7 +94,7 @@ def decide(record: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"approval: got {chosen!r}; expected exactly one of {', '.join(allowed)} (a candidate of "
                          "this run whose benchmark finished, or Reject)")
     at = event.get("responded_at")
-    at = at.isoformat() if isinstance(at, datetime) else (at or datetime.now(timezone.utc).isoformat())
+    at = at.isoformat() if isinstance(at, datetime) else (at or datetime.now(UTC).isoformat())
     timed_out = bool(event.get("timedout"))
     choice = chosen[0]
     decision = REJECTED if choice == REJECT else APPROVED if choice == record["champion"] else OVERRIDDEN
@@ -106,7 +106,7 @@ def decide(record: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
 def automatic(record: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
     """`approval` = none: the automatic champion, promoted without asking."""
     return {"required": False, "decision": AUTOMATIC, "candidate": record["champion"], "selected": record["champion"],
-            "by": None, "at": (now or datetime.now(timezone.utc)).isoformat(), "timed_out": False, "comment": ""}
+            "by": None, "at": (now or datetime.now(UTC)).isoformat(), "timed_out": False, "comment": ""}
 
 
 def apply(record: dict[str, Any], decision: dict[str, Any], keys: list[str] | None = None) -> dict[str, Any]:
