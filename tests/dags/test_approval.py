@@ -21,7 +21,7 @@ KEYS = ("default", "lr-high", "broken")
 
 
 def _record(champion: str = "default") -> dict:
-    rows = [{"key": k, "index": i, "status": "failed" if k == "broken" else "finished", "champion": k == champion,
+    rows = [{"key": k, "status": "failed" if k == "broken" else "finished", "champion": k == champion,
              "overrides": {}, "perplexity": 10.0 + i, "ci95": [9.0 + i, 11.0 + i],
              "prefixes": {s: f"{RUN}/candidates/{k}/{s}" for s in ("finetune", "benchmark", "convert")}}
             for i, k in enumerate(KEYS)]
@@ -65,7 +65,7 @@ def test_the_timeout_default_is_a_rejection_by_nobody():
 def test_choosing_another_candidate_makes_it_the_champion_and_keeps_the_automatic_choice():
     record = _record()
     decision = approval.decide(record, _event("lr-high", "shorter answers"))
-    out = approval.apply(record, decision, ["lr-high"])
+    out = approval.apply(record, decision, _entries(), ["lr-high"])
     assert out["champion"] == "lr-high" and out["index"] == 1 and out["convert_index"] == 0
     assert [r["key"] for r in out["candidates"] if r["champion"]] == ["lr-high"]
     assert out["approval"]["selected"] == "default" and record["champion"] == "default"  # the input is not changed
@@ -95,7 +95,7 @@ def test_the_request_links_the_report_and_never_a_script():
 
 
 def test_the_report_says_what_was_decided():
-    record = approval.apply(_record(), approval.decide(_record(), _event(approval.REJECT, "*not* <b>yet</b>")))
+    record = approval.apply(_record(), approval.decide(_record(), _event(approval.REJECT, "*not* <b>yet</b>")), _entries())
     built = report.build(RUN, {"approval": "required"}, {}, {}, {}, {}, record)
     assert built["rejected"] and not built["awaiting_approval"]
     md = report.markdown(built, {})

@@ -20,13 +20,15 @@ RECORD = {"champion": "lora-rank-8-abc", "candidates": [
     {"key": "default", "champion": False, "prefixes": RunLayout(RUN).stages()},
     {"key": "lora-rank-8-abc", "champion": True, "prefixes": RunLayout(RUN).stages("lora-rank-8-abc")}]}
 EXPORT = f"{RUN}/candidates/lora-rank-8-abc/convert"
+BOTH = {**RECORD, "converted": ["default", "lora-rank-8-abc"]}
 
 
 def test_images_must_be_pinned():
     for bad in ("vllm/vllm-openai", "vllm/vllm-openai:latest", "registry:5000/vllm"):
         with pytest.raises(ValueError, match="never latest"):
             serving.pinned(bad)
-    assert serving.pinned("vllm/vllm-openai:v0.11.0") and serving.pinned("r/v@sha256:" + "a" * 64)
+    assert serving.pinned("vllm/vllm-openai:v0.34.0") and serving.pinned("r/v@sha256:" + "a" * 64)
+    assert serving.GKE_VLLM_IMAGE == f"vllm/vllm-openai:v{serving.VLLM_VERSION}"
 
 
 def test_the_vertex_model_is_the_champions_export_and_the_client_types_accept_it():
@@ -55,7 +57,14 @@ class FakeModelHook:
     def wait_for_operation(self, timeout, operation):
         from google.cloud.aiplatform_v1.types import UploadModelResponse
 
-        return UploadModelResponse(model="projects/p/locations/us-central1/models/123", model_version_id="2")
+        version = sum(kind == "upload" for kind, _ in FakeModelHook.calls) + 1  # version 1 exists already
+        return UploadModelResponse(model="projects/p/locations/us-central1/models/123", model_version_id=str(version))
+
+    def set_version_as_default(self, **kwargs):
+        from google.cloud.aiplatform_v1.types import Model
+
+        FakeModelHook.calls.append(("default", kwargs))
+        return Model(name=kwargs["model_id"].partition("@")[0], version_id=kwargs["model_id"].partition("@")[2])
 
     extract_model_id = staticmethod(lambda response: response["model"].rsplit("/", 1)[-1])
 
@@ -73,7 +82,8 @@ class FakeEndpointHook(FakeModelHook):
     extract_deployed_model_id = staticmethod(lambda response: "9")
 
 
-def test_the_vertex_path_uploads_a_new_version_and_deploys_through_the_providers_operators(monkeypatch):
+@pytest.fixture
+def vertex(monkeypatch):
     from airflow.providers.google.cloud.operators.vertex_ai import endpoint_service, model_service
 
     monkeypatch.setattr(model_service, "ModelServiceHook", FakeModelHook)
@@ -84,16 +94,40 @@ def test_the_vertex_path_uploads_a_new_version_and_deploys_through_the_providers
     monkeypatch.setenv(serving.VERTEX_MODEL_ENV, "projects/p/locations/us-central1/models/123")
     monkeypatch.setenv(serving.VERTEX_ENDPOINT_ENV, "456")
     FakeModelHook.calls = []
-    pushed = {}
-    ti = SimpleNamespace(xcom_push=lambda key, value: pushed.__setitem__(key, value))
+    ti = SimpleNamespace(xcom_push=lambda key, value: None)
     op = ServeOperator(task_id="serve", run_prefix=RUN, mode="vertex", project_id="p", location="us-central1", cluster_name="c")
-    result = op.to_vertex({"ti": ti, "task_instance": ti}, serving.champion_paths(RECORD))
-    (kind, upload), (kind2, deploy) = FakeModelHook.calls
+    return lambda record: op.to_vertex({"ti": ti, "task_instance": ti}, record)
+
+
+def test_the_vertex_path_uploads_a_new_version_makes_it_the_default_and_deploys_it(vertex):
+    result = vertex(RECORD)
+    (kind, upload), (kind2, default), (kind3, deploy) = FakeModelHook.calls
     assert kind == "upload" and upload["parent_model"] == "projects/p/locations/us-central1/models/123"
     assert upload["model"]["artifact_uri"] == EXPORT and upload["model"]["labels"]["candidate"] == "lora-rank-8-abc"
-    assert kind2 == "deploy" and deploy["endpoint"] == "456" and deploy["traffic_split"] == {"0": 100}
-    assert deploy["deployed_model"]["model"] == "projects/p/locations/us-central1/models/123"
+    assert kind2 == "default" and default["model_id"] == "123@2"
+    assert kind3 == "deploy" and deploy["endpoint"] == "456" and deploy["traffic_split"] == {"0": 100}
+    assert deploy["deployed_model"]["model"] == "projects/p/locations/us-central1/models/123@2"
     assert result["endpoint"] == "456" and result["model_version_id"] == "2"
+
+
+def test_every_converted_candidate_is_a_version_of_one_model_and_the_approved_one_is_the_default(vertex):
+    from google.cloud.aiplatform_v1 import ModelServiceClient
+    from google.cloud.aiplatform_v1.types import MergeVersionAliasesRequest, UploadModelRequest
+
+    result = vertex(BOTH)
+    uploads = [call for kind, call in FakeModelHook.calls if kind == "upload"]
+    assert [u["model"]["labels"]["candidate"] for u in uploads] == ["default", "lora-rank-8-abc"]  # the approved last
+    assert [u["model"]["labels"]["approved"] for u in uploads] == ["false", "true"]
+    assert {u["parent_model"] for u in uploads} == {"projects/p/locations/us-central1/models/123"}
+    for upload in uploads:  # the requests the hook sends, as the client library's own types
+        UploadModelRequest(parent="projects/p/locations/us-central1", parent_model=upload["parent_model"], model=upload["model"])
+    (default,) = [call for kind, call in FakeModelHook.calls if kind == "default"]
+    # The hook names the version by model_path(project, region, model_id) and merges the alias "default" into it.
+    name = ModelServiceClient.model_path("p", "us-central1", default["model_id"])
+    assert MergeVersionAliasesRequest(name=name, version_aliases=["default"]).name == \
+        "projects/p/locations/us-central1/models/123@3"
+    assert result["versions"]["default"]["model_version_id"] == "2"
+    assert result["model_version_id"] == "3"
 
 
 def test_vertex_without_a_serving_image_says_what_to_set(monkeypatch):
@@ -102,7 +136,7 @@ def test_vertex_without_a_serving_image_says_what_to_set(monkeypatch):
     monkeypatch.delenv(serving.VERTEX_VLLM_IMAGE_ENV, raising=False)
     op = ServeOperator(task_id="serve", run_prefix=RUN, mode="vertex", project_id="p", location="l", cluster_name="c")
     with pytest.raises(AirflowFailException, match=serving.VERTEX_VLLM_IMAGE_ENV):
-        op.to_vertex({}, serving.champion_paths(RECORD))
+        op.to_vertex({}, RECORD)
 
 
 @pytest.mark.parametrize("mode,backend,reason", [("none", "gke", "serve is none"), ("gke", "local", "needs Google Cloud")])
@@ -118,7 +152,7 @@ def test_serve_skips_when_there_is_nothing_to_do(monkeypatch, mode, backend, rea
 def test_the_gke_objects_validate_strictly_and_serve_only_the_export_from_the_bucket():
     import kubernetes_validate
 
-    objects = serving.gke_objects(EXPORT, serving.vllm_args(serving.fuse_path(EXPORT, EXPORT)))
+    objects = serving.gke_objects({"/models": EXPORT}, serving.vllm_args("/models"))
     assert [o["kind"] for o in objects] == ["NetworkPolicy", "Deployment", "Service"]  # never reachable without it
     for obj in objects:
         kubernetes_validate.validate(obj, "1.31", strict=True)
@@ -131,11 +165,8 @@ def test_the_gke_objects_validate_strictly_and_serve_only_the_export_from_the_bu
     assert fuse["readOnly"] is True and fuse["volumeAttributes"]["bucketName"] == "bkt"
     assert "only-dir=runs/r1/candidates/lora-rank-8-abc/convert" in fuse["volumeAttributes"]["mountOptions"].split(",")
     assert not container["image"].endswith(":latest")
-    assert serving.fuse_path(f"{EXPORT}/adapter", EXPORT) == "/models/adapter"
-    with pytest.raises(ValueError, match="expected one under the mounted prefix"):
-        serving.fuse_path(f"{RUN}/champion.json", EXPORT)
-    adapter = serving.vllm_args("/models/base", "/models/adapter", rank=16)
-    assert "--enable-lora" in adapter and "--lora-modules=champion=/models/adapter" in adapter and "--max-lora-rank=16" in adapter
+    with pytest.raises(ValueError, match="expected the run's one bucket"):
+        serving.gke_objects({"/a": EXPORT, "/b": "gs://elsewhere/x"}, [])
 
     if shutil.which("kubectl"):
         built = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "serving" / "base")], check=True,
@@ -143,8 +174,52 @@ def test_the_gke_objects_validate_strictly_and_serve_only_the_export_from_the_bu
         assert sorted(o["kind"] for o in yaml.safe_load_all(built) if o) == ["Deployment", "NetworkPolicy", "Service"]
 
 
+def test_one_converted_candidate_is_served_merged_under_the_stable_name():
+    plan = serving.served(RECORD, {"lora-rank-8-abc": 8})
+    assert plan["mounts"] == {"/models": EXPORT} and plan["models"] == [serving.APPROVED_NAME]
+    assert "--served-model-name=gemma-champion" in plan["args"] and "--enable-lora" not in plan["args"]
+
+
+def test_every_candidates_adapter_is_served_on_one_base_the_approved_one_also_under_the_stable_name():
+    import json
+
+    import kubernetes_validate
+
+    plan = serving.served(BOTH, {"default": 4, "lora-rank-8-abc": 8})
+    base = f"{EXPORT}/base"
+    assert plan["mounts"] == {"/models/base": base, "/models/adapters/lora-rank-8-abc": f"{EXPORT}/adapter",
+                              "/models/adapters/default": f"{RUN}/candidates/default/convert/adapter"}
+    args = plan["args"]
+    assert "--model=/models/base" in args and "--served-model-name=gemma-base" in args and "--enable-lora" in args
+    modules = [json.loads(a) for a in args[args.index("--lora-modules") + 1:] if a.startswith("{")]
+    assert [(m["name"], m["path"]) for m in modules] == [("gemma-champion", "/models/adapters/lora-rank-8-abc"),
+                                                         ("lora-rank-8-abc", "/models/adapters/lora-rank-8-abc"),
+                                                         ("default", "/models/adapters/default")]
+    assert {m["base_model_name"] for m in modules} == {"gemma-base"}
+    assert "--max-loras=3" in args and "--max-cpu-loras=3" in args and "--max-lora-rank=8" in args
+    assert plan["models"] == ["gemma-base", "gemma-champion", "lora-rank-8-abc", "default"]
+    deployment = serving.gke_objects(plan["mounts"], args)[1]
+    kubernetes_validate.validate(deployment, "1.31", strict=True)
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert [v["csi"]["volumeAttributes"]["mountOptions"].rsplit("only-dir=", 1)[1] for v in volumes if "csi" in v] == [
+        "runs/r1/candidates/lora-rank-8-abc/convert/base", "runs/r1/candidates/lora-rank-8-abc/convert/adapter",
+        "runs/r1/candidates/default/convert/adapter"]  # each read-only, nothing else of the bucket
+    with pytest.raises(ValueError, match="the approved candidate lora-rank-8-abc has no PEFT adapter"):
+        serving.served(BOTH, {"default": 4, "other": 8})
+
+
+@pytest.mark.parametrize(("ranks", "expected"), [([1], 1), ([2, 4], 8), ([8], 8), ([12, 16], 16), ([300], 320), ([], 1)])
+def test_the_max_lora_rank_is_rounded_up_to_what_vllm_offers(ranks, expected):
+    assert serving.max_lora_rank(ranks) == expected
+
+
+def test_a_rank_past_vllms_largest_is_refused():
+    with pytest.raises(ValueError, match="LoRA rank: got 1024; expected at most 512"):
+        serving.max_lora_rank([1024])
+
+
 def test_the_serving_pod_is_locked_down():
-    policy, deployment, service = serving.gke_objects(EXPORT, ["--model=/models"])
+    policy, deployment, service = serving.gke_objects({"/models": EXPORT}, ["--model=/models"])
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "gemma-serving"
@@ -217,7 +292,7 @@ class _VllmAuthStub:
 def test_the_server_refuses_a_request_without_the_key_from_the_secret():
     """Against a stub of vLLM's authentication (vLLM itself needs a GPU image): the Deployment's env carries the key
     from the Secret under the name vLLM reads, never as a literal or an argument."""
-    deployment = serving.gke_objects(EXPORT, serving.vllm_args("/models"))[1]
+    deployment = serving.gke_objects({"/models": EXPORT}, serving.vllm_args("/models"))[1]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert not any(a.startswith("--api-key") for a in container["args"])
     (ref,) = [e for e in container["env"] if e["name"] == serving.API_KEY_ENV]
@@ -310,7 +385,7 @@ def test_apply_patches_what_exists_and_waits_until_the_new_generation_is_availab
     ready = {"metadata": {"generation": 2}, "spec": {"replicas": 1}, "status": {"observed_generation": 2, "available_replicas": 1}}
     apps, core = FakeApps([rolling, ready]), FakeCore()
     networking = FakeNetworking()
-    serving.apply(apps, core, networking, serving.gke_objects(EXPORT, ["--model=/models"]))
+    serving.apply(apps, core, networking, serving.gke_objects({"/models": EXPORT}, ["--model=/models"]))
     assert apps.calls == [("create", "gemma-champion"), ("patch", "gemma-champion")] and core.calls == [("create", "gemma-champion")]
     assert networking.calls == [("create", "gemma-champion")]
     status = serving.wait_available(apps, "gemma-champion", "serving", 60, sleep=lambda s: None, log=lambda m: None)

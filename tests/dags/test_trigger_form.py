@@ -10,66 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from gemma_pipeline.plan import form as trigger_form
 
-from tests.conftest import ROOT
+from tests.support import airflow_ui
 from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip
 
 DAG_ID = "gemma_lora_finetune"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _airflow(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory):
     browser_or_skip()
     home = tmp_path_factory.mktemp("airflow-ui")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "STORAGE_EMULATOR", "GEMMA_PIPELINE_"))}
-    env.update({"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"})
-    _airflow(env, "db", "migrate")
-    _airflow(env, "dags", "reserialize")  # what the DAG processor would do: the form reads the serialized DAG
-    port = _free_port()
-    log = open(home / "api-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                os.killpg(server.pid, signal.SIGKILL)
-                pytest.fail(f"airflow api-server did not start:\n{(home / 'api-server.log').read_text()[-3000:]}")
-            time.sleep(1)
-    yield url, env
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-    log.close()
+    env = airflow_ui.clean_env(home)
+    airflow_ui.airflow(env, "db", "migrate")
+    airflow_ui.airflow(env, "dags", "reserialize")  # what the DAG processor would do: the form reads the serialized DAG
+    with airflow_ui.api_server(home) as url:
+        yield url, env
 
 
 @pytest.fixture
@@ -89,7 +48,7 @@ def form(api_server):
 
 
 def _runs(env: dict[str, str]) -> list[dict]:
-    out = _airflow(env, "dags", "list-runs", DAG_ID, "-o", "json")
+    out = airflow_ui.airflow(env, "dags", "list-runs", DAG_ID, "-o", "json")
     listing = [line for line in out.splitlines() if line.startswith("[")]  # warnings may share stdout
     assert listing, out[-2000:]
     return json.loads(listing[-1])

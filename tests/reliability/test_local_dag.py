@@ -1,8 +1,11 @@
 """The main job's path end to end, short (CI's guard that the main command cannot silently break): the real DAG
 through `airflow dags test` on the local backend, every stage as a real subprocess against the Cloud Storage
-emulator, on a tiny model and two fine-tune steps, with two candidates (mapped tasks, a champion). Then
-idempotency: the same run again skips every stage; an added candidate runs alone, and a changed convert param
-reruns only convert; bad input fails once, unretried."""
+emulator, on a tiny model and two fine-tune steps, with two candidates (mapped tasks, a champion). The first run
+asks for approval, as a person meets it: a real `airflow api-server` on the same metadata database refuses a
+foreign candidate through the REST API (the request stays open), then Chromium opens Required Actions and
+promotes the candidate that is not the automatic champion; the run converts that one. Then idempotency: the same
+run again skips every stage, and a REST rejection serves nothing; an added candidate runs alone, and a changed
+convert param reruns only convert; bad input fails once, unretried."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import re
 
 import pytest
 
-from tests.support.local_run import BUCKET, _local_run
+from tests.support import airflow_ui
+from tests.support.browser import browser_or_skip
+from tests.support.local_run import BUCKET, _local_run, finish_local_run, start_local_run
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +34,49 @@ def _conf(tiny_gemma3, **overrides) -> dict:
             "run_name": "ci", "candidates": CANDIDATES, **overrides}
 
 
+COMMENT = "fewer cut-offs <b>here</b>"
+
+
 @pytest.fixture(scope="module")
 def first_run(root, tiny_gemma3):
-    return _local_run(root, _conf(tiny_gemma3))
+    """The run, with the answers a person and an API client gave it (`answers`)."""
+    browser_or_skip()
+    with airflow_ui.api_server(root / "airflow") as url:
+        process = start_local_run(root, _conf(tiny_gemma3, approval="required"))
+        try:
+            asked = airflow_ui.open_request(url, process)
+            run_id = asked["task_instance"]["dag_run_id"]
+            path = airflow_ui.hitl_path(url, run_id)
+            refused = airflow_ui.request(path, "PATCH", {"chosen_options": ["not-a-candidate"], "params_input": {}})
+            still_open = airflow_ui.request(path)[1]
+            other = asked["options"][1]  # the candidate that is not the automatic champion
+            shown = airflow_ui.answer_in_browser(url, run_id, other, COMMENT)
+        finally:
+            result = finish_local_run(process)
+    result.answers = {"asked": asked, "refused": refused, "still_open": still_open, "chosen": other, "shown": shown}
+    return result
+
+
+def test_a_person_promotes_another_candidate_and_only_it_is_converted(first_run, root):
+    assert first_run.returncode == 0, first_run.stdout[-4000:] + first_run.stderr[-4000:]
+    answers = first_run.answers
+    prefix = root / "gcs" / BUCKET / "runs" / "ci"
+    champion = json.loads((prefix / "champion.json").read_text())
+    automatic, other = answers["asked"]["options"][0], answers["chosen"]
+    assert answers["asked"]["options"] == [automatic, other, "Reject"] and automatic != other
+    # The request showed the evidence: every candidate with its metrics, the answers side by side, the report.
+    for text in ("Candidates", "95% interval", "Answers side by side", str(prefix / "report.html"), other):
+        assert text in answers["shown"], text
+    status, body = answers["refused"]
+    assert status == 400 and "Invalid options ['not-a-candidate']" in body["detail"], body
+    assert answers["still_open"]["response_received"] is False  # the refused answer left the request open
+    assert champion["champion"] == other and champion["approval"]["selected"] == automatic
+    assert champion["approval"]["decision"] == "overridden" and champion["approval"]["comment"] == COMMENT
+    assert champion["approval"]["by"]["name"]  # who answered, as the api-server knows them
+    assert [p.parent.name for p in (prefix / "candidates").glob("*/convert")] == [other]
+    report = (prefix / "report.md").read_text()
+    assert f"chosen over the automatic champion {automatic}" in report and "fewer cut-offs &lt;b&gt;here" in report
+    assert "serve is none" in first_run.stdout  # nothing to serve on the local backend
 
 
 def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
@@ -42,8 +87,8 @@ def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
     champion = json.loads((prefix / "champion.json").read_text())
     finished = [c for c in champion["candidates"] if c["status"] == "finished"]
     assert len(finished) == 2 and len({c["tokens_sha256"] for c in finished}) == 1
-    best = min(finished, key=lambda c: c["perplexity"])
-    assert champion["champion"] == best["key"] and report["champion"]["champion"] == best["key"]
+    best = next(c for c in finished if c["key"] == champion["champion"])  # the promoted candidate
+    assert report["champion"]["champion"] == best["key"] and report["approval"]["candidate"] == best["key"]
     chosen = prefix / "candidates" / best["key"]
     for candidate in finished:  # each candidate trained and was scored in its own folder
         for stage in ("finetune", "benchmark"):
@@ -72,16 +117,47 @@ def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
     assert "| perplexity after |" in first_run.stdout and f"| finetune | done | {profile} |" in first_run.stdout
 
 
-@pytest.mark.slow  # a second DAG run; the skip decision itself is tested in tests/jobs/common/test_manifest.py
-def test_the_same_run_name_again_skips_every_finished_stage(first_run, root, tiny_gemma3):
+def _answered_by_api(root, conf: dict, choose) -> tuple:
+    """A run answered by an API client alone: `choose(request)` gives the chosen option and the comment."""
+    with airflow_ui.api_server(root / "airflow") as url:
+        process = start_local_run(root, conf)
+        try:
+            asked = airflow_ui.open_request(url, process)
+            option, comment = choose(asked)
+            path = airflow_ui.hitl_path(url, asked["task_instance"]["dag_run_id"])
+            answered = airflow_ui.request(path, "PATCH", {"chosen_options": [option], "params_input": {"comment": comment}})
+        finally:
+            result = finish_local_run(process)
+    return result, asked, answered
+
+
+def test_the_same_run_name_again_skips_every_finished_stage_and_the_api_promotes_the_same_candidate(first_run, root, tiny_gemma3):
+    """The REST API does what the person did in the browser, and the rerun reuses every stage, convert included."""
     assert first_run.returncode == 0
-    again = _local_run(root, _conf(tiny_gemma3))
+    chosen = first_run.answers["chosen"]
+    again, asked, answered = _answered_by_api(root, _conf(tiny_gemma3, approval="required"), lambda _: (chosen, "same"))
     assert again.returncode == 0, again.stdout[-4000:]
+    assert answered[0] == 200 and answered[1]["chosen_options"] == [chosen], answered
     skipped = set(re.findall(r"SKIPPED: (gs://local-gemma-bucket/runs/ci/\S+) already", again.stdout))
     assert len(skipped) == 6  # 1 + 2 x 2 + 1 (each host of the two-host fine-tune says so)
+    assert f"SKIPPED: gs://local-gemma-bucket/runs/ci/candidates/{chosen}/convert " in again.stdout
     report = json.loads((root / "gcs" / BUCKET / "runs" / "ci" / "report.json").read_text())
     # The report keeps the times of the run that did the work, and says the stages were reused.
     assert all(s["skipped"] for s in report["stages"]) and "| finetune | reused (skipped) |" in again.stdout
+    assert report["approval"]["candidate"] == chosen and report["approval"]["comment"] == "same"
+
+
+@pytest.mark.slow  # a third DAG run; the rejection itself is tested on the operator in tests/dags/test_approval.py
+def test_a_rejected_run_converts_and_serves_nothing_and_says_so(first_run, root, tiny_gemma3):
+    assert first_run.returncode == 0
+    run, _, answered = _answered_by_api(root, _conf(tiny_gemma3, run_name="ci-rejected", approval="required", candidates=[{}]),
+                                        lambda _: ("Reject", "not good enough yet"))
+    assert answered[0] == 200 and run.returncode == 0, run.stdout[-4000:]
+    prefix = root / "gcs" / BUCKET / "runs" / "ci-rejected"
+    assert not list((prefix / "candidates").glob("*/convert"))
+    assert json.loads((prefix / "champion.json").read_text())["approval"]["decision"] == "rejected"
+    report = (prefix / "report.md").read_text()
+    assert "REJECTED at approval: nothing was converted or served" in report and "not good enough yet" in report
 
 
 @pytest.mark.slow  # a second DAG run (~100 s); candidate reuse is also covered by tests/dags/test_candidates.py

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -15,18 +16,35 @@ from tests.conftest import ROOT
 BUCKET = "local-gemma-bucket"
 
 
-def _local_run(root, conf: dict, timeout: float = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def start_local_run(root, conf: dict, env: dict[str, str] | None = None) -> subprocess.Popen:
     """The main command as a user runs it: a clean environment (nothing from this test process's emulator or
-    Airflow home), its own process group so a hang is killed whole and reported with its output."""
+    Airflow home), its own process group so a hang is killed whole and reported with its output. Output goes to
+    files, so a run that waits for a person does not block on a full pipe."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "STORAGE_EMULATOR", "GEMMA_PIPELINE_"))},
            **(env or {})}
     command = [sys.executable, "-m", "gemma_pipeline.tools.local_run", "--root", str(root), "-c", json.dumps(conf)]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            out, err = process.communicate()
-            pytest.fail(f"the local run did not finish in {timeout:.0f} s:\n{out[-6000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+    process.outputs = (out, err)  # type: ignore[attr-defined]
+    return process
+
+
+def finish_local_run(process: subprocess.Popen, timeout: float = 420) -> subprocess.CompletedProcess:
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    out, err = process.outputs  # type: ignore[attr-defined]
+    texts = []
+    for stream in (out, err):
+        stream.seek(0)
+        texts.append(stream.read())
+        stream.close()
+    if process.returncode == -signal.SIGKILL:
+        pytest.fail(f"the local run did not finish in {timeout:.0f} s:\n{texts[0][-6000:]}\n{texts[1][-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, *texts)
+
+
+def _local_run(root, conf: dict, timeout: float = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return finish_local_run(start_local_run(root, conf, env), timeout)

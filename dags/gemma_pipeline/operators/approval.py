@@ -19,7 +19,7 @@ from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from gemma_pipeline import local
-from gemma_pipeline.plan import approval
+from gemma_pipeline.plan import approval, jobspec
 from jobs.contract import artifacts, documents
 from jobs.contract.layout import RunLayout
 
@@ -47,7 +47,7 @@ class PromoteOperator(HITLOperator):
         super().__init__(
             subject="Promote a candidate of this run?", body=None, options=[approval.REJECT],
             defaults=[approval.REJECT],  # what the scheduler applies when the response times out
-            params={approval.COMMENT: Param("", type="string", maxLength=2000, title="Comment",
+            params={approval.COMMENT: Param(None, type=["null", "string"], maxLength=2000, title="Comment",
                                             description="why: recorded with the decision in champion.json, the run "
                                                         "report and the model card")},
             assigned_users=approvers or None, response_timeout=response_timeout, **kwargs)
@@ -109,11 +109,15 @@ class PromoteOperator(HITLOperator):
         params = context["params"]
         keys = [k for k in approval.finished(record) if params.get("convert_all") or k == decision["candidate"]]
         keys = [e["key"] for e in entries if e["key"] in keys]  # the plan's order
-        updated = approval.apply(record, decision, keys if decision["candidate"] else None)
+        updated = approval.apply(record, decision, entries, keys if decision["candidate"] else None)
         layout = RunLayout(record["run_prefix"])
         store.write(layout.champion, documents.CHAMPION.dump(updated), "application/json")
         message = approval.summary(decision)
         self.log.info("%s (recorded in %s)", message, layout.champion)
         if decision["candidate"] is None:
             raise AirflowSkipException(message)  # convert and serve are skipped; the report says why
-        return [e["convert"] for e in entries if e["key"] in keys]
+        converts = [dict(e["convert"]) for e in entries if e["key"] in keys]
+        if params.get("serve") == "gke" and len(keys) > 1:  # one vLLM base for every adapter: the approved exports it
+            approved = converts[keys.index(decision["candidate"])]
+            approved["arguments"] = jobspec.with_option("convert", approved["arguments"], "export_base", True)
+        return converts

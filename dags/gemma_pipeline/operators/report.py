@@ -93,7 +93,8 @@ def usages_of(context: Any, champion: dict[str, Any] | None) -> dict[str, dict |
     if champion:
         usages["finetune"] = ti.xcom_pull(task_ids="candidate.finetune", key="usage", map_indexes=champion["index"])
         usages["benchmark"] = ti.xcom_pull(task_ids="candidate.benchmark", key="usage", map_indexes=champion["index"])
-        usages["convert"] = ti.xcom_pull(task_ids="convert", key="usage", map_indexes=champion.get("convert_index", 0))
+        if (champion.get("approval") or {}).get("candidate"):  # else no convert ran (yet): awaiting, or rejected
+            usages["convert"] = ti.xcom_pull(task_ids="convert", key="usage", map_indexes=champion.get("convert_index", 0))
     return usages
 
 

@@ -14,7 +14,8 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from gemma_pipeline import local
 from gemma_pipeline.plan import access, jobspec, serving
-from jobs.contract import documents
+from gemma_pipeline.storage.store import RunStore
+from jobs.contract import artifacts, documents
 from jobs.contract.layout import RunLayout
 
 
@@ -47,49 +48,81 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
             raise AirflowSkipException("serve is none: the champion stays in the bucket")
         if local.backend() == "local":
             raise AirflowSkipException(f"serve={self.mode} needs Google Cloud; the local backend has no Vertex AI or GKE")
-        from gemma_pipeline.storage.store import RunStore
-
         layout = RunLayout(self.run_prefix) if self.run_prefix else jobspec.run_layout(context["params"], context["run_id"])
         self.run_prefix = layout.prefix
         data = RunStore("gke", self.gcp_conn_id).read(layout.champion)
         if not data:
             raise AirflowFailException(f"no {layout.champion}: nothing to serve")
         record = documents.CHAMPION.load(data, layout.champion)
-        paths = serving.champion_paths(record)
-        return self.to_vertex(context, paths) if self.mode == "vertex" else self.to_gke(paths, record)
+        if (record.get("approval") or {}).get("candidate") is None and record.get("approval"):
+            raise AirflowSkipException("the run was rejected at approval: nothing to serve")
+        store = RunStore("gke", self.gcp_conn_id)
+        return self.to_vertex(context, record) if self.mode == "vertex" else self.to_gke(record, self.adapter_ranks(store, record))
 
-    def to_vertex(self, context: Any, paths: dict[str, str]) -> dict[str, Any]:
+    @staticmethod
+    def converted(record: dict[str, Any]) -> list[dict[str, Any]]:
+        """The candidates this run converted (the approve task records them), the approved one among them."""
+        keys = record.get("converted") or [record["champion"]]
+        return [r for r in record["candidates"] if r["key"] in keys]
+
+    def adapter_ranks(self, store: Any, record: dict[str, Any]) -> dict[str, int]:
+        """Each converted candidate's PEFT adapter rank (`r` in its adapter_config.json), by key; none without one."""
+        ranks = {}
+        for row in self.converted(record):
+            config = store.read_json(f"{row['prefixes']['convert']}/{artifacts.PEFT_ADAPTER}/adapter_config.json")
+            if config:
+                ranks[row["key"]] = int(config["r"])
+        return ranks
+
+    def to_vertex(self, context: Any, record: dict[str, Any]) -> dict[str, Any]:
+        """Every converted candidate a version of one Model Registry model (`GEMMA_PIPELINE_VERTEX_MODEL`, or the
+        model the first upload creates); the approved one is made its default version and deployed to the endpoint."""
         from airflow.providers.google.cloud.operators.vertex_ai.endpoint_service import DeployModelOperator
-        from airflow.providers.google.cloud.operators.vertex_ai.model_service import UploadModelOperator
+        from airflow.providers.google.cloud.operators.vertex_ai.model_service import (
+            SetDefaultVersionOnModelOperator,
+            UploadModelOperator,
+        )
 
         image = os.environ.get(serving.VERTEX_VLLM_IMAGE_ENV)
         if not image:
             raise AirflowFailException(f"serve=vertex: set {serving.VERTEX_VLLM_IMAGE_ENV} to a vLLM serving image for "
                                        "Vertex AI (Model Garden's vLLM build, mirrored into your Artifact Registry)")
         run = self.run_prefix.rstrip("/").rsplit("/", 1)[-1]
-        model = serving.vertex_model(f"gemma-lora-{run}-{paths['key']}", paths["export"], image,
-                                     {"run": _label(run), "candidate": _label(paths["key"]), "pipeline": "gemma-lora"})
-        upload = UploadModelOperator(task_id=f"{self.task_id}_upload", project_id=self.project_id, region=self.location,
-                                     model=model, parent_model=os.environ.get(serving.VERTEX_MODEL_ENV) or None,
-                                     gcp_conn_id=self.gcp_conn_id)
-        response = upload.execute(context)
-        result = {"mode": "vertex", "model": response.get("model"), "model_version_id": response.get("model_version_id")}
+        parent = os.environ.get(serving.VERTEX_MODEL_ENV) or None
+        versions: dict[str, dict[str, Any]] = {}
+        for row in sorted(self.converted(record), key=lambda r: r["key"] == record["champion"]):  # the approved last
+            model = serving.vertex_model(f"gemma-lora-{run}", row["prefixes"]["convert"], image, {
+                "run": _label(run), "candidate": _label(row["key"]), "pipeline": "gemma-lora",
+                "approved": str(row["key"] == record["champion"]).lower()})
+            response = UploadModelOperator(task_id=f"{self.task_id}_upload", project_id=self.project_id, region=self.location,
+                                           model=model, parent_model=parent, gcp_conn_id=self.gcp_conn_id).execute(context)
+            parent = parent or response["model"]
+            versions[row["key"]] = {"model": response["model"], "model_version_id": response.get("model_version_id")}
+        approved = versions[record["champion"]]
+        SetDefaultVersionOnModelOperator(task_id=f"{self.task_id}_default", project_id=self.project_id, region=self.location,
+                                         model_id=serving.model_version(approved["model"], approved["model_version_id"], full=False),
+                                         gcp_conn_id=self.gcp_conn_id).execute(context)
+        result = {"mode": "vertex", **approved, "versions": versions}
         endpoint = os.environ.get(serving.VERTEX_ENDPOINT_ENV)
         if endpoint:
-            deployed = {**serving.vertex_deployed_model(model["display_name"]), "model": response["model"]}
+            deployed = {**serving.vertex_deployed_model(f"gemma-lora-{run}-{record['champion']}"),
+                        "model": serving.model_version(approved["model"], approved["model_version_id"])}
             DeployModelOperator(task_id=f"{self.task_id}_deploy", project_id=self.project_id, region=self.location,
                                 endpoint_id=endpoint, deployed_model=deployed, traffic_split={"0": 100},
                                 gcp_conn_id=self.gcp_conn_id).execute(context)
             result["endpoint"] = endpoint
-        self.log.info("champion registered in Vertex AI: %s", result)
+        self.log.info("candidates registered in Vertex AI as versions of %s; the approved %s is the default: %s",
+                      approved["model"], record["champion"], result)
         return result
 
-    def to_gke(self, paths: dict[str, str], record: dict[str, Any]) -> dict[str, Any]:
+    def to_gke(self, record: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
         from kubernetes import client
 
-        export = paths["export"]
-        objects = serving.gke_objects(export, serving.vllm_args(serving.fuse_path(export, export)),
-                                      service_account=self.service_account)
+        try:
+            plan = serving.served(record, ranks)
+        except ValueError as err:
+            raise AirflowFailException(str(err)) from err
+        objects = serving.gke_objects(plan["mounts"], plan["args"], service_account=self.service_account)
         api = self.hook.get_conn()
         apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
         name, namespace = objects[0]["metadata"]["name"], objects[0]["metadata"]["namespace"]
@@ -99,5 +132,7 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
             raise AirflowFailException(str(err)) from err
         serving.apply(apps, core, client.NetworkingV1Api(api), objects)
         status = serving.wait_available(apps, name, namespace, self.timeout_s, log=self.log.info)
-        self.log.info("vLLM serves the champion %s: Service %s/%s port 80", record["champion"], namespace, name)
-        return {"mode": "gke", "deployment": f"{namespace}/{name}", "available_replicas": status.get("available_replicas")}
+        self.log.info("vLLM serves %s (the approved %s as %s): Service %s/%s port 80", ", ".join(plan["models"]),
+                      record["champion"], serving.APPROVED_NAME, namespace, name)
+        return {"mode": "gke", "deployment": f"{namespace}/{name}", "models": plan["models"],
+                "available_replicas": status.get("available_replicas")}

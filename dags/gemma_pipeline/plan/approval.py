@@ -109,19 +109,21 @@ def automatic(record: dict[str, Any], now: datetime | None = None) -> dict[str, 
             "by": None, "at": (now or datetime.now(UTC)).isoformat(), "timed_out": False, "comment": ""}
 
 
-def apply(record: dict[str, Any], decision: dict[str, Any], keys: list[str] | None = None) -> dict[str, Any]:
+def apply(record: dict[str, Any], decision: dict[str, Any], entries: list[dict[str, Any]],
+          keys: list[str] | None = None) -> dict[str, Any]:
     """The record with the decision in it; a candidate chosen over the automatic one becomes the champion (the
-    automatic choice stays in `approval.selected`). `keys`: the candidates to convert, in order, for
-    `convert_index` (the chosen one's position among them)."""
+    automatic choice stays in `approval.selected`). `entries`: the plan's candidates (their map `index`); `keys`:
+    the candidates to convert, in order, for `convert_index` (the chosen one's position among them)."""
     out = {**record, "approval": decision, "candidates": [dict(r) for r in record["candidates"]]}
     chosen = decision["candidate"]
     if chosen is not None and chosen != record["champion"]:
         out["champion"] = chosen
-        out["index"] = next(r["index"] for r in out["candidates"] if r["key"] == chosen)
+        out["index"] = next(e["index"] for e in entries if e["key"] == chosen)
         for row in out["candidates"]:
             row["champion"] = row["key"] == chosen
     if chosen is not None and keys is not None:
         out["convert_index"] = keys.index(chosen)
+        out["converted"] = list(keys)  # what serve may serve: these candidates' exports and adapters
     return out
 
 

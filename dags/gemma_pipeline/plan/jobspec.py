@@ -310,3 +310,17 @@ def stage_args(stage: str, values: dict[str, Any], prefix: dict[str, str]) -> li
             value = "true" if value else "false"
         args += [opt.flag, str(value)]
     return args
+
+
+def with_option(stage: str, args: list[str], name: str, value: Any) -> list[str]:
+    """`args` with one more of the stage's options set (a task's decision after the plan, e.g. convert's
+    export_base for the candidate whose base is served)."""
+    opt = next((o for o in stage_options(stage) if o.name == name), None)
+    if opt is None:
+        raise ValueError(f"{stage} has no option {name!r}")
+    rendered = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    out = list(args)
+    if opt.flag in out:
+        out[out.index(opt.flag) + 1] = rendered
+        return out
+    return [*out, opt.flag, rendered]

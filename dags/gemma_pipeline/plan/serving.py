@@ -3,10 +3,14 @@
 - `vertex`: register the champion's export in Vertex AI Model Registry with the provider's `UploadModelOperator`
   (a new version of an existing model when `GEMMA_PIPELINE_VERTEX_MODEL` names one), with a vLLM serving
   container, and deploy it to the endpoint `GEMMA_PIPELINE_VERTEX_ENDPOINT` names, if any.
+- `vertex` with several converted candidates (`convert_all`): each is a version of one Model Registry model
+  (aliased by its candidate key), and the approved one is made the default version.
 - `gke`: a vLLM Deployment + Service (`k8s/serving/`, generated from `gke_objects`), labelled for Kueue's own
   `serving` queue (a ClusterQueue outside the training cohort: training can neither borrow its quota nor preempt
-  it), reading the export from the bucket through the GKE Cloud Storage FUSE CSI driver. The task creates or
-  patches it and waits until it is available.
+  it), reading the model from the bucket through the GKE Cloud Storage FUSE CSI driver. The task creates or
+  patches it and waits until it is available. With one converted candidate it serves the merged export as
+  `gemma-champion`; with several (`convert_all`), one base with every candidate's PEFT adapter (`--enable-lora`),
+  each under its candidate key and the approved one also as `gemma-champion` (`served`).
 
 Every request is built by a pure function here and checked against the client library's own types.
 `python -m gemma_pipeline.tools.generate write serving` renders the kustomize base for `kubectl` users.
@@ -14,22 +18,31 @@ Every request is built by a pure function here and checked against the client li
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
 from gemma_pipeline.plan import GENERATED_HEADER, access
+from jobs.contract import artifacts
 
 MODES = ("none", "vertex", "gke")
 # vLLM's OpenAI-compatible server for GKE; Vertex needs a container that speaks its prediction protocol and
 # reads gs:// (Model Garden's vLLM build), mirrored into your Artifact Registry: no default, set it.
-GKE_VLLM_IMAGE = os.environ.get("GEMMA_PIPELINE_VLLM_IMAGE", "vllm/vllm-openai:v0.11.0")
+# v0.34.0: Gemma 4 (from 0.19) with LoRA (after PR #39291); the flags below are checked against its own parser
+# (tests/dags/test_vllm_cli.py). GEMMA_PIPELINE_VLLM_IMAGE may pin a digest instead (image@sha256:...).
+VLLM_VERSION = "0.34.0"
+GKE_VLLM_IMAGE = os.environ.get("GEMMA_PIPELINE_VLLM_IMAGE", f"vllm/vllm-openai:v{VLLM_VERSION}")
 VERTEX_VLLM_IMAGE_ENV = "GEMMA_PIPELINE_VERTEX_VLLM_IMAGE"
 VERTEX_MODEL_ENV = "GEMMA_PIPELINE_VERTEX_MODEL"  # projects/P/locations/L/models/ID: upload as its new version
 VERTEX_ENDPOINT_ENV = "GEMMA_PIPELINE_VERTEX_ENDPOINT"  # an endpoint id: deploy the uploaded version there
 SERVING = {"namespace": os.environ.get("GEMMA_PIPELINE_SERVING_NAMESPACE", "serving"), "queue": "serving-queue",
            "priority_class": "serving", "name": "gemma-champion", "port": 8000}
 FUSE_ROOT = "/models"
+# What a client names in a request's "model": the approved model (whichever candidate it is), and the base.
+APPROVED_NAME = "gemma-champion"
+BASE_NAME = "gemma-base"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices (vllm/config/lora.py)
 
 
 def pinned(image: str) -> str:
@@ -73,19 +86,54 @@ def vertex_deployed_model(display_name: str, machine_type: str = "g2-standard-12
     return deployed
 
 
-def fuse_path(uri: str, mounted: str) -> str:
-    """Where the gs:// object path `uri` is in the pod: the Cloud Storage FUSE mount holds only `mounted` (only-dir)."""
-    if uri != mounted and not uri.startswith(mounted.rstrip("/") + "/"):
-        raise ValueError(f"serving path: got {uri!r}; expected one under the mounted prefix {mounted!r}")
-    return FUSE_ROOT + uri[len(mounted.rstrip("/")):]
+def model_version(model: str, version_id: str | None, full: bool = True) -> str:
+    """A Model Registry version: its resource name (`projects/P/locations/L/models/ID@VERSION`, what a deployment
+    names), or with `full=False` the `ID@VERSION` the provider's model hook builds that name from."""
+    name = model if full else model.rsplit("/", 1)[-1]
+    return f"{name}@{version_id}" if version_id else name
 
 
-def vllm_args(model_dir: str, adapter_dir: str | None = None, rank: int = 0) -> list[str]:
-    args = ["--host=0.0.0.0", f"--port={SERVING['port']}", f"--model={model_dir}", "--served-model-name=gemma-champion",
-            "--max-model-len=4096"]
-    if adapter_dir:  # the base, with the champion's LoRA as a named adapter
-        args += ["--enable-lora", f"--lora-modules=champion={adapter_dir}", f"--max-lora-rank={max(8, rank)}"]
+def max_lora_rank(ranks: list[int]) -> int:
+    """The smallest rank vLLM offers (`LORA_RANKS`) that holds every adapter's."""
+    top = max(ranks, default=0)
+    for choice in LORA_RANKS:
+        if choice >= top:
+            return choice
+    raise ValueError(f"LoRA rank: got {top}; expected at most {LORA_RANKS[-1]}, the largest vLLM serves")
+
+
+def vllm_args(model_dir: str, adapters: dict[str, str] | None = None, ranks: list[int] | None = None) -> list[str]:
+    """`vllm serve`'s arguments: the merged model as `gemma-champion`; or, with `adapters` (name -> path in the
+    pod), the base as `gemma-base` with each adapter a LoRA module of its own, all resident at once."""
+    args = ["--host=0.0.0.0", f"--port={SERVING['port']}", f"--model={model_dir}",
+            f"--served-model-name={BASE_NAME if adapters else APPROVED_NAME}", "--max-model-len=4096"]
+    if adapters:
+        modules = [json.dumps({"name": name, "path": path, "base_model_name": BASE_NAME}) for name, path in adapters.items()]
+        args += ["--enable-lora", "--lora-modules", *modules, f"--max-loras={len(adapters)}",
+                 f"--max-cpu-loras={len(adapters)}", f"--max-lora-rank={max_lora_rank(list(ranks or []))}"]
     return args
+
+
+def served(record: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
+    """What serve=gke mounts and runs for a champion record. `ranks`: the LoRA rank of each converted candidate
+    with a PEFT adapter, by key. One such candidate: the approved merged export. Several: the base exported by
+    the approved candidate's convert (`base/`), with every adapter mounted on its own and the approved one also
+    under the stable name."""
+    rows = {r["key"]: r for r in record["candidates"]}
+    approved = record["champion"]
+    convert = rows[approved]["prefixes"]["convert"]
+    if len(ranks) < 2:
+        return {"mounts": {FUSE_ROOT: convert}, "args": vllm_args(FUSE_ROOT), "models": [APPROVED_NAME]}
+    if approved not in ranks:
+        raise ValueError(f"serving: the approved candidate {approved} has no PEFT adapter; expected peft_adapter on")
+    mounts = {f"{FUSE_ROOT}/base": f"{convert}/{artifacts.BASE_EXPORT}"}
+    adapters = {}
+    for key in sorted(ranks, key=lambda k: k != approved):
+        mounts[f"{FUSE_ROOT}/adapters/{key}"] = f"{rows[key]['prefixes']['convert']}/{artifacts.PEFT_ADAPTER}"
+        adapters[key] = f"{FUSE_ROOT}/adapters/{key}"
+    adapters = {APPROVED_NAME: adapters[approved], **adapters}
+    return {"mounts": mounts, "args": vllm_args(f"{FUSE_ROOT}/base", adapters, list(ranks.values())),
+            "models": [BASE_NAME, *adapters]}
 
 
 # The API key: vLLM reads VLLM_API_KEY (as `--api-key` would set it, without putting the key on the command line)
@@ -104,11 +152,18 @@ SERVING_RESOURCES = {"requests": {"cpu": "4", "memory": "24Gi", "ephemeral-stora
                      "limits": {"memory": "24Gi", "ephemeral-storage": "30Gi", "nvidia.com/gpu": "1"}}
 
 
-def gke_objects(export: str, args: list[str], image: str = GKE_VLLM_IMAGE, namespace: str = SERVING["namespace"],
+def gke_objects(mounts: dict[str, str], args: list[str], image: str = GKE_VLLM_IMAGE, namespace: str = SERVING["namespace"],
                 service_account: str = access.EXAMPLE.ksa(access.SERVING), clients: tuple[str, ...] = CLIENT_NAMESPACES) -> list[dict[str, Any]]:
     """The NetworkPolicy that admits only the named clients, the vLLM Deployment and its Service. The pod mounts
-    only `export` (the champion's convert prefix), read-only, not the bucket."""
-    bucket, _, folder = export.removeprefix("gs://").partition("/")
+    only the prefixes in `mounts` (path in the pod -> gs:// prefix, one bucket), each read-only, not the bucket."""
+    buckets = {uri.removeprefix("gs://").partition("/")[0] for uri in mounts.values()}
+    if len(buckets) != 1:
+        raise ValueError(f"serving mounts: got buckets {sorted(buckets)}; expected the run's one bucket")
+    volumes = [{"name": f"models-{i}", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True, "volumeAttributes": {
+        "bucketName": uri.removeprefix("gs://").partition("/")[0],
+        "mountOptions": f"implicit-dirs,only-dir={uri.removeprefix('gs://').partition('/')[2]}"}}}
+        for i, uri in enumerate(mounts.values())]
+    model_mounts = [{"name": f"models-{i}", "mountPath": path, "readOnly": True} for i, path in enumerate(mounts)]
     name, labels = SERVING["name"], {"app.kubernetes.io/name": SERVING["name"], "app.kubernetes.io/part-of": "gemma-lora-pipeline"}
     env = [{"name": k, "value": v} for k, v in SERVING_ENV.items()]
     env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {**API_KEY_SECRET, "optional": False}}})
@@ -135,13 +190,11 @@ def gke_objects(export: str, args: list[str], image: str = GKE_VLLM_IMAGE, names
                         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 60},
                         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}},
-                        "volumeMounts": [{"name": "models", "mountPath": FUSE_ROOT, "readOnly": True},
-                                         {"name": "scratch", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
+                        "volumeMounts": [*model_mounts, {"name": "scratch", "mountPath": "/tmp"},
+                                         {"name": "shm", "mountPath": "/dev/shm"}],
                     }],
                     "volumes": [
-                        {"name": "models", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True,
-                                                   "volumeAttributes": {"bucketName": bucket,
-                                                                        "mountOptions": f"implicit-dirs,only-dir={folder}"}}},
+                        *volumes,
                         {"name": "scratch", "emptyDir": {"sizeLimit": "20Gi"}},
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
                     ],
@@ -164,8 +217,7 @@ def gke_objects(export: str, args: list[str], image: str = GKE_VLLM_IMAGE, names
 
 def champion_paths(record: dict[str, Any]) -> dict[str, str]:
     chosen = next(r for r in record["candidates"] if r.get("champion"))
-    convert = chosen["prefixes"]["convert"]
-    return {"export": convert, "adapter": f"{convert}/adapter", "base": f"{convert}/base", "key": chosen["key"]}
+    return {"export": chosen["prefixes"]["convert"], "key": chosen["key"]}
 
 
 def check_api_key(core: Any, namespace: str) -> None:
@@ -225,7 +277,7 @@ def render() -> dict[str, str]:
 
     header = GENERATED_HEADER
     export = "gs://my-gemma-bucket/runs/manual-001/candidates/default/convert"
-    example = gke_objects(export, vllm_args(fuse_path(export, export)), service_account=access.EXAMPLE.ksa(access.SERVING))
+    example = gke_objects({FUSE_ROOT: export}, vllm_args(FUSE_ROOT), service_account=access.EXAMPLE.ksa(access.SERVING))
     files = {f"base/{o['kind'].lower()}.yaml": header + yaml.safe_dump(o, sort_keys=False, width=120) for o in example}
     files["base/kustomization.yaml"] = header + yaml.safe_dump(
         {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": sorted(

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gemma_pipeline import local
-from gemma_pipeline.plan import jobspec, report
+from gemma_pipeline.plan import approval, jobspec, report
 from jobs.contract import layout
 from jobs.contract.layout import RunLayout
 from jobs.demo_model import DEMO_MODEL_URI
@@ -106,6 +106,8 @@ def print_outcome(emulator: local.Emulator, run_prefix: str) -> bool:
     print(f"  report: {emulator.path_of(run_prefix + '/report.html')} (and report.md, report.json)")
     if data.get("champion"):
         print("\n" + report.candidates_table(data["champion"]) + "\n" + data["champion"]["why"])
+        if decision := approval.summary(data.get("approval")):
+            print(decision)
     print("\n" + report.summary_table(data) + "\n\n" + report.stage_table(data), flush=True)
     if table := report.time_table(data):
         totals: dict[str, float] = {}
@@ -116,7 +118,7 @@ def print_outcome(emulator: local.Emulator, run_prefix: str) -> bool:
         print("\n==> where the stages' time went (seconds)\n" + table + "\n\n    all stages: " +
               ", ".join(f"{phase.replace('_', ' ')} {seconds:.0f} s ({seconds / whole:.0%})" for phase, seconds in totals.items()),
               flush=True)
-    return bool(data["complete"])
+    return bool(data["complete"]) or bool(data.get("rejected"))  # a rejection is an answer, not a failure
 
 
 def main(argv: list[str] | None = None) -> int:

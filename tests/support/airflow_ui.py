@@ -1,0 +1,130 @@
+"""A real `airflow api-server` over an Airflow home (SQLite), for the tests that meet the DAG as a person does:
+the trigger form, and the approval request under Required Actions (answered in Chromium or through the REST API
+while `airflow dags test` waits on the same metadata database)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS
+
+DAG_ID = "gemma_lora_finetune"
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "STORAGE_EMULATOR", "GEMMA_PIPELINE_"))}
+    env.update({"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"})
+    return env
+
+
+def airflow(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def api_server(home: Path) -> Iterator[str]:
+    """The api-server over `home`'s metadata database (migrated here if new); yields its URL."""
+    env = clean_env(home)
+    if not (home / "airflow.db").exists():
+        airflow(env, "db", "migrate")
+    port = _free_port()
+    with open(home / "api-server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--port", str(port)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        try:
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"airflow api-server did not start:\n{(home / 'api-server.log').read_text()[-3000:]}")
+                    time.sleep(1)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+def request(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
+    """A REST call as an API client makes it (SimpleAuthManager with every user an admin: no token needed)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def hitl_path(url: str, run_id: str, task_id: str = "approve", map_index: int = -1) -> str:
+    return (f"{url}/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{task_id}/"
+            f"{map_index}/hitlDetails")
+
+
+def open_request(url: str, process: subprocess.Popen, timeout_s: float = 600) -> dict[str, Any]:
+    """Wait until the run asks (an unanswered request in the REST API's list) and return it; fail if the run
+    ends first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, listing = request(f"{url}/api/v2/dags/~/dagRuns/~/hitlDetails")
+        waiting = [d for d in (listing or {}).get("hitl_details", []) if not d["response_received"]]
+        if waiting:
+            return waiting[0]
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (exit {process.returncode}) without asking for approval")
+        time.sleep(2)
+    pytest.fail(f"no approval request within {timeout_s:.0f} s")
+
+
+def answer_in_browser(url: str, run_id: str, option: str, comment: str, screenshot: str | None = None) -> str:
+    """A person's answer: Required Actions, this run's request, a comment, the option's button. Returns the text
+    the request showed."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(f"{url}/required_actions", wait_until="networkidle")
+        page.get_by_role("row").filter(has_text=run_id).get_by_role("link", name=re.compile("^Promote a candidate")).click()
+        page.locator('input[name="element_comment"]').fill(comment)
+        shown = page.inner_text("body")
+        if screenshot:
+            page.screenshot(path=screenshot, full_page=True)
+        page.get_by_role("button", name=option, exact=True).click()
+        page.get_by_text("response successful").wait_for(timeout=30_000)
+        browser.close()
+    return shown
