@@ -42,6 +42,7 @@ PEFT_ADAPTER = "adapter"  # PEFT's adapter directory (adapter_config.json + adap
 PEFT_PARITY = "peft_parity.json"  # inside PEFT_ADAPTER
 ANSWERS = "answers.json"
 BASE_EXPORT = "base"  # the base model in Hugging Face format, with --export-base
+MODEL_CARD = "README.md"  # the Hugging Face model card, in the export and in its PEFT_ADAPTER directory
 
 # the run's own files, next to the stages' folders
 CHAMPION = "champion.json"

@@ -85,6 +85,14 @@ def metric(report: dict[str, Any], model: str, name: str) -> dict[str, Any]:
     return ((result.get("generation") or {}).get("metrics") or {}).get(name, {})
 
 
+def metric_names(report: dict[str, Any], model: str) -> list[str]:
+    """Every metric a benchmark report has for one model: perplexity, its generation metrics, its lm-eval
+    `task:metric`s (each readable with `metric`)."""
+    result = (report.get("models") or {}).get(model, {})
+    names = ["perplexity", *((result.get("generation") or {}).get("metrics") or {})]
+    return names + [f"{task}:{m}" for task, figures in (result.get("tasks") or {}).items() for m in figures]
+
+
 def time_split(manifest: dict[str, Any] | None) -> dict[str, Any]:
     """A stage manifest's wall-time split with its compilation cache counts: {"seconds": {phase: s}, "cache":
     {"hits", "misses"} or None}; {} for a manifest made before stages recorded it."""

@@ -56,6 +56,15 @@ class RunLayout:
         folder (each stage's own is `shared(stage)`)."""
         return {**{name: self.stage(name, candidate) for name in stages.NAMES}, SHARED: f"{self.prefix}/{SHARED}"}
 
+    @classmethod
+    def containing(cls, stage_prefix: str) -> RunLayout | None:
+        """The run a candidate stage's prefix belongs to (`.../runs/RUN/candidates/KEY/STAGE`), or None for a
+        prefix laid out otherwise (a stage run by hand)."""
+        parts = stage_prefix.rstrip("/").split("/")
+        if len(parts) >= 5 and parts[-3] == CANDIDATES and parts[-5] == RUNS:
+            return cls("/".join(parts[:-3]))
+        return None
+
     def file(self, name: str) -> str:
         """One of the run's own files (`artifacts.CHAMPION`, the report, the lease)."""
         return f"{self.prefix}/{name}"

@@ -46,9 +46,10 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
           writes=(a.BENCHMARK_REPORT, a.PERPLEXITY_CHART),
           reads={"preprocess": (a.split_file(a.EVAL),), "finetune": (a.ADAPTER,)}, gpu_image=True),
     Stage("convert", "jobs.convert", ConvertConfig, "cpu",
-          writes=("", a.PARITY, f"{a.PEFT_ADAPTER}/", a.ANSWERS),
+          writes=("", a.PARITY, f"{a.PEFT_ADAPTER}/", a.ANSWERS, a.MODEL_CARD),
           reads={"preprocess": (a.split_file(a.EVAL),),
-                 "finetune": (f"{a.PEFT_ADAPTER}/", a.REFERENCE_LOGITS, a.ADAPTER, f"{a.MERGED_MODEL}/")}),
+                 "finetune": (f"{a.PEFT_ADAPTER}/", a.REFERENCE_LOGITS, a.ADAPTER, f"{a.MERGED_MODEL}/"),
+                 "benchmark": (a.BENCHMARK_REPORT,)}),
 )}
 NAMES = tuple(REGISTRY)
 CANDIDATE_STAGES = tuple(name for name, s in REGISTRY.items() if s.per_candidate)

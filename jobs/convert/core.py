@@ -201,6 +201,8 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
         inputs.append(upstream_ref(config.data, "--data"))
     if config.adapter:
         inputs.append({"uri": config.adapter})
+    if config.benchmark:  # the model card's metrics
+        inputs.append(upstream_ref(config.benchmark, "--benchmark"))
     stage = StageRun("convert", config.output, asdict(config), inputs)
     if (out := stage.start(workdir, out=workdir / "export")) is None:
         return stage.manifest
@@ -227,12 +229,47 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
     metrics = {
         "exported_from": source,
         **result,
+        "model_cards": write_cards(config, out, settings, source),
         "total_time_s": round(time.time() - started, 2),
         "checkpoint_bytes": checkpoint_bytes,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_over_checkpoint": round(peak_rss_bytes() / checkpoint_bytes, 3),
     }
     return stage.finish(out, metrics)
+
+
+def write_cards(config: ConvertConfig, out: Path, settings: dict[str, Any], source: str) -> list[str]:
+    """The model card of the export, and of its adapter when there is one: lineage from the upstream manifests,
+    the fine-tune's config, the candidate's benchmark, and the run's approval record (champion.json)."""
+    from jobs.contract.layout import RunLayout
+    from jobs.convert import card
+
+    def read_json(uri: str) -> dict[str, Any] | None:
+        return json.loads(storage.read_bytes(uri)) if uri and storage.exists(uri) else None
+
+    finetune = read_manifest(config.finetune) if config.finetune else None
+    upstream = next((i for i in (finetune or {}).get("inputs", []) if "manifest_sha256" in i), {})
+    preprocess = read_manifest(upstream["uri"]) if upstream else None
+    lineage = {"preprocess_output": upstream.get("uri"), "preprocess_manifest_sha256": upstream.get("manifest_sha256"),
+               "finetune_output": config.finetune or None,
+               "finetune_manifest_sha256": upstream_ref(config.finetune, "--finetune")["manifest_sha256"] if finetune else None,
+               **{k: ((preprocess or {}).get("metrics") or {}).get(k) for k in ("train_rows", "eval_rows")}}
+    report = read_json(storage.join(config.benchmark, artifacts.BENCHMARK_REPORT)) if config.benchmark else None
+    layout = RunLayout.containing(config.output)
+    champion = read_json(layout.champion) if layout else None
+    approval = (champion or {}).get("approval")
+    candidate = config.output.rstrip("/").split("/")[-2] if layout else ""
+    if approval and approval.get("candidate") != candidate:  # converted beside the approved one (convert_all)
+        approval = {**approval, "decision": "not approved", "note": f"the approved candidate is {approval.get('candidate')}"}
+    common = {"base_model": base_model_of(config), "dataset": ((preprocess or {}).get("config") or {}).get("input", ""),
+              "lineage": {k: v for k, v in lineage.items() if v is not None},
+              "training": {k: settings[k] for k in card.TRAINING_KEYS if k in settings}, "report": report,
+              "approval": approval, "run": layout.prefix.rsplit("/", 1)[-1] if layout else "", "candidate": candidate,
+              "source": source}
+    written = [card.write(out, card.build(kind="model", **common))]
+    if (out / artifacts.PEFT_ADAPTER).is_dir():
+        written.append(card.write(out / artifacts.PEFT_ADAPTER, card.build(kind="adapter", **common)))
+    return [str(p.relative_to(out)) for p in written]
 
 
 def convert_with_keras(config: ConvertConfig, workdir: Path, out: Path) -> dict[str, Any]:

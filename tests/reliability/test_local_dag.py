@@ -77,6 +77,15 @@ def test_a_person_promotes_another_candidate_and_only_it_is_converted(first_run,
     report = (prefix / "report.md").read_text()
     assert f"chosen over the automatic champion {automatic}" in report and "fewer cut-offs &lt;b&gt;here" in report
     assert "serve is none" in first_run.stdout  # nothing to serve on the local backend
+    # The model cards of the export and of its adapter carry the decision; the Hub's parser reads them.
+    from huggingface_hub import ModelCard
+
+    convert = prefix / "candidates" / other / "convert"
+    for card in (convert / "README.md", convert / "adapter" / "README.md"):
+        data = ModelCard.load(card).data
+        assert data.license == "gemma" and data.gemma_lora_pipeline["approval"]["comment"] == COMMENT
+        assert data.gemma_lora_pipeline["metrics"]["perplexity"]["tuned"]["ci95"][0] is not None
+        assert data.gemma_lora_pipeline["lineage"]["preprocess_manifest_sha256"]
 
 
 def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):

@@ -39,7 +39,7 @@ def airflow(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -48,12 +48,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def api_server(home: Path) -> Iterator[str]:
+def api_server(home: Path, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
     """The api-server over `home`'s metadata database (migrated here if new); yields its URL."""
-    env = clean_env(home)
+    env = env or clean_env(home)
     if not (home / "airflow.db").exists():
         airflow(env, "db", "migrate")
-    port = _free_port()
+    port = port or free_port()
     with open(home / "api-server.log", "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--port", str(port)], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

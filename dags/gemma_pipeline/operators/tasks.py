@@ -130,8 +130,9 @@ def select_task(entries: list[dict[str, Any]] | None, params: dict[str, Any]) ->
 
 def record_champion(entries: list[dict[str, Any]], params: dict[str, Any], store: Any = None) -> list[dict[str, Any]]:
     """The `select` task: read each candidate's benchmark (complete only with its manifest), choose, write
-    `runs/RUN/champion.json`, and return the convert Jobs to run: the champion's, or every finished
-    candidate's with `convert_all`. A champion that fails the quality gate stops the run after the record."""
+    `runs/RUN/champion.json`, and return the convert Jobs the automatic choice would run: the champion's, or every
+    finished candidate's with `convert_all` (the `approve` task decides what convert runs). A champion that fails
+    the quality gate stops the run after the record."""
     from airflow.sdk.exceptions import AirflowFailException
 
 

@@ -154,12 +154,8 @@ def stage_job(stage: str, values: dict[str, Any], prefixes: dict[str, str], prof
 
 def _figures(report: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
     """Every metric a benchmark report has for one model, as {name: {"value", "ci95": [low, high]}}."""
-    names = ["perplexity"]
-    result = (report.get("models") or {}).get(model, {})
-    names += list((result.get("generation") or {}).get("metrics") or {})
-    names += [f"{task}:{m}" for task, figures in (result.get("tasks") or {}).items() for m in figures]
     out = {}
-    for name in names:
+    for name in documents.metric_names(report, model):
         figure = documents.metric(report, model, name)
         if figure.get("value") is not None:
             out[name] = {"value": figure["value"], "ci95": [figure.get("ci95_low"), figure.get("ci95_high")]}

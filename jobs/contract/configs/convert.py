@@ -27,6 +27,8 @@ class ConvertConfig:
     data: str = option("", "output prefix of the preprocessing stage: its first eval prompts are answered by the base "
                            "and the exported model, side by side in answers.json (empty: no answers)",
                        upstream="preprocess")
+    benchmark: str = option("", "output prefix of the benchmark stage: its metrics, each with its 95% interval, go into "
+                                "the model card (empty: a card without evaluation)", upstream="benchmark")
     answers: int = option(3, "how many eval prompts to answer (0: none)", minimum=0, maximum=50)
     base_model: str = option("", "base model for the base + adapter path (default: the one the fine-tune used)")
     adapter: str = option("", "a .lora.h5 adapter to merge into the base model (empty: export the merged preset)")
