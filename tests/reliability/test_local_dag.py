@@ -41,8 +41,9 @@ COMMENT = "fewer cut-offs <b>here</b>"
 def first_run(root, tiny_gemma3):
     """The run, with the answers a person and an API client gave it (`answers`)."""
     browser_or_skip()
+    process = start_local_run(root, _conf(tiny_gemma3, approval="required"))
+    airflow_ui.started(root / "logs" / "ci.log", process)  # the api-server starts while the stages run
     with airflow_ui.api_server(root / "airflow") as url:
-        process = start_local_run(root, _conf(tiny_gemma3, approval="required"))
         try:
             asked = airflow_ui.open_request(url, process)
             run_id = asked["task_instance"]["dag_run_id"]
@@ -128,8 +129,9 @@ def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
 
 def _answered_by_api(root, conf: dict, choose) -> tuple:
     """A run answered by an API client alone: `choose(request)` gives the chosen option and the comment."""
+    process = start_local_run(root, conf)
+    airflow_ui.started(root / "logs" / f"{conf['run_name']}.log", process)
     with airflow_ui.api_server(root / "airflow") as url:
-        process = start_local_run(root, conf)
         try:
             asked = airflow_ui.open_request(url, process)
             option, comment = choose(asked)

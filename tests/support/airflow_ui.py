@@ -77,6 +77,16 @@ def api_server(home: Path, env: dict[str, str] | None = None, port: int | None =
                 os.killpg(server.pid, signal.SIGKILL)
 
 
+def started(run_log: Path, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Wait until `local_run` has its metadata database and has started `airflow dags test` (it opens the run's
+    log then), so an api-server can join it while the stages run."""
+    deadline = time.monotonic() + timeout_s
+    while not run_log.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the local run never reached `airflow dags test` (exit {process.poll()})")
+        time.sleep(0.5)
+
+
 def request(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
     """A REST call as an API client makes it (SimpleAuthManager with every user an admin: no token needed)."""
     data = json.dumps(body).encode() if body is not None else None
