@@ -16,7 +16,7 @@ import pytest
 
 from tests.support import airflow_ui
 from tests.support.browser import browser_or_skip
-from tests.support.local_run import BUCKET, _local_run, finish_local_run, start_local_run
+from tests.support.local_run import BUCKET, _local_run, abandon, finish_local_run
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +41,19 @@ COMMENT = "fewer cut-offs <b>here</b>"
 def first_run(root, tiny_gemma3):
     """The run, with the answers a person and an API client gave it (`answers`)."""
     browser_or_skip()
-    process = start_local_run(root, _conf(tiny_gemma3, approval="required"))
-    airflow_ui.started(root / "logs" / "ci.log", process)  # the api-server starts while the stages run
-    with airflow_ui.api_server(root / "airflow") as url:
-        try:
-            asked = airflow_ui.open_request(url, process)
-            run_id = asked["task_instance"]["dag_run_id"]
-            path = airflow_ui.hitl_path(url, run_id)
-            refused = airflow_ui.request(path, "PATCH", {"chosen_options": ["not-a-candidate"], "params_input": {}})
-            still_open = airflow_ui.request(path)[1]
-            other = asked["options"][1]  # the candidate that is not the automatic champion
-            shown = airflow_ui.answer_in_browser(url, run_id, other, COMMENT)
-        finally:
-            result = finish_local_run(process)
+    process, url = airflow_ui.local_run_ui(root, _conf(tiny_gemma3, approval="required"))
+    try:
+        asked = airflow_ui.open_request(url, process)
+        run_id = asked["task_instance"]["dag_run_id"]
+        path = airflow_ui.hitl_path(url, run_id)
+        refused = airflow_ui.request(path, "PATCH", {"chosen_options": ["not-a-candidate"], "params_input": {}})
+        still_open = airflow_ui.request(path)[1]
+        other = asked["options"][1]  # the candidate that is not the automatic champion
+        shown = airflow_ui.answer_in_browser(url, run_id, other, COMMENT)
+    except BaseException:
+        abandon(process)
+        raise
+    result = finish_local_run(process)
     result.answers = {"asked": asked, "refused": refused, "still_open": still_open, "chosen": other, "shown": shown}
     return result
 
@@ -129,16 +129,16 @@ def test_the_dag_runs_every_stage_and_writes_the_report(first_run, root):
 
 def _answered_by_api(root, conf: dict, choose) -> tuple:
     """A run answered by an API client alone: `choose(request)` gives the chosen option and the comment."""
-    process = start_local_run(root, conf)
-    airflow_ui.started(root / "logs" / f"{conf['run_name']}.log", process)
-    with airflow_ui.api_server(root / "airflow") as url:
-        try:
-            asked = airflow_ui.open_request(url, process)
-            option, comment = choose(asked)
-            path = airflow_ui.hitl_path(url, asked["task_instance"]["dag_run_id"])
-            answered = airflow_ui.request(path, "PATCH", {"chosen_options": [option], "params_input": {"comment": comment}})
-        finally:
-            result = finish_local_run(process)
+    process, url = airflow_ui.local_run_ui(root, conf)
+    try:
+        asked = airflow_ui.open_request(url, process)
+        option, comment = choose(asked)
+        path = airflow_ui.hitl_path(url, asked["task_instance"]["dag_run_id"])
+        answered = airflow_ui.request(path, "PATCH", {"chosen_options": [option], "params_input": {"comment": comment}})
+    except BaseException:
+        abandon(process)
+        raise
+    result = finish_local_run(process)
     return result, asked, answered
 
 

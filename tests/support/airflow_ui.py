@@ -77,20 +77,34 @@ def api_server(home: Path, env: dict[str, str] | None = None, port: int | None =
                 os.killpg(server.pid, signal.SIGKILL)
 
 
-def started(run_log: Path, process: subprocess.Popen, timeout_s: float = 300) -> None:
-    """Wait until `local_run` has its metadata database and has started `airflow dags test` (it opens the run's
-    log then), so an api-server can join it while the stages run."""
-    deadline = time.monotonic() + timeout_s
-    while not run_log.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the local run never reached `airflow dags test` (exit {process.poll()})")
-        time.sleep(0.5)
+def local_run_ui(root: Path, conf: dict) -> tuple[subprocess.Popen, str]:
+    """The main command with approval required, as a user runs it: it starts its own Airflow UI (api-server) on a
+    port of ours; returns the run's process and the UI's URL once it answers."""
+    from tests.support.local_run import start_local_run
+
+    port = free_port()
+    process = start_local_run(root, conf, args=("--ui-port", str(port)))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2).close()
+            return process, url
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                from tests.support.local_run import abandon
+
+                abandon(process)
+                pytest.fail(f"the local run's Airflow UI never answered at {url} (exit {process.returncode})")
+            time.sleep(1)
 
 
-def request(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
-    """A REST call as an API client makes it (SimpleAuthManager with every user an admin: no token needed)."""
+def request(url: str, method: str = "GET", body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    """A REST call as an API client makes it: with `token` (`login`), as that user; without, as SimpleAuthManager's
+    anonymous admin when every user is one."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -98,17 +112,25 @@ def request(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
         return err.code, json.loads(err.read() or b"null")
 
 
+def login(url: str, home: Path, user: str) -> str:
+    """A JWT for one of SimpleAuthManager's users (their passwords are in the file it generates in AIRFLOW_HOME)."""
+    passwords = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())
+    status, body = request(f"{url}/auth/token", "POST", {"username": user, "password": passwords[user]})
+    assert status in (200, 201), body
+    return body["access_token"]
+
+
 def hitl_path(url: str, run_id: str, task_id: str = "approve", map_index: int = -1) -> str:
     return (f"{url}/api/v2/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{task_id}/"
             f"{map_index}/hitlDetails")
 
 
-def open_request(url: str, process: subprocess.Popen, timeout_s: float = 600) -> dict[str, Any]:
+def open_request(url: str, process: subprocess.Popen, timeout_s: float = 600, token: str | None = None) -> dict[str, Any]:
     """Wait until the run asks (an unanswered request in the REST API's list) and return it; fail if the run
     ends first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        _, listing = request(f"{url}/api/v2/dags/~/dagRuns/~/hitlDetails")
+        _, listing = request(f"{url}/api/v2/dags/~/dagRuns/~/hitlDetails", token=token)
         waiting = [d for d in (listing or {}).get("hitl_details", []) if not d["response_received"]]
         if waiting:
             return waiting[0]

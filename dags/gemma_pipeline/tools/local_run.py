@@ -11,11 +11,13 @@ same run name skips the stages that already finished with the same inputs and co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from gemma_pipeline import local
@@ -38,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--conf", default="{}",
                         help="JSON object of DAG params, as for `airflow dags test -c` (e.g. '{\"max_steps\": 40}'); "
                              f"bucket defaults to {DEFAULT_BUCKET} and run_name to {DEFAULT_RUN_NAME}")
+    parser.add_argument("--ui-port", type=int, default=8080,
+                        help="with \"approval\": \"required\", the port of the Airflow UI this command starts on 127.0.0.1 so "
+                             "you can answer under Required Actions (default 8080; 0: none, answer another way)")
     args = parser.parse_args(argv)
     try:
         conf = json.loads(args.conf)
@@ -64,6 +69,30 @@ def airflow_env(root: Path) -> dict[str, str]:
         local.BACKEND_ENV: "local",
         local.ROOT_ENV: str(root),
     }
+
+
+@contextlib.contextmanager
+def approval_ui(env: dict[str, str], root: Path, port: int, wanted: bool) -> Iterator[None]:
+    """With approval required, `airflow dags test` waits until someone answers: an api-server on loopback over the
+    run's own metadata database, every local user an admin (SimpleAuthManager), for the time of the run."""
+    if not (wanted and port):
+        yield
+        return
+    log = open(root / "logs" / "api-server.log", "a")
+    server = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port)],
+                              env={**env, "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}, stdout=log,
+                              stderr=subprocess.STDOUT)  # in this command's process group: it ends with it
+    print(f"\n==> approval required: answer at http://127.0.0.1:{port}/required_actions once the candidates are scored "
+          f"(or PATCH .../taskInstances/approve/-1/hitlDetails there; docs/promotion.md)", flush=True)
+    try:
+        yield
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
 
 
 def step(message: str) -> float:
@@ -144,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         key = layout.safe_run_id(args.conf["run_name"])
         (root / "logs").mkdir(exist_ok=True)
         phase = time.monotonic()
-        code = run([*airflow, "dags", "test", DAG_ID, "-c", conf], env, root / "logs" / f"{key}.log")
+        with approval_ui(env, root, args.ui_port, args.conf.get("approval") == "required"):
+            code = run([*airflow, "dags", "test", DAG_ID, "-c", conf], env, root / "logs" / f"{key}.log")
         phases["airflow dags test"] = time.monotonic() - phase
         complete = print_outcome(emulator, RunLayout.of(args.conf["bucket"], key).prefix)
     parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
