@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-ADAPTER_CONFIG = "adapter_config.json"
+from jobs.contract import artifacts
+
+ADAPTER_CONFIG = artifacts.PEFT_ADAPTER_CONFIG
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # keras-hub layer -> (Hugging Face module under model.layers.N, how its kernel is laid out)
 MODULES = {

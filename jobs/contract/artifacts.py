@@ -40,6 +40,7 @@ PARITY = "parity.json"
 PEFT_ADAPTER = "adapter"  # PEFT's adapter directory (adapter_config.json + adapter_model.safetensors); the fine-tune
 # writes it, convert checks it with PeftModel and publishes it beside the merged export
 PEFT_PARITY = "peft_parity.json"  # inside PEFT_ADAPTER
+PEFT_ADAPTER_CONFIG = "adapter_config.json"  # inside PEFT_ADAPTER: PEFT's config (its rank `r` sizes vLLM's LoRA slots)
 ANSWERS = "answers.json"
 BASE_EXPORT = "base"  # the base model in Hugging Face format, with --export-base
 MODEL_CARD = "README.md"  # the Hugging Face model card, in the export and in its PEFT_ADAPTER directory

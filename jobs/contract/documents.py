@@ -65,6 +65,11 @@ PARITY = Document(artifacts.PARITY, 1, ("passed", "tolerance"))
 CHAMPION = Document(artifacts.CHAMPION, 1, ("champion", "index", "why", "candidates", "quality_gate", "run_prefix"))
 
 
+# A promotion's decision, in champion.json's `approval` and in convert's `--approval` (the model card's record).
+APPROVED, OVERRIDDEN, REJECTED, AUTOMATIC = "approved", "overridden", "rejected", "automatic"
+NOT_APPROVED = "not approved"  # the card of a candidate converted beside the promoted one (convert_all)
+
+
 def eval_split(report: dict[str, Any], model: str) -> dict[str, Any]:
     """A benchmark report's eval-split figures of one model ("base" or "tuned"): perplexity, ci95_low/high,
     tokens, tokens_sha256; {} when absent."""

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jobs.contract import documents
+from jobs.contract import artifacts, documents
 
 GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
 PIPELINE = "gemma-lora-pipeline"
@@ -28,12 +28,14 @@ def hub_id(uri: str) -> str | None:
     return match[1] if match else None
 
 
-def _code(value: Any) -> str:
-    """A code span no backtick in `value` can close, on one line."""
+def _code(value: Any, cell: bool = False) -> str:
+    """A code span no backtick in `value` can close, on one line; in a table cell `|` is escaped too (GFM)."""
     text = re.sub(r"[\r\n]+", " ", str(value))
+    if not text:
+        return "n/a"
     fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
     pad = " " if text[:1] in "` " or text[-1:] in "` " else ""
-    return f"{fence}{pad}{text}{pad}{fence}" if text else "``"
+    return f"{fence}{pad}{text.replace('|', chr(92) + '|') if cell else text}{pad}{fence}"
 
 
 def _figure(figure: dict[str, Any]) -> dict[str, Any] | None:
@@ -63,15 +65,15 @@ def _approval_line(approval: dict[str, Any] | None) -> str:
     if not approval:
         return "No approval record: this export was not promoted through the pipeline's approval step."
     who = (approval.get("by") or {}).get("name") or (approval.get("by") or {}).get("id")
-    if approval["decision"] == "not approved":
-        return (f"Not the approved candidate: converted beside it ({_code(approval.get('note', ''))}); serve it only "
-                "for comparison.")
-    if approval["decision"] == "automatic":
-        return f"Promoted without review (approval = none) as the automatic champion, at {approval['at']}."
+    if approval["decision"] == documents.NOT_APPROVED:
+        return (f"Not the promoted candidate: converted beside {_code(approval.get('candidate') or 'none')}, which was "
+                "promoted; serve it only for comparison.")
+    if approval["decision"] == documents.AUTOMATIC:
+        return "Promoted without review (approval = none): the automatic champion."
     comment = f" Comment: {_code(approval['comment'])}." if approval.get("comment") else ""
-    chosen = "the automatic champion" if approval["decision"] == "approved" else \
+    chosen = "the automatic champion" if approval["decision"] == documents.APPROVED else \
         f"chosen over the automatic champion {_code(approval['selected'])}"
-    return f"Approved by {_code(who)} at {approval['at']}: {chosen}.{comment}"
+    return f"Approved by {_code(who)}: {chosen}.{comment}"
 
 
 def build(*, kind: str, base_model: str, dataset: str, lineage: dict[str, Any], training: dict[str, Any],
@@ -83,7 +85,7 @@ def build(*, kind: str, base_model: str, dataset: str, lineage: dict[str, Any], 
     name = f"{run}/{candidate}" if run else candidate or "gemma-lora"
     base_id, data_id = hub_id(base_model), hub_id(dataset)
     results = [EvalResult(task_type="text-generation", dataset_type=data_id or "json", dataset_name=f"eval split of {dataset}",
-                          dataset_split="eval", metric_type=metric, metric_name=metric, metric_value=figures["tuned"]["value"])
+                          dataset_split=artifacts.EVAL, metric_type=metric, metric_name=metric, metric_value=figures["tuned"]["value"])
                for metric, figures in metrics.items()]
     data = ModelCardData(
         base_model=base_id, license="gemma", license_link=GEMMA_TERMS, library_name="peft" if kind == "adapter" else "transformers",
@@ -98,7 +100,7 @@ def build(*, kind: str, base_model: str, dataset: str, lineage: dict[str, Any], 
             if kind == "adapter" else
             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained(\"path/to/model\")\n```\n\nvLLM: `vllm serve path/to/model`.")
-    rows = "\n".join(f"| {_code(metric)} | {_cell(f['base'])} | {_cell(f['tuned'])} |" for metric, f in metrics.items())
+    rows = "\n".join(f"| {_code(metric, cell=True)} | {_cell(f['base'])} | {_cell(f['tuned'])} |" for metric, f in metrics.items())
     body = "\n".join([
         f"# {name}\n",
         f"This is {what} a LoRA fine-tune of {_code(base_model)}, made by the Gemma LoRA pipeline ({source}).\n",
@@ -123,8 +125,6 @@ def build(*, kind: str, base_model: str, dataset: str, lineage: dict[str, Any], 
 
 
 def write(directory: Path, card: Any) -> Path:
-    from jobs.contract import artifacts
-
     path = directory / artifacts.MODEL_CARD
     card.save(path)
     return path

@@ -240,7 +240,8 @@ def run(config: ConvertConfig, workdir: Path) -> dict[str, Any]:
 
 def write_cards(config: ConvertConfig, out: Path, settings: dict[str, Any], source: str) -> list[str]:
     """The model card of the export, and of its adapter when there is one: lineage from the upstream manifests,
-    the fine-tune's config, the candidate's benchmark, and the run's approval record (champion.json)."""
+    the fine-tune's config, the candidate's benchmark, and the promotion decision the approve task passed
+    (`--approval`: a new decision is a new config, so a rerun rewrites the card rather than keeping a stale one)."""
     from jobs.contract.layout import RunLayout
     from jobs.convert import card
 
@@ -256,15 +257,11 @@ def write_cards(config: ConvertConfig, out: Path, settings: dict[str, Any], sour
                **{k: ((preprocess or {}).get("metrics") or {}).get(k) for k in ("train_rows", "eval_rows")}}
     report = read_json(storage.join(config.benchmark, artifacts.BENCHMARK_REPORT)) if config.benchmark else None
     layout = RunLayout.containing(config.output)
-    champion = read_json(layout.champion) if layout else None
-    approval = (champion or {}).get("approval")
     candidate = config.output.rstrip("/").split("/")[-2] if layout else ""
-    if approval and approval.get("candidate") != candidate:  # converted beside the approved one (convert_all)
-        approval = {**approval, "decision": "not approved", "note": f"the approved candidate is {approval.get('candidate')}"}
     common = {"base_model": base_model_of(config), "dataset": ((preprocess or {}).get("config") or {}).get("input", ""),
               "lineage": {k: v for k, v in lineage.items() if v is not None},
               "training": {k: settings[k] for k in card.TRAINING_KEYS if k in settings}, "report": report,
-              "approval": approval, "run": layout.prefix.rsplit("/", 1)[-1] if layout else "", "candidate": candidate,
+              "approval": config.approval_record(), "run": layout.prefix.rsplit("/", 1)[-1] if layout else "", "candidate": candidate,
               "source": source}
     written = [card.write(out, card.build(kind="model", **common))]
     if (out / artifacts.PEFT_ADAPTER).is_dir():

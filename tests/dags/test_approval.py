@@ -101,7 +101,7 @@ def test_the_report_says_what_was_decided():
     md = report.markdown(built, {})
     assert "REJECTED at approval: nothing was converted or served" in md
     assert r'Comment: "\*not\* &lt;b&gt;yet&lt;/b&gt;"' in md  # the approver's text, shown literally
-    waiting = report.markdown(report.build(RUN, {"approval": "required"}, {}, {}, {}, {}, _record()), {})
+    waiting = report.markdown(report.build(RUN, {"approval": "required"}, {}, {}, {}, {}, _record(), asking=True), {})
     assert "awaiting approval" in waiting and "## Approval" in waiting
 
 
@@ -117,7 +117,7 @@ class FakeStore:
 
 
 def _entries() -> list[dict]:
-    return [{"key": k, "index": i, "run_prefix": RUN, "convert": {"key": k, "stage": "convert"}} for i, k in enumerate(KEYS)]
+    return [{"key": k, "index": i, "run_prefix": RUN, "convert": {"key": k, "arguments": []}} for i, k in enumerate(KEYS)]
 
 
 def _operator(monkeypatch, store: FakeStore, mode: str = "required"):
@@ -146,8 +146,8 @@ def test_asking_writes_the_request_with_the_candidates_and_parks_the_task(monkey
 
     store, asked = _store(), {}
     monkeypatch.setattr(hitl, "upsert_hitl_detail", lambda **kw: asked.update(kw))
-    monkeypatch.setattr("gemma_pipeline.operators.report.publish", lambda context, store, prefix: report.build(
-        prefix, {}, {}, {}, {}, {}, _champion(store)))
+    monkeypatch.setattr("gemma_pipeline.operators.report.publish", lambda context, store, prefix, asking: report.build(
+        prefix, {}, {}, {}, {}, {}, _champion(store), asking=asking))
     with pytest.raises(TaskAwaitingInput):
         _operator(monkeypatch, store).execute(_context())
     assert asked["options"] == ["default", "lr-high", approval.REJECT] and asked["defaults"] == [approval.REJECT]
@@ -162,7 +162,8 @@ def test_a_response_resumes_a_fresh_operator_and_promotes_the_chosen_candidate(m
     # A new operator object, as the task runner builds after the wait (and after any scheduler restart): nothing
     # from the asking process is needed, the options come from champion.json again.
     converts = _operator(monkeypatch, store).execute_complete(_context(), _event("lr-high", "fewer cut-offs"))
-    assert converts == [{"key": "lr-high", "stage": "convert"}]
+    assert [c["key"] for c in converts] == ["lr-high"]
+    assert json.loads(converts[0]["arguments"][converts[0]["arguments"].index("--approval") + 1])["comment"] == "fewer cut-offs"
     saved = _champion(store)
     assert saved["champion"] == "lr-high" and saved["approval"]["decision"] == approval.OVERRIDDEN
     assert saved["approval"]["comment"] == "fewer cut-offs" and saved["convert_index"] == 0
@@ -189,7 +190,47 @@ def test_an_answer_that_is_not_an_option_fails_the_resume(monkeypatch):
 def test_without_approval_the_automatic_champion_goes_on_unasked(monkeypatch):
     store = _store()
     converts = _operator(monkeypatch, store, mode="none").execute(_context())
-    assert converts == [{"key": "default", "stage": "convert"}]
+    assert [c["key"] for c in converts] == ["default"]
     assert _champion(store)["approval"]["decision"] == approval.AUTOMATIC
     with pytest.raises(AirflowFailException, match="approval: got 'maybe'; expected one of none, required"):
         _operator(monkeypatch, store, mode="maybe").execute(_context())
+
+
+def test_a_retry_asks_again_from_what_select_chose():
+    decided = approval.apply(_record(), approval.decide(_record(), _event("lr-high")), _entries(), ["default", "lr-high"])
+    again = approval.undo(decided, _entries())
+    assert again["champion"] == "default" and again["index"] == 0 and "approval" not in again
+    assert [r["key"] for r in again["candidates"] if r["champion"]] == ["default"]
+    assert approval.options(again) == approval.options(_record()) and again["convert_index"] == 0
+
+
+def test_each_converted_candidates_card_gets_the_decision_as_it_concerns_it(monkeypatch):
+    decision = approval.decide(_record(), _event("lr-high", "fewer cut-offs"))
+    mine, other = approval.card_record(decision, "lr-high"), approval.card_record(decision, "default")
+    assert mine["decision"] == approval.OVERRIDDEN and "at" not in mine  # the same decision in a rerun: same config
+    assert other["decision"] == documents.NOT_APPROVED and other["candidate"] == "lr-high"
+    op = _operator(monkeypatch, _store())
+    jobs = [op.convert_job({"key": k, "convert": {"arguments": ["--output", f"{RUN}/candidates/{k}/convert"]}},
+                           decision, {"serve": "gke"}, 2) for k in ("default", "lr-high")]
+    args = [dict(zip(j["arguments"][::2], j["arguments"][1::2])) for j in jobs]
+    assert json.loads(args[1]["--approval"]) == mine and json.loads(args[0]["--approval"]) == other
+    # One vLLM base for every adapter: only the promoted candidate's convert exports it.
+    assert args[1]["--export-base"] == "true" and "--export-base" not in args[0]
+    single = op.convert_job({"key": "lr-high", "convert": {"arguments": []}}, decision, {"serve": "gke"}, 1)
+    assert "--export-base" not in single["arguments"]
+
+
+def test_the_convert_stage_reads_the_decision_it_is_given():
+    from jobs.contract.configs.convert import ConvertConfig
+    from jobs.contract.errors import BadInputError
+
+    record = approval.card_record(approval.decide(_record(), _event("default")), "default")
+    config = ConvertConfig(output="o", finetune="f", approval=json.dumps(record))
+    assert config.approval_record() == record
+    with pytest.raises(BadInputError, match="--approval"):
+        ConvertConfig(output="o", finetune="f", approval="{not json")
+
+
+def test_an_approver_listed_twice_is_refused():
+    with pytest.raises(ValueError, match="user id 'alice' is listed twice"):
+        approval.approvers("alice,alice:Alice A")

@@ -274,3 +274,14 @@ def test_what_the_dag_shows_in_the_ui_holds_no_run_input(dag: Any) -> None:
                 attr = LINK_FIELDS[field]
                 value = getattr(task, attr) if kwargs is None else kwargs.get(attr, dag.default_args.get(attr))
                 assert attr not in mapped and isinstance(value, str) and "{{" not in value, (task.task_id, attr, value)
+
+
+@pytest.mark.parametrize("value", ["https://evil.com/x", "see www.evil.com now", "mail me@evil.com", "HTTP://EVIL.COM",
+                                   "ftp://evil.com/f"])
+def test_text_makes_no_link_even_where_markdown_links_bare_addresses(value: str) -> None:
+    """The Airflow UI renders an approval request's body as GitHub-flavoured Markdown, which links bare addresses
+    (autolink literals); markdown-it's linkifying GFM preset stands in for it here."""
+    linkify = MarkdownIt("gfm-like")
+    assert "<a " in linkify.render(value)  # the renderer does link the raw text
+    page = linkify.render(markup.text(value))
+    assert "<a " not in page and Page(page).units == [("p", value)], page

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tests.conftest import ROOT
 from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS
 
 DAG_ID = "gemma_lora_finetune"
+PASSWORDS = "simple_auth_manager_passwords.json.generated"
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -77,10 +79,18 @@ def api_server(home: Path, env: dict[str, str] | None = None, port: int | None =
                 os.killpg(server.pid, signal.SIGKILL)
 
 
-def local_run_ui(root: Path, conf: dict) -> tuple[subprocess.Popen, str]:
+@dataclass(frozen=True)
+class UI:
+    """An api-server a test talks to: its URL and SimpleAuthManager's `admin` (password, and a JWT for the API)."""
+    url: str
+    password: str
+    token: str
+
+
+def local_run_ui(root: Path, conf: dict) -> tuple[subprocess.Popen, UI]:
     """The main command with approval required, as a user runs it: it starts its own Airflow UI (api-server) on a
-    port of ours; returns the run's process and the UI's URL once it answers."""
-    from tests.support.local_run import start_local_run
+    port of ours; returns the run's process and the UI once it answers, logged in as `admin`."""
+    from tests.support.local_run import abandon, start_local_run
 
     port = free_port()
     process = start_local_run(root, conf, args=("--ui-port", str(port)))
@@ -89,14 +99,15 @@ def local_run_ui(root: Path, conf: dict) -> tuple[subprocess.Popen, str]:
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2).close()
-            return process, url
+            break
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                from tests.support.local_run import abandon
-
                 abandon(process)
                 pytest.fail(f"the local run's Airflow UI never answered at {url} (exit {process.returncode})")
             time.sleep(1)
+    home = root / "airflow"
+    password = json.loads((home / PASSWORDS).read_text())["admin"]
+    return process, UI(url, password, login(url, home, "admin"))
 
 
 def request(url: str, method: str = "GET", body: Any = None, token: str | None = None) -> tuple[int, Any]:
@@ -114,7 +125,7 @@ def request(url: str, method: str = "GET", body: Any = None, token: str | None =
 
 def login(url: str, home: Path, user: str) -> str:
     """A JWT for one of SimpleAuthManager's users (their passwords are in the file it generates in AIRFLOW_HOME)."""
-    passwords = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())
+    passwords = json.loads((home / PASSWORDS).read_text())
     status, body = request(f"{url}/auth/token", "POST", {"username": user, "password": passwords[user]})
     assert status in (200, 201), body
     return body["access_token"]
@@ -140,9 +151,9 @@ def open_request(url: str, process: subprocess.Popen, timeout_s: float = 600, to
     pytest.fail(f"no approval request within {timeout_s:.0f} s")
 
 
-def answer_in_browser(url: str, run_id: str, option: str, comment: str, screenshot: str | None = None) -> str:
-    """A person's answer: Required Actions, this run's request, a comment, the option's button. Returns the text
-    the request showed."""
+def answer_in_browser(ui: UI, run_id: str, option: str, comment: str, screenshot: str | None = None) -> str:
+    """A person's answer: sign in, Required Actions, this run's request, a comment, the option's button. Returns the
+    text the request showed."""
     import re
 
     from playwright.sync_api import sync_playwright
@@ -150,7 +161,11 @@ def answer_in_browser(url: str, run_id: str, option: str, comment: str, screensh
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.goto(f"{url}/required_actions", wait_until="networkidle")
+        page.goto(f"{ui.url}/required_actions", wait_until="networkidle")
+        page.locator('input[name="username"]').fill("admin")  # SimpleAuthManager's sign-in page first
+        page.locator('input[name="password"]').fill(ui.password)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(f"{ui.url}/required_actions")
         page.get_by_role("row").filter(has_text=run_id).get_by_role("link", name=re.compile("^Promote a candidate")).click()
         page.locator('input[name="element_comment"]').fill(comment)
         shown = page.inner_text("body")

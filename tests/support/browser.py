@@ -17,6 +17,15 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def browser_available() -> bool:
+    """Chromium is here; where it must be (GEMMA_PIPELINE_REQUIRE_BROWSER=1, as in CI) its absence fails."""
+    if Path(CHROMIUM).exists():
+        return True
+    if os.environ.get("GEMMA_PIPELINE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"Chromium not found at {CHROMIUM} (Debian package chromium; .ci/run installs it)")
+    return False
+
+
 def browser_or_skip() -> None:
     if Path(CHROMIUM).exists():
         return

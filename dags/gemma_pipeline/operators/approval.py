@@ -11,6 +11,7 @@ rejection skips convert and serve. With `approval` = none it promotes the automa
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -66,7 +67,8 @@ class PromoteOperator(HITLOperator):
         data = store.read(layout.champion)
         if not data:
             raise AirflowFailException(f"no {layout.champion}: the select task wrote no champion to promote")
-        return layout, documents.CHAMPION.load(data, layout.champion)
+        # A retry after the decision was written asks again from what select chose, not from that decision.
+        return layout, approval.undo(documents.CHAMPION.load(data, layout.champion), entries)
 
     def execute(self, context: Any) -> Any:
         if self.mode not in approval.MODES:
@@ -83,7 +85,7 @@ class PromoteOperator(HITLOperator):
         from gemma_pipeline.operators.report import publish
         from gemma_pipeline.plan.report import answers_sections, candidates_table, metrics_section
 
-        report = publish(context, store, record["run_prefix"])  # the request links to the report as it stands
+        report = publish(context, store, record["run_prefix"], asking=True)  # the request links to it
         sections = ["## Candidates\n", candidates_table(record) + "\n", *metrics_section(report), *answers_sections(report)]
         self.options = approval.options(record)
         self.subject = approval.subject(record)
@@ -116,8 +118,15 @@ class PromoteOperator(HITLOperator):
         self.log.info("%s (recorded in %s)", message, layout.champion)
         if decision["candidate"] is None:
             raise AirflowSkipException(message)  # convert and serve are skipped; the report says why
-        converts = [dict(e["convert"]) for e in entries if e["key"] in keys]
-        if params.get("serve") == "gke" and len(keys) > 1:  # one vLLM base for every adapter: the approved exports it
-            approved = converts[keys.index(decision["candidate"])]
-            approved["arguments"] = jobspec.with_option("convert", approved["arguments"], "export_base", True)
-        return converts
+        return [self.convert_job(e, decision, params, len(keys)) for e in entries if e["key"] in keys]
+
+    @staticmethod
+    def convert_job(entry: dict[str, Any], decision: dict[str, Any], params: Any, count: int) -> dict[str, Any]:
+        """A candidate's convert Job as planned, with the decision for its model card; the approved candidate's also
+        exports the base when vLLM is to serve every adapter on it (serve=gke with several converted)."""
+        job = dict(entry["convert"])
+        record = json.dumps(approval.card_record(decision, entry["key"]), sort_keys=True)
+        job["arguments"] = jobspec.with_option("convert", job["arguments"], "approval", record)
+        if params.get("serve") == "gke" and count > 1 and entry["key"] == decision["candidate"]:
+            job["arguments"] = jobspec.with_option("convert", job["arguments"], "export_base", True)
+        return job

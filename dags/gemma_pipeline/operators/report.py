@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from gemma_pipeline import local
-from gemma_pipeline.plan import access, jobspec, markup
+from gemma_pipeline.plan import access, approval, jobspec, markup
 from gemma_pipeline.plan.report import (
     CHARTS,
     GENERATIONS_BYTES,
@@ -60,13 +60,16 @@ def candidate_generations(store: RunStore, champion: dict[str, Any] | None,
     return found
 
 
-def publish(context: Any, store: RunStore, prefix: str) -> dict[str, Any]:
+def publish(context: Any, store: RunStore, prefix: str, asking: bool = False) -> dict[str, Any]:
     """Render the run report from what the run has written so far and write report.{json,md,html}; the `approve`
-    task publishes it before it asks (the request links to it), the `report` task at the end."""
+    task publishes it before it asks (`asking`: the request links to it), the `report` task at the end. Before a
+    promotion, or after a rejection, a convert output in the champion's folder is an earlier run's: not read."""
     layout = RunLayout(prefix)
     champion_data = store.read(layout.champion)
     champion = docs.CHAMPION.load(champion_data, layout.champion) if champion_data else None
     where = stage_prefixes(prefix, champion)
+    if asking or approval.rejected(champion):
+        where["convert"] = None
     read = lambda stage, name: store.read_json(f"{where[stage]}/{name}") if where[stage] else None  # noqa: E731
     manifests = {s: read(s, artifacts.MANIFEST) for s in stages.NAMES}
     documents = {"benchmark": read("benchmark", artifacts.BENCHMARK_REPORT), "parity": read("convert", artifacts.PARITY),
@@ -75,7 +78,8 @@ def publish(context: Any, store: RunStore, prefix: str) -> dict[str, Any]:
     params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
     started = context["dag_run"].start_date if context.get("dag_run") else None
     report = build(prefix, params, manifests, documents, usages, price_table(), champion,
-                   started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "", candidate_generations(store, champion))
+                   started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else "", candidate_generations(store, champion),
+                   asking=asking)
     images = {title: store.read(f"{where[stage]}/{name}") if where[stage] else None for title, (stage, name) in CHARTS.items()}
     relative = {t: f"{where[stage]}/{name}".removeprefix(prefix + "/") for t, (stage, name) in CHARTS.items() if where[stage]}
     md = markdown(report, {t: relative[t] for t, data in images.items() if data})
@@ -93,7 +97,7 @@ def usages_of(context: Any, champion: dict[str, Any] | None) -> dict[str, dict |
     if champion:
         usages["finetune"] = ti.xcom_pull(task_ids="candidate.finetune", key="usage", map_indexes=champion["index"])
         usages["benchmark"] = ti.xcom_pull(task_ids="candidate.benchmark", key="usage", map_indexes=champion["index"])
-        if (champion.get("approval") or {}).get("candidate"):  # else no convert ran (yet): awaiting, or rejected
+        if "approval" not in champion or champion["approval"].get("candidate"):  # else no convert ran: rejected
             usages["convert"] = ti.xcom_pull(task_ids="convert", key="usage", map_indexes=champion.get("convert_index", 0))
     return usages
 

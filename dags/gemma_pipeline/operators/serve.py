@@ -69,9 +69,13 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
         """Each converted candidate's PEFT adapter rank (`r` in its adapter_config.json), by key; none without one."""
         ranks = {}
         for row in self.converted(record):
-            config = store.read_json(f"{row['prefixes']['convert']}/{artifacts.PEFT_ADAPTER}/adapter_config.json")
-            if config:
-                ranks[row["key"]] = int(config["r"])
+            uri = f"{row['prefixes']['convert']}/{artifacts.PEFT_ADAPTER}/{artifacts.PEFT_ADAPTER_CONFIG}"
+            config = store.read_json(uri)
+            if config is None:
+                continue
+            if not isinstance(config.get("r"), int) or config["r"] < 1:
+                raise AirflowFailException(f"{uri}: r is {config.get('r')!r}; expected the adapter's LoRA rank, a positive integer")
+            ranks[row["key"]] = config["r"]
         return ranks
 
     def to_vertex(self, context: Any, record: dict[str, Any]) -> dict[str, Any]:

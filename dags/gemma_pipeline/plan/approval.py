@@ -18,14 +18,14 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from jobs.contract.documents import APPROVED, AUTOMATIC, NOT_APPROVED, OVERRIDDEN, REJECTED
+
 MODES = ("none", "required")
 REJECT = "Reject"
 COMMENT = "comment"
 APPROVERS_ENV = "GEMMA_PIPELINE_APPROVERS"
 TIMEOUT_ENV = "GEMMA_PIPELINE_APPROVAL_TIMEOUT_HOURS"
 DEFAULT_TIMEOUT_HOURS = 72.0
-# What the record's `decision` says.
-APPROVED, OVERRIDDEN, REJECTED, AUTOMATIC = "approved", "overridden", "rejected", "automatic"
 
 
 def approvers(value: str | None = None) -> list[dict[str, str]]:
@@ -37,6 +37,8 @@ def approvers(value: str | None = None) -> list[dict[str, str]]:
         if not user_id.strip():
             raise ValueError(f"{APPROVERS_ENV}: got {value!r}; expected comma-separated user ids, each optionally "
                              "followed by :display name (e.g. 'alice,bob:Bob B')")
+        if any(u["id"] == user_id.strip() for u in users):
+            raise ValueError(f"{APPROVERS_ENV}: got {value!r}; user id {user_id.strip()!r} is listed twice")
         users.append({"id": user_id.strip(), "name": name.strip() or user_id.strip()})
     return users
 
@@ -124,6 +126,34 @@ def apply(record: dict[str, Any], decision: dict[str, Any], entries: list[dict[s
     if chosen is not None and keys is not None:
         out["convert_index"] = keys.index(chosen)
         out["converted"] = list(keys)  # what serve may serve: these candidates' exports and adapters
+    return out
+
+
+CARD_KEYS = ("decision", "candidate", "selected", "by", "comment", "timed_out")
+
+
+def card_record(decision: dict[str, Any], key: str) -> dict[str, Any]:
+    """What convert's model card records for candidate `key` (convert's `--approval`): the decision without its
+    time, so the same decision in a rerun leaves the converted export as it is, and a new one rewrites its card. A
+    candidate converted beside the promoted one (`convert_all`) is marked as not the approved one."""
+    record = {k: decision.get(k) for k in CARD_KEYS}
+    if decision.get("candidate") != key:
+        record = {**record, "decision": NOT_APPROVED}
+    return record
+
+
+def undo(record: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record as `select` wrote it, before any decision (`apply` is undone): the automatic champion again."""
+    decision = record.get("approval")
+    if not decision:
+        return record
+    out = {k: v for k, v in record.items() if k not in ("approval", "converted")}
+    selected = decision["selected"]
+    out["champion"] = selected
+    out["index"] = next(e["index"] for e in entries if e["key"] == selected)
+    out["candidates"] = [{**r, "champion": r["key"] == selected} for r in record["candidates"]]
+    converted = [k for k in record.get("converted") or [] if k in finished(out)]
+    out["convert_index"] = converted.index(selected) if selected in converted else 0
     return out
 
 

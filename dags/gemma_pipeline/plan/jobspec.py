@@ -317,7 +317,7 @@ def with_option(stage: str, args: list[str], name: str, value: Any) -> list[str]
     export_base for the candidate whose base is served)."""
     opt = next((o for o in stage_options(stage) if o.name == name), None)
     if opt is None:
-        raise ValueError(f"{stage} has no option {name!r}")
+        raise ValueError(f"{stage}: no option {name!r}; expected one of {', '.join(o.name for o in stage_options(stage))}")
     rendered = ("true" if value else "false") if isinstance(value, bool) else str(value)
     out = list(args)
     if opt.flag in out:

@@ -17,6 +17,9 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 # math, and `#`/`+` (a heading or a list item where a value starts a line). `& < >` become entities instead.
 _MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_\[\]!|~$#+])")
 _NEWLINE = re.compile(r"\r\n|\r|\n")  # what Markdown counts as a line break
+# What GitHub-flavoured Markdown turns into a link without any brackets (autolink literals: `https://x`, `www.x`,
+# `a@b.c`), as the Airflow UI renders a request's body: broken with a character reference, shown the same.
+_AUTOLINK = re.compile(r"(?i):(?=//)|(?<=www)\.|@")
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):")
 _PNG = re.compile(r"^data:image/png;base64,[a-z0-9+/=]*$")  # lower-cased: the charts, inline
 
@@ -34,7 +37,8 @@ def text(value: Any) -> str:
     backslash-escaped, line breaks as `<br>` (the one piece of HTML the report writes itself; `to_html` lets only
     that through), blanks at either end as character references (else they would open a code block, or keep
     `**` around a value from making it bold)."""
-    escape = lambda line: _MARKDOWN_PUNCTUATION.sub(r"\\\1", html.escape(line, quote=False))  # noqa: E731
+    escape = lambda line: _AUTOLINK.sub(lambda m: f"&#{ord(m[0])};",  # noqa: E731
+                                        _MARKDOWN_PUNCTUATION.sub(r"\\\1", html.escape(line, quote=False)))
     escaped = "<br>".join(escape(line) for line in _NEWLINE.split(str(value)))
     return re.sub(r"^[ \t]+|[ \t]+$", lambda blanks: "".join(f"&#{ord(c)};" for c in blanks[0]), escaped)
 

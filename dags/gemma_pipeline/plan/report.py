@@ -140,7 +140,8 @@ def stage_prefixes(run_prefix: str, champion: dict[str, Any] | None) -> dict[str
 
 def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | None], documents: dict[str, dict | None],
           usages: dict[str, dict | None], prices: dict[str, float], champion: dict[str, Any] | None = None,
-          run_started: str = "", generations: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+          run_started: str = "", generations: dict[str, list[dict[str, Any]]] | None = None,
+          asking: bool = False) -> dict[str, Any]:
     """The report as data (report.json); `generations` maps a candidate's key to the head of its generations.jsonl
     (`generation_rows`), absent for a run that generated nothing or a champion.json older than generation."""
     generations = generations or {}
@@ -154,7 +155,7 @@ def build(run_prefix: str, params: dict[str, Any], manifests: dict[str, dict | N
         # A person's decision (plan.approval): a rejected run converts nothing, and says so instead of failing.
         "approval": decision,
         "rejected": approval.rejected(champion),
-        "awaiting_approval": bool(champion) and decision is None and params.get("approval") == "required",
+        "awaiting_approval": asking,
         "params": params,
         "summary": summarize(manifests, documents),
         "stages": rows,
@@ -561,12 +562,12 @@ def answers_table(answers: list[dict[str, Any]]) -> str:
 
 
 def _state(report: dict[str, Any]) -> str:
-    if report["complete"]:
-        return "all four stages finished"
     if report.get("rejected"):
         return "REJECTED at approval: nothing was converted or served"
     if report.get("awaiting_approval"):
         return "awaiting approval: nothing is converted or served until a person decides"
+    if report["complete"]:
+        return "all four stages finished"
     return "INCOMPLETE: some stages did not finish"
 
 

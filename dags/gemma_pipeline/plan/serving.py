@@ -4,7 +4,7 @@
   (a new version of an existing model when `GEMMA_PIPELINE_VERTEX_MODEL` names one), with a vLLM serving
   container, and deploy it to the endpoint `GEMMA_PIPELINE_VERTEX_ENDPOINT` names, if any.
 - `vertex` with several converted candidates (`convert_all`): each is a version of one Model Registry model
-  (aliased by its candidate key), and the approved one is made the default version.
+  (labelled with its run and candidate key), and the approved one is made the default version.
 - `gke`: a vLLM Deployment + Service (`k8s/serving/`, generated from `gke_objects`), labelled for Kueue's own
   `serving` queue (a ClusterQueue outside the training cohort: training can neither borrow its quota nor preempt
   it), reading the model from the bucket through the GKE Cloud Storage FUSE CSI driver. The task creates or
@@ -58,7 +58,7 @@ def vertex_model(display_name: str, artifact_uri: str, image: str, labels: dict[
 
     model = {
         "display_name": display_name[:128],
-        "description": "Gemma LoRA fine-tune (champion of its run), Hugging Face format, served by vLLM",
+        "description": "Gemma LoRA fine-tune (a candidate of its run: see its labels), Hugging Face format, served by vLLM",
         "artifact_uri": artifact_uri,
         "container_spec": {
             "image_uri": pinned(image),

@@ -30,6 +30,7 @@ DAG_ID = "gemma_lora_finetune"
 DAGS_FOLDER = Path(__file__).resolve().parents[2]  # dags/gemma_pipeline/tools/ -> dags/
 DEFAULT_RUN_NAME = "demo"
 DEFAULT_BUCKET = "local-gemma-bucket"
+PASSWORDS = "simple_auth_manager_passwords.json.generated"  # SimpleAuthManager's generated passwords, in AIRFLOW_HOME
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with \"approval\": \"required\", the port of the Airflow UI this command starts on 127.0.0.1 so "
                              "you can answer under Required Actions (default 8080; 0: none, answer another way)")
     args = parser.parse_args(argv)
+    if not 0 <= args.ui_port <= 65535:
+        parser.error(f"--ui-port: got {args.ui_port}; expected a TCP port, 1-65535, or 0 for no UI")
     try:
         conf = json.loads(args.conf)
     except json.JSONDecodeError as err:
@@ -73,18 +76,27 @@ def airflow_env(root: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def approval_ui(env: dict[str, str], root: Path, port: int, wanted: bool) -> Iterator[None]:
-    """With approval required, `airflow dags test` waits until someone answers: an api-server on loopback over the
-    run's own metadata database, every local user an admin (SimpleAuthManager), for the time of the run."""
+    """With approval required, `airflow dags test` waits until someone answers: Airflow's UI (api-server) on
+    loopback over the run's own metadata database, with SimpleAuthManager's `admin` user and the password it
+    generates (as `airflow standalone` does), for the time of the run."""
     if not (wanted and port):
         yield
         return
-    log = open(root / "logs" / "api-server.log", "a")
-    server = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port)],
-                              env={**env, "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}, stdout=log,
-                              stderr=subprocess.STDOUT)  # in this command's process group: it ends with it
-    print(f"\n==> approval required: answer at http://127.0.0.1:{port}/required_actions once the candidates are scored "
-          f"(or PATCH .../taskInstances/approve/-1/hitlDetails there; docs/promotion.md)", flush=True)
+    log_path = root / "logs" / "api-server.log"
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "a") as log:
+        server = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)  # in this command's process group
     try:
+        deadline = time.monotonic() + 180
+        while not _answers(f"{url}/api/v2/monitor/health"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the Airflow UI did not start on {url} (is the port taken? --ui-port picks another); "
+                                 f"see {log_path}")
+            time.sleep(1)
+        passwords = json.loads((Path(env["AIRFLOW_HOME"]) / PASSWORDS).read_text())
+        print(f"\n==> approval required: when the candidates are scored, answer at {url}/required_actions (user admin, "
+              f"password {passwords['admin']}), or with the REST API there (docs/promotion.md)", flush=True)
         yield
     finally:
         server.terminate()
@@ -92,7 +104,16 @@ def approval_ui(env: dict[str, str], root: Path, port: int, wanted: bool) -> Ite
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-        log.close()
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def step(message: str) -> float:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from jobs.contract import spec
 from jobs.contract.errors import BadInputError
@@ -29,6 +30,9 @@ class ConvertConfig:
                        upstream="preprocess")
     benchmark: str = option("", "output prefix of the benchmark stage: its metrics, each with its 95% interval, go into "
                                 "the model card (empty: a card without evaluation)", upstream="benchmark")
+    approval: str = option("", "the promotion decision for the model card, as JSON (decision, candidate, selected, by, "
+                               "comment); the DAG's approve task sets it, so a new decision rewrites the card (empty: "
+                               "no approval record)")
     answers: int = option(3, "how many eval prompts to answer (0: none)", minimum=0, maximum=50)
     base_model: str = option("", "base model for the base + adapter path (default: the one the fine-tune used)")
     adapter: str = option("", "a .lora.h5 adapter to merge into the base model (empty: export the merged preset)")
@@ -48,6 +52,7 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         spec.validate(self)
+        self.approval_record()  # a malformed --approval fails here, before anything loads
         if not self.finetune and not (self.base_model and self.adapter):
             raise BadInputError("--finetune", self.finetune, "a fine-tuning output prefix, or --base-model with --adapter")
         if self.adapter and not self.adapter.endswith(".lora.h5"):
@@ -55,6 +60,17 @@ class ConvertConfig:
         if self.adapter and not self.finetune and (self.lora_rank < 1 or not self.lora_targets):
             raise BadInputError("--lora-rank/--lora-targets", (self.lora_rank, self.lora_targets),
                                 "the adapter's rank and target layers when no --finetune manifest gives them")
+
+    def approval_record(self) -> dict[str, Any] | None:
+        if not self.approval:
+            return None
+        try:
+            record = json.loads(self.approval)
+        except json.JSONDecodeError as err:
+            raise BadInputError("--approval", self.approval, f"a JSON object ({err})") from None
+        if not isinstance(record, dict) or "decision" not in record:
+            raise BadInputError("--approval", self.approval, "a JSON object with a decision")
+        return record
 
     def sample_texts(self) -> list[str]:
         return [s for s in self.samples.split("|") if s] if self.samples else list(DEFAULT_SAMPLES)

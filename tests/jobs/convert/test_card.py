@@ -12,9 +12,8 @@ REPORT = {"models": {
     "tuned": {"splits": {"eval": {"perplexity": 8.25, "ci95_low": 7.5, "ci95_high": 9.0}},
               "generation": {"metrics": {"rouge_l": {"value": 0.3, "ci95_low": 0.25, "ci95_high": 0.35}}},
               "tasks": {"arith": {"exact_match": {"value": 0.5, "ci95_low": 0.4, "ci95_high": 0.6}}}}}}
-APPROVAL = {"required": True, "decision": "overridden", "candidate": "lr-high", "selected": "default",
-            "by": {"id": "alice", "name": "Alice"}, "at": "2026-12-04T12:00:00+00:00", "timed_out": False,
-            "comment": "shorter `answers` | <script>"}
+APPROVAL = {"decision": "overridden", "candidate": "lr-high", "selected": "default", "by": {"id": "alice", "name": "Alice"},
+            "timed_out": False, "comment": "shorter `answers` | <script>"}  # what convert's --approval carries
 
 
 def _card(kind: str = "model", **overrides):
@@ -43,7 +42,7 @@ def test_the_hubs_parser_reads_the_card_back(tmp_path):
     assert record["dataset"] == "hf://org/support-tickets" and record["training"]["lora_rank"] == 8
     text = path.read_text()
     assert "| `rouge_l` | 0.1 (0.05–0.15) | 0.3 (0.25–0.35) |" in text
-    assert "Approved by `Alice` at 2026-12-04T12:00:00+00:00: chosen over the automatic champion `default`" in text
+    assert "Approved by `Alice`: chosen over the automatic champion `default`" in text
     assert "``shorter `answers` | <script>``" in text  # the approver's words in a code span, shown literally
     assert "## Intended use and limitations" in text and "Gemma Terms of Use" in text
 
@@ -60,3 +59,15 @@ def test_the_adapter_card_says_peft_and_a_base_off_the_hub_stays_out_of_the_fron
                                                ("hf://org/ds@main", "org/ds"), ("gs://b/x", None), ("demo:x", None)])
 def test_hub_ids(uri, expected):
     assert card.hub_id(uri) == expected
+
+
+def test_a_candidate_converted_beside_the_promoted_one_says_so(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from jobs.contract import documents
+
+    beside = {**APPROVAL, "decision": documents.NOT_APPROVED}
+    path = card.write(tmp_path, _card(candidate="default", approval=beside))
+    assert "Not the promoted candidate: converted beside `lr-high`" in path.read_text()
+    assert ModelCard.load(path).data.gemma_lora_pipeline["approval"]["decision"] == documents.NOT_APPROVED
+    assert "No approval record" in card.write(tmp_path, _card(approval=None)).read_text()
