@@ -74,7 +74,7 @@ def publish(context: Any, store: RunStore, prefix: str, asking: bool = False) ->
     manifests = {s: read(s, artifacts.MANIFEST) for s in stages.NAMES}
     documents = {"benchmark": read("benchmark", artifacts.BENCHMARK_REPORT), "parity": read("convert", artifacts.PARITY),
                  "answers": read("convert", artifacts.ANSWERS)}
-    usages = usages_of(context, champion)
+    usages = usages_of(context, champion, convert=where["convert"] is not None)
     params = {k: (v.value if hasattr(v, "value") else v) for k, v in dict(context["params"]).items()}
     started = context["dag_run"].start_date if context.get("dag_run") else None
     report = build(prefix, params, manifests, documents, usages, price_table(), champion,
@@ -90,14 +90,15 @@ def publish(context: Any, store: RunStore, prefix: str, asking: bool = False) ->
     return report
 
 
-def usages_of(context: Any, champion: dict[str, Any] | None) -> dict[str, dict | None]:
-    """What each of the champion's tasks pushed: its map index among the candidates, and among the converts."""
+def usages_of(context: Any, champion: dict[str, Any] | None, convert: bool = True) -> dict[str, dict | None]:
+    """What each of the champion's tasks pushed: its map index among the candidates, and among the converts (none
+    before a promotion or after a rejection: `convert` False, or a decision without a candidate)."""
     ti = context["ti"]
     usages = {"preprocess": ti.xcom_pull(task_ids="preprocess", key="usage")}
     if champion:
         usages["finetune"] = ti.xcom_pull(task_ids="candidate.finetune", key="usage", map_indexes=champion["index"])
         usages["benchmark"] = ti.xcom_pull(task_ids="candidate.benchmark", key="usage", map_indexes=champion["index"])
-        if "approval" not in champion or champion["approval"].get("candidate"):  # else no convert ran: rejected
+        if convert and ("approval" not in champion or champion["approval"].get("candidate")):
             usages["convert"] = ti.xcom_pull(task_ids="convert", key="usage", map_indexes=champion.get("convert_index", 0))
     return usages
 
