@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gemma_pipeline import local
 
 from tests.conftest import ROOT
 from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS
@@ -49,6 +50,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def healthy(url: str, process: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait until the api-server at `url` answers its health check; False if `process` (it, or what starts it)
+    ends first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not local.responds(f"{url}/api/v2/monitor/health"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
+
+
 @contextlib.contextmanager
 def api_server(home: Path, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
     """The api-server over `home`'s metadata database (migrated here if new); yields its URL."""
@@ -60,16 +72,9 @@ def api_server(home: Path, env: dict[str, str] | None = None, port: int | None =
         server = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--port", str(port)], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
         try:
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"airflow api-server did not start:\n{(home / 'api-server.log').read_text()[-3000:]}")
-                    time.sleep(1)
+            if not healthy(url, server, 180):
+                pytest.fail(f"airflow api-server did not start:\n{(home / 'api-server.log').read_text()[-3000:]}")
             yield url
         finally:
             os.killpg(server.pid, signal.SIGTERM)
@@ -95,16 +100,9 @@ def local_run_ui(root: Path, conf: dict) -> tuple[subprocess.Popen, UI]:
     port = free_port()
     process = start_local_run(root, conf, args=("--ui-port", str(port)))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                abandon(process)
-                pytest.fail(f"the local run's Airflow UI never answered at {url} (exit {process.returncode})")
-            time.sleep(1)
+    if not healthy(url, process, 300):
+        abandon(process)
+        pytest.fail(f"the local run's Airflow UI never answered at {url} (exit {process.returncode})")
     home = root / "airflow"
     password = json.loads((home / PASSWORDS).read_text())["admin"]
     return process, UI(url, password, login(url, home, "admin"))

@@ -78,9 +78,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
+def responds(url: str) -> bool:
+    """A GET of `url` succeeds now (a server is up: the emulator, Airflow's api-server)."""
     try:
-        urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).close()
+        urllib.request.urlopen(url, timeout=2).close()
         return True
     except OSError:
         return False
@@ -108,7 +109,7 @@ class Emulator:
     def __enter__(self) -> Emulator:
         if self.url and self.port is None:
             # A stale STORAGE_EMULATOR_HOST would otherwise surface as minutes of client retries per request.
-            if not _answers(self.url):
+            if not responds(f"{self.url}/storage/v1/b"):
                 raise RuntimeError(f"{EMULATOR_ENV}={self.url} does not answer; start that emulator, or unset "
                                    f"{EMULATOR_ENV} so the run starts its own over {self.data}")
             return self
@@ -129,7 +130,7 @@ class Emulator:
                  "-backend", "filesystem", "-filesystem-root", str(self.data), "-external-url", self.url,
                  "-log-level", "warn"], stdout=log, stderr=log)
         deadline = time.monotonic() + 20
-        while not _answers(self.url):
+        while not responds(f"{self.url}/storage/v1/b"):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.__exit__(None, None, None)
                 raise RuntimeError(f"the Cloud Storage emulator did not start; see {self.log_path}")

@@ -215,11 +215,6 @@ def gke_objects(mounts: dict[str, str], args: list[str], image: str = GKE_VLLM_I
     return [policy, deployment, service]  # the policy first: the server is never reachable without it
 
 
-def champion_paths(record: dict[str, Any]) -> dict[str, str]:
-    chosen = next(r for r in record["candidates"] if r.get("champion"))
-    return {"export": chosen["prefixes"]["convert"], "key": chosen["key"]}
-
-
 def check_api_key(core: Any, namespace: str) -> None:
     """The Deployment needs its key; without the Secret its pod would wait forever in CreateContainerConfigError."""
     from kubernetes.client.rest import ApiException

@@ -89,7 +89,7 @@ def approval_ui(env: dict[str, str], root: Path, port: int, wanted: bool) -> Ite
                                   env=env, stdout=log, stderr=subprocess.STDOUT)  # in this command's process group
     try:
         deadline = time.monotonic() + 180
-        while not _answers(f"{url}/api/v2/monitor/health"):
+        while not local.responds(f"{url}/api/v2/monitor/health"):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the Airflow UI did not start on {url} (is the port taken? --ui-port picks another); "
                                  f"see {log_path}")
@@ -104,16 +104,6 @@ def approval_ui(env: dict[str, str], root: Path, port: int, wanted: bool) -> Ite
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-
-
-def _answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(url, timeout=2).close()
-        return True
-    except OSError:
-        return False
 
 
 def step(message: str) -> float:
