@@ -1,5 +1,5 @@
-"""Serving hand-off: the Vertex request checked against the client library's own types, the operator path with
-the provider's hooks patched at their boundary, and the GKE vLLM objects validated strictly like the Jobs."""
+"""Serving hand-off to GKE: the vLLM objects validated strictly like the Jobs, the arguments for one or several
+candidates, and the operator path with the Kubernetes client faked at its boundary (Vertex: test_serving_vertex.py)."""
 
 from __future__ import annotations
 
@@ -29,114 +29,6 @@ def test_images_must_be_pinned():
             serving.pinned(bad)
     assert serving.pinned("vllm/vllm-openai:v0.34.0") and serving.pinned("r/v@sha256:" + "a" * 64)
     assert serving.GKE_VLLM_IMAGE == f"vllm/vllm-openai:v{serving.VLLM_VERSION}"
-
-
-def test_the_vertex_model_is_the_champions_export_and_the_client_types_accept_it():
-    from google.cloud.aiplatform_v1.types import Model
-
-    model = serving.vertex_model("gemma-lora-r1", EXPORT, "us-docker.pkg.dev/p/r/vllm:1.0", {"run": "r1"})
-    assert model["artifact_uri"] == EXPORT and "--model=$(AIP_STORAGE_URI)" in model["container_spec"]["args"]
-    assert Model(model).container_spec.ports[0].container_port == 8080
-    typo = {**model, "container_spec": {**model["container_spec"], "image": model["container_spec"]["image_uri"]}}
-    with pytest.raises(ValueError, match="Unknown field"):  # what a misspelled field meets: an error, here
-        Model(typo)
-    with pytest.raises(ValueError, match="never latest"):
-        serving.vertex_model("x", EXPORT, "vllm:latest", {})
-
-
-class FakeModelHook:
-    calls: list = []
-
-    def __init__(self, **kwargs):
-        pass
-
-    def upload_model(self, **kwargs):
-        FakeModelHook.calls.append(("upload", kwargs))
-        return "operation"
-
-    def wait_for_operation(self, timeout, operation):
-        from google.cloud.aiplatform_v1.types import UploadModelResponse
-
-        version = sum(kind == "upload" for kind, _ in FakeModelHook.calls) + 1  # version 1 exists already
-        return UploadModelResponse(model="projects/p/locations/us-central1/models/123", model_version_id=str(version))
-
-    def set_version_as_default(self, **kwargs):
-        from google.cloud.aiplatform_v1.types import Model
-
-        FakeModelHook.calls.append(("default", kwargs))
-        return Model(name=kwargs["model_id"].partition("@")[0], version_id=kwargs["model_id"].partition("@")[2])
-
-    extract_model_id = staticmethod(lambda response: response["model"].rsplit("/", 1)[-1])
-
-
-class FakeEndpointHook(FakeModelHook):
-    def deploy_model(self, **kwargs):
-        FakeModelHook.calls.append(("deploy", kwargs))
-        return "operation"
-
-    def wait_for_operation(self, timeout, operation):
-        from google.cloud.aiplatform_v1.types import DeployModelResponse
-
-        return DeployModelResponse(deployed_model={"id": "9"})
-
-    extract_deployed_model_id = staticmethod(lambda response: "9")
-
-
-@pytest.fixture
-def vertex(monkeypatch):
-    from airflow.providers.google.cloud.operators.vertex_ai import endpoint_service, model_service
-
-    monkeypatch.setattr(model_service, "ModelServiceHook", FakeModelHook)
-    monkeypatch.setattr(endpoint_service, "EndpointServiceHook", FakeEndpointHook)
-    for link in (model_service.VertexAIModelLink, endpoint_service.VertexAIEndpointLink):
-        monkeypatch.setattr(link, "persist", staticmethod(lambda **kwargs: None))
-    monkeypatch.setenv(serving.VERTEX_VLLM_IMAGE_ENV, "us-docker.pkg.dev/p/r/vllm:1.0")
-    monkeypatch.setenv(serving.VERTEX_MODEL_ENV, "projects/p/locations/us-central1/models/123")
-    monkeypatch.setenv(serving.VERTEX_ENDPOINT_ENV, "456")
-    FakeModelHook.calls = []
-    ti = SimpleNamespace(xcom_push=lambda key, value: None)
-    op = ServeOperator(task_id="serve", run_prefix=RUN, mode="vertex", project_id="p", location="us-central1", cluster_name="c")
-    return lambda record: op.to_vertex({"ti": ti, "task_instance": ti}, record)
-
-
-def test_the_vertex_path_uploads_a_new_version_makes_it_the_default_and_deploys_it(vertex):
-    result = vertex(RECORD)
-    (kind, upload), (kind2, default), (kind3, deploy) = FakeModelHook.calls
-    assert kind == "upload" and upload["parent_model"] == "projects/p/locations/us-central1/models/123"
-    assert upload["model"]["artifact_uri"] == EXPORT and upload["model"]["labels"]["candidate"] == "lora-rank-8-abc"
-    assert kind2 == "default" and default["model_id"] == "123@2"
-    assert kind3 == "deploy" and deploy["endpoint"] == "456" and deploy["traffic_split"] == {"0": 100}
-    assert deploy["deployed_model"]["model"] == "projects/p/locations/us-central1/models/123@2"
-    assert result["endpoint"] == "456" and result["model_version_id"] == "2"
-
-
-def test_every_converted_candidate_is_a_version_of_one_model_and_the_approved_one_is_the_default(vertex):
-    from google.cloud.aiplatform_v1 import ModelServiceClient
-    from google.cloud.aiplatform_v1.types import MergeVersionAliasesRequest, UploadModelRequest
-
-    result = vertex(BOTH)
-    uploads = [call for kind, call in FakeModelHook.calls if kind == "upload"]
-    assert [u["model"]["labels"]["candidate"] for u in uploads] == ["default", "lora-rank-8-abc"]  # the approved last
-    assert [u["model"]["labels"]["approved"] for u in uploads] == ["false", "true"]
-    assert {u["parent_model"] for u in uploads} == {"projects/p/locations/us-central1/models/123"}
-    for upload in uploads:  # the requests the hook sends, as the client library's own types
-        UploadModelRequest(parent="projects/p/locations/us-central1", parent_model=upload["parent_model"], model=upload["model"])
-    (default,) = [call for kind, call in FakeModelHook.calls if kind == "default"]
-    # The hook names the version by model_path(project, region, model_id) and merges the alias "default" into it.
-    name = ModelServiceClient.model_path("p", "us-central1", default["model_id"])
-    assert MergeVersionAliasesRequest(name=name, version_aliases=["default"]).name == \
-        "projects/p/locations/us-central1/models/123@3"
-    assert result["versions"]["default"]["model_version_id"] == "2"
-    assert result["model_version_id"] == "3"
-
-
-def test_vertex_without_a_serving_image_says_what_to_set(monkeypatch):
-    from airflow.sdk.exceptions import AirflowFailException
-
-    monkeypatch.delenv(serving.VERTEX_VLLM_IMAGE_ENV, raising=False)
-    op = ServeOperator(task_id="serve", run_prefix=RUN, mode="vertex", project_id="p", location="l", cluster_name="c")
-    with pytest.raises(AirflowFailException, match=serving.VERTEX_VLLM_IMAGE_ENV):
-        op.to_vertex({}, RECORD)
 
 
 @pytest.mark.parametrize("mode,backend,reason", [("none", "gke", "serve is none"), ("gke", "local", "needs Google Cloud")])

@@ -5,7 +5,6 @@ champion's answers before and after fine-tuning are in its convert output and th
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from airflow.providers.google.cloud.operators.kubernetes_engine import GKEOperatorMixin
@@ -17,10 +16,6 @@ from gemma_pipeline.plan import access, jobspec, serving
 from gemma_pipeline.storage.store import RunStore
 from jobs.contract import artifacts, documents
 from jobs.contract.layout import RunLayout
-
-
-def _label(value: str) -> str:  # Vertex label values: lowercase letters, digits, - and _, at most 63
-    return re.sub(r"[^a-z0-9_-]+", "-", value.lower())[:63]
 
 
 class ServeOperator(GKEOperatorMixin, BaseOperator):
@@ -80,7 +75,10 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
 
     def to_vertex(self, context: Any, record: dict[str, Any]) -> dict[str, Any]:
         """Every converted candidate a version of one Model Registry model (`GEMMA_PIPELINE_VERTEX_MODEL`, or the
-        model the first upload creates); the approved one is made its default version and deployed to the endpoint."""
+        model the first upload creates); the approved one is made its default version and deployed to the endpoint.
+        A retry (the task's, or a cleared run's) reuses the versions its run uploaded and a deployment already made."""
+        from airflow.providers.google.cloud.hooks.vertex_ai.endpoint_service import EndpointServiceHook
+        from airflow.providers.google.cloud.hooks.vertex_ai.model_service import ModelServiceHook
         from airflow.providers.google.cloud.operators.vertex_ai.endpoint_service import DeployModelOperator
         from airflow.providers.google.cloud.operators.vertex_ai.model_service import (
             SetDefaultVersionOnModelOperator,
@@ -92,28 +90,45 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
             raise AirflowFailException(f"serve=vertex: set {serving.VERTEX_VLLM_IMAGE_ENV} to a vLLM serving image for "
                                        "Vertex AI (Model Garden's vLLM build, mirrored into your Artifact Registry)")
         run = self.run_prefix.rstrip("/").rsplit("/", 1)[-1]
-        parent = os.environ.get(serving.VERTEX_MODEL_ENV) or None
+        where = {"project_id": self.project_id, "region": self.location}
+        models = ModelServiceHook(gcp_conn_id=self.gcp_conn_id)
+        try:
+            parent = serving.model_id(os.environ[serving.VERTEX_MODEL_ENV], self.project_id, self.location) \
+                if os.environ.get(serving.VERTEX_MODEL_ENV) else None
+        except ValueError as err:
+            raise AirflowFailException(str(err)) from err
+        if parent is None:  # the model an earlier try of this run created, if any
+            found = next(iter(models.list_models(**where, filter=serving.run_filter(run))), None)
+            parent = found.name.rsplit("/", 1)[-1] if found else None
+        done = serving.registered(models.list_model_versions(**where, model_id=parent), run) if parent else {}
         versions: dict[str, dict[str, Any]] = {}
         for row in sorted(self.converted(record), key=lambda r: r["key"] == record["champion"]):  # the approved last
-            model = serving.vertex_model(f"gemma-lora-{run}", row["prefixes"]["convert"], image, {
-                "run": _label(run), "candidate": _label(row["key"]), "pipeline": "gemma-lora",
-                "approved": str(row["key"] == record["champion"]).lower()})
-            response = UploadModelOperator(task_id=f"{self.task_id}_upload", project_id=self.project_id, region=self.location,
-                                           model=model, parent_model=parent, gcp_conn_id=self.gcp_conn_id).execute(context)
-            parent = parent or response["model"]
+            if serving.label(row["key"]) in done:
+                versions[row["key"]] = done[serving.label(row["key"])]
+                self.log.info("candidate %s: already registered by this run as %s", row["key"], versions[row["key"]])
+                continue
+            model = serving.vertex_model(f"gemma-lora-{run}", row["prefixes"]["convert"], image,
+                                         serving.vertex_labels(run, row["key"], row["key"] == record["champion"]))
+            response = UploadModelOperator(task_id=f"{self.task_id}_upload", **where, model=model, parent_model=parent,
+                                           gcp_conn_id=self.gcp_conn_id).execute(context)
+            parent = parent or response["model"].rsplit("/", 1)[-1]
             versions[row["key"]] = {"model": response["model"], "model_version_id": response.get("model_version_id")}
         approved = versions[record["champion"]]
-        SetDefaultVersionOnModelOperator(task_id=f"{self.task_id}_default", project_id=self.project_id, region=self.location,
+        SetDefaultVersionOnModelOperator(task_id=f"{self.task_id}_default", **where,
                                          model_id=serving.model_version(approved["model"], approved["model_version_id"], full=False),
                                          gcp_conn_id=self.gcp_conn_id).execute(context)
         result = {"mode": "vertex", **approved, "versions": versions}
         endpoint = os.environ.get(serving.VERTEX_ENDPOINT_ENV)
         if endpoint:
-            deployed = {**serving.vertex_deployed_model(f"gemma-lora-{run}-{record['champion']}"),
-                        "model": serving.model_version(approved["model"], approved["model_version_id"])}
-            DeployModelOperator(task_id=f"{self.task_id}_deploy", project_id=self.project_id, region=self.location,
-                                endpoint_id=endpoint, deployed_model=deployed, traffic_split={"0": 100},
-                                gcp_conn_id=self.gcp_conn_id).execute(context)
+            name = serving.model_version(approved["model"], approved["model_version_id"])
+            current = EndpointServiceHook(gcp_conn_id=self.gcp_conn_id).get_endpoint(**where, endpoint=endpoint)
+            if serving.is_deployed(current, approved["model"], approved["model_version_id"]):
+                self.log.info("endpoint %s already serves %s", endpoint, name)
+            else:
+                deployed = {**serving.vertex_deployed_model(f"gemma-lora-{run}-{record['champion']}"), "model": name}
+                DeployModelOperator(task_id=f"{self.task_id}_deploy", **where, endpoint_id=endpoint,
+                                    deployed_model=deployed, traffic_split={"0": 100},
+                                    gcp_conn_id=self.gcp_conn_id).execute(context)
             result["endpoint"] = endpoint
         self.log.info("candidates registered in Vertex AI as versions of %s; the approved %s is the default: %s",
                       approved["model"], record["champion"], result)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ MODES = ("none", "vertex", "gke")
 VLLM_VERSION = "0.34.0"
 GKE_VLLM_IMAGE = os.environ.get("GEMMA_PIPELINE_VLLM_IMAGE", f"vllm/vllm-openai:v{VLLM_VERSION}")
 VERTEX_VLLM_IMAGE_ENV = "GEMMA_PIPELINE_VERTEX_VLLM_IMAGE"
-VERTEX_MODEL_ENV = "GEMMA_PIPELINE_VERTEX_MODEL"  # projects/P/locations/L/models/ID: upload as its new version
+VERTEX_MODEL_ENV = "GEMMA_PIPELINE_VERTEX_MODEL"  # a model ID or projects/P/locations/L/models/ID: upload as its versions
 VERTEX_ENDPOINT_ENV = "GEMMA_PIPELINE_VERTEX_ENDPOINT"  # an endpoint id: deploy the uploaded version there
 SERVING = {"namespace": os.environ.get("GEMMA_PIPELINE_SERVING_NAMESPACE", "serving"), "queue": "serving-queue",
            "priority_class": "serving", "name": "gemma-champion", "port": 8000}
@@ -73,6 +74,52 @@ def vertex_model(display_name: str, artifact_uri: str, image: str, labels: dict[
     }
     Model(model)  # the client's own type: an unknown or misspelled field raises here, not at the API
     return model
+
+
+def label(value: str) -> str:
+    """A Vertex label value: lowercase letters, digits, - and _, at most 63."""
+    return re.sub(r"[^a-z0-9_-]+", "-", value.lower())[:63]
+
+
+def vertex_labels(run: str, candidate: str, approved: bool) -> dict[str, str]:
+    """What marks a candidate's version as this run's, so that a retried `serve` finds what it uploaded already."""
+    return {"pipeline": "gemma-lora", "run": label(run), "candidate": label(candidate), "approved": str(approved).lower()}
+
+
+def run_filter(run: str) -> str:
+    """The ListModels filter (AIP-160) for the model a run created when no GEMMA_PIPELINE_VERTEX_MODEL named one."""
+    labels = vertex_labels(run, "", False)
+    return f'labels.pipeline="{labels["pipeline"]}" AND labels.run="{labels["run"]}"'
+
+
+def model_id(value: str, project: str, location: str) -> str:
+    """The model ID the provider's hooks take (they build `projects/P/locations/L/models/ID` themselves), from an ID
+    or a full resource name in this project and region."""
+    match = re.fullmatch(r"(?:projects/([^/]+)/locations/([^/]+)/models/)?([A-Za-z0-9_-]+)", value.strip())
+    if not match or (match[1] and (match[1], match[2]) != (project, location)):
+        raise ValueError(f"{VERTEX_MODEL_ENV}: got {value!r}; expected a model ID or projects/{project}/locations/"
+                         f"{location}/models/ID (the serve task's project and region)")
+    return match[3]
+
+
+def registered(versions: Any, run: str) -> dict[str, dict[str, Any]]:
+    """This run's versions among a model's (`Model` messages, as ListModelVersions returns them), by candidate label:
+    what an earlier try of `serve` uploaded before it was cut off."""
+    found = {}
+    for version in versions:
+        labels = dict(version.labels)
+        if labels.get("pipeline") == "gemma-lora" and labels.get("run") == label(run) and "candidate" in labels:
+            found[labels["candidate"]] = {"model": version.name.partition("@")[0], "model_version_id": version.version_id}
+    return found
+
+
+def is_deployed(endpoint: Any, model: str, version_id: str | None) -> bool:
+    """The endpoint (an `Endpoint` message) already serves this model version: a retried deploy would add a copy."""
+    for deployed in endpoint.deployed_models:
+        name, _, at = deployed.model.partition("@")
+        if name == model and (at or deployed.model_version_id or None) == version_id:
+            return True
+    return False
 
 
 def vertex_deployed_model(display_name: str, machine_type: str = "g2-standard-12", accelerator: str = "NVIDIA_L4",
