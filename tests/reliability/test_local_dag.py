@@ -13,6 +13,7 @@ import json
 import re
 
 import pytest
+from gemma_pipeline.plan import approval
 
 from tests.support import airflow_ui
 from tests.support.browser import browser_available
@@ -174,6 +175,19 @@ def test_a_rejected_run_converts_and_serves_nothing_and_says_so(first_run, root,
     assert json.loads((prefix / "champion.json").read_text())["approval"]["decision"] == "rejected"
     report = (prefix / "report.md").read_text()
     assert "REJECTED at approval: nothing was converted or served" in report and "not good enough yet" in report
+
+
+@pytest.mark.slow  # a DAG run that waits out its timeout; the default itself is tested in tests/dags/test_approval.py
+def test_nobody_answering_before_the_timeout_rejects_the_run(root, tiny_gemma3):
+    """The provider's trigger applies the default (Reject) when the deployment's timeout passes unanswered."""
+    run = _local_run(root, _conf(tiny_gemma3, run_name="ci-timeout", approval="required", candidates=[{}]),
+                     env={approval.TIMEOUT_ENV: "0.005"}, args=("--ui-port", "0"))  # 18 s, and no UI: nobody answers
+    assert run.returncode == 0, run.stdout[-4000:]
+    prefix = root / "gcs" / BUCKET / "runs" / "ci-timeout"
+    assert not list((prefix / "candidates").glob("*/convert"))
+    decision = json.loads((prefix / "champion.json").read_text())["approval"]
+    assert decision["decision"] == "rejected" and decision["timed_out"] and decision["by"] is None, decision
+    assert "before it timed out" in (prefix / "report.md").read_text()
 
 
 @pytest.mark.slow  # a second DAG run (~100 s); candidate reuse is also covered by tests/dags/test_candidates.py

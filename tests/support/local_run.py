@@ -54,5 +54,6 @@ def abandon(process: subprocess.Popen) -> None:
         stream.close()
 
 
-def _local_run(root, conf: dict, timeout: float = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return finish_local_run(start_local_run(root, conf, env), timeout)
+def _local_run(root, conf: dict, timeout: float = 420, env: dict[str, str] | None = None,
+               args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return finish_local_run(start_local_run(root, conf, env, args), timeout)

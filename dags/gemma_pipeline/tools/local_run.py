@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gemma_pipeline import local
 from gemma_pipeline.plan import approval, jobspec, report
+from gemma_pipeline.tools import approval_timeouts
 from jobs.contract import layout
 from jobs.contract.layout import RunLayout
 from jobs.demo_model import DEMO_MODEL_URI
@@ -76,7 +77,8 @@ def airflow_env(root: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def approval_ui(env: dict[str, str], root: Path, port: int, wanted: bool) -> Iterator[None]:
-    """With approval required, `airflow dags test` waits until someone answers: Airflow's UI (api-server) on
+    """With approval required, `airflow dags test` waits until someone answers (or, with `approval_timeouts`
+    sweeping, until the timeout applies its default, Reject): Airflow's UI (api-server) on
     loopback over the run's own metadata database, with SimpleAuthManager's `admin` user and the password it
     generates (as `airflow standalone` does), for the time of the run."""
     if not (wanted and port):
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         key = layout.safe_run_id(args.conf["run_name"])
         (root / "logs").mkdir(exist_ok=True)
         phase = time.monotonic()
-        with approval_ui(env, root, args.ui_port, args.conf.get("approval") == "required"):
+        asking = args.conf.get("approval") == "required"
+        with approval_ui(env, root, args.ui_port, asking), \
+                (approval_timeouts.sweeping(env, root / "logs" / "approval-timeouts.log") if asking else contextlib.nullcontext()):
             code = run([*airflow, "dags", "test", DAG_ID, "-c", conf], env, root / "logs" / f"{key}.log")
         phases["airflow dags test"] = time.monotonic() - phase
         complete = print_outcome(emulator, RunLayout.of(args.conf["bucket"], key).prefix)
