@@ -103,6 +103,19 @@ class VertexAI:
                 v.version_aliases.append("default")
         return next(v for v in self.models[model_id] if v.version_id == version)
 
+    def update_model(self, request, **kwargs):
+        from google.cloud.aiplatform_v1.types import UpdateModelRequest
+
+        request = UpdateModelRequest(request)
+        self.requests.append(("update", request))
+        assert list(request.update_mask.paths) == ["labels"]
+        model_id, version = self.model(request.model.name)
+        assert version, "a version's labels are updated by its versioned name"
+        updated = next(v for v in self.models[model_id] if v.version_id == version)
+        updated.labels.clear()
+        updated.labels.update(request.model.labels)
+        return updated
+
     # EndpointServiceClient
     endpoint_path = staticmethod(EndpointServiceClient.endpoint_path)
 
@@ -210,6 +223,20 @@ def test_a_retried_serve_reuses_what_its_cut_off_try_uploaded_and_deploys_once(v
     assert len(api.upload_requests()) == 2 and [k for k, _ in api.requests].count("deploy") == 1
     assert first["versions"] == again["versions"] and len(api.models["123"]) == 3  # r0's version and this run's two
     assert len(api.endpoint.deployed_models) == 1
+
+
+def test_a_decision_changed_after_serving_moves_the_default_and_the_labels_without_uploading(vertex):
+    vertex(BOTH)
+    api = vertex.state["api"]
+    api.models["123"][1].labels["owner"] = "ml-platform"  # a label someone added in the console
+    result = vertex({**BOTH, "champion": "default"})  # approve cleared and answered again: the other candidate
+    assert len(api.upload_requests()) == 2 and result["model_version_id"] == "2"
+    assert api.default_version("123").labels["candidate"] == "default"
+    labels = {v.labels["candidate"]: dict(v.labels) for v in api.models["123"][1:]}
+    assert labels["default"]["approved"] == "true" and labels["default"]["owner"] == "ml-platform"
+    assert labels["lora-rank-8-abc"]["approved"] == "false"
+    vertex({**BOTH, "champion": "default"})
+    assert [k for k, _ in api.requests].count("update") == 2  # nothing more to change the second time
 
 
 def test_without_a_named_model_the_first_upload_creates_one_that_a_retry_finds_by_its_labels(vertex, monkeypatch):

@@ -103,12 +103,14 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
         done = serving.registered(models.list_model_versions(**where, model_id=parent), run) if parent else {}
         versions: dict[str, dict[str, Any]] = {}
         for row in sorted(self.converted(record), key=lambda r: r["key"] == record["champion"]):  # the approved last
-            if serving.label(row["key"]) in done:
-                versions[row["key"]] = done[serving.label(row["key"])]
+            labels = serving.vertex_labels(run, row["key"], row["key"] == record["champion"])
+            if found := done.get(serving.label(row["key"])):
+                versions[row["key"]] = {"model": found["model"], "model_version_id": found["model_version_id"]}
                 self.log.info("candidate %s: already registered by this run as %s", row["key"], versions[row["key"]])
+                if update := serving.relabelled(found, labels):
+                    models.get_model_service_client(self.location).update_model(request=update)
                 continue
-            model = serving.vertex_model(f"gemma-lora-{run}", row["prefixes"]["convert"], image,
-                                         serving.vertex_labels(run, row["key"], row["key"] == record["champion"]))
+            model = serving.vertex_model(f"gemma-lora-{run}", row["prefixes"]["convert"], image, labels)
             response = UploadModelOperator(task_id=f"{self.task_id}_upload", **where, model=model, parent_model=parent,
                                            gcp_conn_id=self.gcp_conn_id).execute(context)
             parent = parent or response["model"].rsplit("/", 1)[-1]

@@ -109,8 +109,23 @@ def registered(versions: Any, run: str) -> dict[str, dict[str, Any]]:
     for version in versions:
         labels = dict(version.labels)
         if labels.get("pipeline") == "gemma-lora" and labels.get("run") == label(run) and "candidate" in labels:
-            found[labels["candidate"]] = {"model": version.name.partition("@")[0], "model_version_id": version.version_id}
+            found[labels["candidate"]] = {"model": version.name.partition("@")[0], "model_version_id": version.version_id,
+                                          "labels": labels}
     return found
+
+
+def relabelled(found: dict[str, Any], labels: dict[str, str]) -> dict[str, Any] | None:
+    """The UpdateModel request that gives a version uploaded earlier the labels it has now (a decision changed after
+    a cleared `approve`), keeping any others; None when they stand."""
+    from google.cloud.aiplatform_v1.types import UpdateModelRequest
+
+    merged = {**found["labels"], **labels}
+    if merged == found["labels"]:
+        return None
+    request = {"model": {"name": model_version(found["model"], found["model_version_id"]), "labels": merged},
+               "update_mask": {"paths": ["labels"]}}
+    UpdateModelRequest(request)
+    return request
 
 
 def is_deployed(endpoint: Any, model: str, version_id: str | None) -> bool:
