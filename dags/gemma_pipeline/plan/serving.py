@@ -63,6 +63,8 @@ def vertex_model(display_name: str, artifact_uri: str, image: str, labels: dict[
         "artifact_uri": artifact_uri,
         "container_spec": {
             "image_uri": pinned(image),
+            # Model Garden's build keeps this Vertex-protocol server (/generate, /ping); upstream vLLM dropped the
+            # module (0.34 has none), so an upstream image cannot serve here: GKE runs upstream's `vllm serve`.
             "command": ["python", "-m", "vllm.entrypoints.api_server"],
             "args": ["--host=0.0.0.0", "--port=8080", "--model=$(AIP_STORAGE_URI)", "--max-model-len=4096",
                      "--gpu-memory-utilization=0.9"],
