@@ -126,6 +126,7 @@ class VertexAI:
         return self.endpoint
 
     def deploy_model(self, request, **kwargs):
+        from google.api_core.exceptions import AlreadyExists
         from google.cloud.aiplatform_v1.types import DeployedModel, DeployModelRequest, DeployModelResponse
 
         request = DeployModelRequest(request)
@@ -133,10 +134,34 @@ class VertexAI:
         self.requests.append(("deploy", request))
         model_id, version = self.model(request.deployed_model.model)
         assert version, "a deployment names the version it serves"
-        deployed = DeployedModel(request.deployed_model, id=str(9 + len(self.endpoint.deployed_models)),
-                                 model=f"{LOCATION}/models/{model_id}", model_version_id=version)
+        deployed_id = request.deployed_model.id or str(9 + len(self.endpoint.deployed_models))
+        if any(d.id == deployed_id for d in self.endpoint.deployed_models):
+            raise AlreadyExists(f"DeployedModel {deployed_id} exists")
+        deployed = DeployedModel(request.deployed_model, id=deployed_id, model=f"{LOCATION}/models/{model_id}",
+                                 model_version_id=version)
         self.endpoint.deployed_models.append(deployed)
+        split = {deployed_id if key == "0" else key: share for key, share in request.traffic_split.items()}
+        self.endpoint.traffic_split.clear()
+        self.endpoint.traffic_split.update(split)
         return Operation(DeployModelResponse(deployed_model=deployed))
+
+    def update_endpoint(self, request, **kwargs):
+        from google.cloud.aiplatform_v1.types import UpdateEndpointRequest
+
+        request = UpdateEndpointRequest(request)
+        self.requests.append(("traffic", request))
+        assert request.endpoint.name == self.endpoint.name and list(request.update_mask.paths) == ["traffic_split"]
+        assert set(request.endpoint.traffic_split) <= {d.id for d in self.endpoint.deployed_models}
+        assert sum(request.endpoint.traffic_split.values()) == 100
+        self.endpoint.traffic_split.clear()
+        self.endpoint.traffic_split.update(request.endpoint.traffic_split)
+        return self.endpoint
+
+    def serving(self) -> str:
+        """The model version that has all of the endpoint's traffic."""
+        (deployed_id,) = [key for key, share in self.endpoint.traffic_split.items() if share == 100]
+        deployed = next(d for d in self.endpoint.deployed_models if d.id == deployed_id)
+        return f"{deployed.model}@{deployed.model_version_id}"
 
     def upload_requests(self) -> list:
         return [r for kind, r in self.requests if kind == "upload"]
@@ -225,18 +250,57 @@ def test_a_retried_serve_reuses_what_its_cut_off_try_uploaded_and_deploys_once(v
     assert len(api.endpoint.deployed_models) == 1
 
 
-def test_a_decision_changed_after_serving_moves_the_default_and_the_labels_without_uploading(vertex):
+def test_a_decision_changed_after_serving_moves_the_default_labels_and_traffic_without_uploading(vertex):
     vertex(BOTH)
     api = vertex.state["api"]
     api.models["123"][1].labels["owner"] = "ml-platform"  # a label someone added in the console
     result = vertex({**BOTH, "champion": "default"})  # approve cleared and answered again: the other candidate
     assert len(api.upload_requests()) == 2 and result["model_version_id"] == "2"
-    assert api.default_version("123").labels["candidate"] == "default"
+    assert api.default_version("123").labels["candidate"] == "default" and api.serving() == f"{LOCATION}/models/123@2"
     labels = {v.labels["candidate"]: dict(v.labels) for v in api.models["123"][1:]}
     assert labels["default"]["approved"] == "true" and labels["default"]["owner"] == "ml-platform"
     assert labels["lora-rank-8-abc"]["approved"] == "false"
-    vertex({**BOTH, "champion": "default"})
-    assert [k for k, _ in api.requests].count("update") == 2  # nothing more to change the second time
+    vertex(BOTH)  # and back: both are deployed already; the first gets its traffic back, nothing is deployed again
+    assert api.serving() == f"{LOCATION}/models/123@3" and api.default_version("123").version_id == "3"
+    assert [k for k, _ in api.requests].count("deploy") == 2 and len(api.endpoint.deployed_models) == 2
+    before = len(api.requests)
+    vertex(BOTH)
+    assert [k for k, _ in api.requests[before:]] == ["default"]  # nothing else to change the second time
+
+
+def test_the_previously_approved_version_stops_saying_so_when_only_the_new_one_is_converted(vertex):
+    vertex(RECORD)  # one candidate converted: the automatic champion
+    api = vertex.state["api"]
+    vertex({**RECORD, "champion": "default", "converted": ["default"]})  # a person chose the other one afterwards
+    approved = {v.labels["candidate"]: v.labels["approved"] for v in api.models["123"][1:]}
+    assert approved == {"lora-rank-8-abc": "false", "default": "true"}
+
+
+def test_another_deployments_versions_of_the_same_run_name_are_not_taken(vertex):
+    from google.cloud.aiplatform_v1.types import Model
+
+    api = vertex.state["api"]
+    elsewhere = "gs://other-bucket/runs/r1/candidates/lora-rank-8-abc/convert"
+    api.models["123"].append(Model(name=f"{LOCATION}/models/123", version_id="2", artifact_uri=elsewhere,
+                                   labels=serving.vertex_labels("r1", "lora-rank-8-abc", True)))
+    result = vertex(RECORD)
+    assert len(api.upload_requests()) == 1 and result["model_version_id"] == "3"
+    assert api.models["123"][1].labels["approved"] == "true"  # not ours to relabel
+
+
+def test_the_deployed_id_is_the_versions_so_a_repeated_deploy_is_refused_not_doubled(vertex):
+    from google.api_core.exceptions import AlreadyExists
+    from google.cloud.aiplatform_v1.types import Endpoint
+
+    vertex(RECORD)
+    api = vertex.state["api"]
+    (deploy,) = [r for k, r in api.requests if k == "deploy"]
+    assert deploy.deployed_model.id == serving.deployed_model_id(f"{LOCATION}/models/123", "2")
+    assert re.fullmatch(r"[1-9]\d{9}", deploy.deployed_model.id)
+    api.get_endpoint = lambda request, **kwargs: Endpoint(name=api.endpoint.name)  # the first deploy not listed yet
+    with pytest.raises(AlreadyExists):  # the task fails; its next retry finds the deployment and leaves it
+        vertex(RECORD)
+    assert len(api.endpoint.deployed_models) == 1
 
 
 def test_without_a_named_model_the_first_upload_creates_one_that_a_retry_finds_by_its_labels(vertex, monkeypatch):
@@ -253,17 +317,18 @@ def test_without_a_named_model_the_first_upload_creates_one_that_a_retry_finds_b
     assert api.default_version(created).labels["candidate"] == "lora-rank-8-abc"
 
 
-@pytest.mark.parametrize("value,expected", [("123", "123"), (f"{LOCATION}/models/123", "123"), (" 123 ", "123")])
+@pytest.mark.parametrize("value,expected", [("123", "123"), (f"{LOCATION}/models/123", "123"), (" 123 ", "123"),
+                                            ("projects/123456789012/locations/us-central1/models/77", "77")])
 def test_the_model_setting_takes_an_id_or_this_projects_resource_name(value, expected):
     assert serving.model_id(value, "p", "us-central1") == expected
 
 
 @pytest.mark.parametrize("value", ["projects/other/locations/us-central1/models/123",
-                                   "projects/p/locations/europe-west4/models/123", f"{LOCATION}/models/123@2", ""])
+                                   "projects/p/locations/europe-west4/models/123", f"{LOCATION}/models/123@2", "models/"])
 def test_a_model_setting_elsewhere_or_with_a_version_is_refused_by_name(vertex, monkeypatch, value):
     from airflow.sdk.exceptions import AirflowFailException
 
-    monkeypatch.setenv(serving.VERTEX_MODEL_ENV, value or "models/")
+    monkeypatch.setenv(serving.VERTEX_MODEL_ENV, value)
     with pytest.raises(AirflowFailException, match=f"{serving.VERTEX_MODEL_ENV}: got .*expected a model ID"):
         vertex(RECORD)
     assert vertex.state["api"].requests == []

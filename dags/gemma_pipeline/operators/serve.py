@@ -77,9 +77,7 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
         """Every converted candidate a version of one Model Registry model (`GEMMA_PIPELINE_VERTEX_MODEL`, or the
         model the first upload creates); the approved one is made its default version and deployed to the endpoint.
         A retry (the task's, or a cleared run's) reuses the versions its run uploaded and a deployment already made."""
-        from airflow.providers.google.cloud.hooks.vertex_ai.endpoint_service import EndpointServiceHook
         from airflow.providers.google.cloud.hooks.vertex_ai.model_service import ModelServiceHook
-        from airflow.providers.google.cloud.operators.vertex_ai.endpoint_service import DeployModelOperator
         from airflow.providers.google.cloud.operators.vertex_ai.model_service import (
             SetDefaultVersionOnModelOperator,
             UploadModelOperator,
@@ -98,43 +96,60 @@ class ServeOperator(GKEOperatorMixin, BaseOperator):
         except ValueError as err:
             raise AirflowFailException(str(err)) from err
         if parent is None:  # the model an earlier try of this run created, if any
-            found = next(iter(models.list_models(**where, filter=serving.run_filter(run))), None)
-            parent = found.name.rsplit("/", 1)[-1] if found else None
-        done = serving.registered(models.list_model_versions(**where, model_id=parent), run) if parent else {}
+            created = next(iter(models.list_models(**where, filter=serving.run_filter(run))), None)
+            parent = created.name.rsplit("/", 1)[-1] if created else None
+        done = serving.registered(models.list_model_versions(**where, model_id=parent)) if parent else {}
         versions: dict[str, dict[str, Any]] = {}
         for row in sorted(self.converted(record), key=lambda r: r["key"] == record["champion"]):  # the approved last
-            labels = serving.vertex_labels(run, row["key"], row["key"] == record["champion"])
-            if found := done.get(serving.label(row["key"])):
-                versions[row["key"]] = {"model": found["model"], "model_version_id": found["model_version_id"]}
-                self.log.info("candidate %s: already registered by this run as %s", row["key"], versions[row["key"]])
-                if update := serving.relabelled(found, labels):
-                    models.get_model_service_client(self.location).update_model(request=update)
+            export = row["prefixes"]["convert"]
+            if export in done:
+                versions[row["key"]] = {k: done[export][k] for k in ("model", "model_version_id")}
+                self.log.info("candidate %s: already registered as %s", row["key"], versions[row["key"]])
                 continue
-            model = serving.vertex_model(f"gemma-lora-{run}", row["prefixes"]["convert"], image, labels)
+            model = serving.vertex_model(f"gemma-lora-{run}", export, image,
+                                         serving.vertex_labels(run, row["key"], row["key"] == record["champion"]))
             response = UploadModelOperator(task_id=f"{self.task_id}_upload", **where, model=model, parent_model=parent,
                                            gcp_conn_id=self.gcp_conn_id).execute(context)
             parent = parent or response["model"].rsplit("/", 1)[-1]
             versions[row["key"]] = {"model": response["model"], "model_version_id": response.get("model_version_id")}
         approved = versions[record["champion"]]
+        champion_export = next(r for r in record["candidates"] if r["key"] == record["champion"])["prefixes"]["convert"]
+        for export, found in done.items():  # the decision changed since they were uploaded: their labels follow it
+            if export.startswith(f"{self.run_prefix.rstrip('/')}/") and \
+                    (update := serving.relabelled(found, export == champion_export)):
+                models.get_model_service_client(self.location).update_model(request=update)
         SetDefaultVersionOnModelOperator(task_id=f"{self.task_id}_default", **where,
                                          model_id=serving.model_version(approved["model"], approved["model_version_id"], full=False),
                                          gcp_conn_id=self.gcp_conn_id).execute(context)
         result = {"mode": "vertex", **approved, "versions": versions}
-        endpoint = os.environ.get(serving.VERTEX_ENDPOINT_ENV)
-        if endpoint:
-            name = serving.model_version(approved["model"], approved["model_version_id"])
-            current = EndpointServiceHook(gcp_conn_id=self.gcp_conn_id).get_endpoint(**where, endpoint=endpoint)
-            if serving.is_deployed(current, approved["model"], approved["model_version_id"]):
-                self.log.info("endpoint %s already serves %s", endpoint, name)
-            else:
-                deployed = {**serving.vertex_deployed_model(f"gemma-lora-{run}-{record['champion']}"), "model": name}
-                DeployModelOperator(task_id=f"{self.task_id}_deploy", **where, endpoint_id=endpoint,
-                                    deployed_model=deployed, traffic_split={"0": 100},
-                                    gcp_conn_id=self.gcp_conn_id).execute(context)
+        if endpoint := os.environ.get(serving.VERTEX_ENDPOINT_ENV):
+            self.deploy(context, where, endpoint, approved, f"gemma-lora-{run}-{record['champion']}")
             result["endpoint"] = endpoint
         self.log.info("candidates registered in Vertex AI as versions of %s; the approved %s is the default: %s",
                       approved["model"], record["champion"], result)
         return result
+
+    def deploy(self, context: Any, where: dict[str, str], endpoint: str, approved: dict[str, Any], name: str) -> None:
+        """The approved version on the endpoint with all its traffic: deployed once (under an id fixed by the version,
+        so a repeated deploy is refused), or given the traffic back when it is there already."""
+        from airflow.providers.google.cloud.hooks.vertex_ai.endpoint_service import EndpointServiceHook
+        from airflow.providers.google.cloud.operators.vertex_ai.endpoint_service import DeployModelOperator
+
+        hook = EndpointServiceHook(gcp_conn_id=self.gcp_conn_id)
+        version = serving.model_version(approved["model"], approved["model_version_id"])
+        current = hook.get_endpoint(**where, endpoint=endpoint)
+        deployed_id = serving.deployed_on(current, approved["model"], approved["model_version_id"])
+        if deployed_id is None:
+            deployed = {**serving.vertex_deployed_model(name, deployed_id=serving.deployed_model_id(
+                approved["model"], approved["model_version_id"])), "model": version}
+            DeployModelOperator(task_id=f"{self.task_id}_deploy", **where, endpoint_id=endpoint, deployed_model=deployed,
+                                traffic_split={"0": 100}, gcp_conn_id=self.gcp_conn_id).execute(context)
+        elif current.traffic_split.get(deployed_id) != 100:
+            self.log.info("endpoint %s serves %s already; giving it all the traffic", endpoint, version)
+            hook.update_endpoint(**where, endpoint_id=endpoint, endpoint={"traffic_split": {deployed_id: 100}},
+                                 update_mask={"paths": ["traffic_split"]})
+        else:
+            self.log.info("endpoint %s serves %s already, with all the traffic", endpoint, version)
 
     def to_gke(self, record: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
         from kubernetes import client

@@ -18,10 +18,12 @@ Every request is built by a pure function here and checked against the client li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from gemma_pipeline.plan import GENERATED_HEADER, access
@@ -78,50 +80,54 @@ def vertex_model(display_name: str, artifact_uri: str, image: str, labels: dict[
     return model
 
 
+PIPELINE_LABEL = {"pipeline": "gemma-lora"}  # on every version this DAG uploads
+
+
 def label(value: str) -> str:
     """A Vertex label value: lowercase letters, digits, - and _, at most 63."""
     return re.sub(r"[^a-z0-9_-]+", "-", value.lower())[:63]
 
 
 def vertex_labels(run: str, candidate: str, approved: bool) -> dict[str, str]:
-    """What marks a candidate's version as this run's, so that a retried `serve` finds what it uploaded already."""
-    return {"pipeline": "gemma-lora", "run": label(run), "candidate": label(candidate), "approved": str(approved).lower()}
+    """What a candidate's version says of itself: its run and candidate, and whether it is the approved one."""
+    return {**PIPELINE_LABEL, "run": label(run), "candidate": label(candidate), "approved": str(approved).lower()}
 
 
 def run_filter(run: str) -> str:
     """The ListModels filter (AIP-160) for the model a run created when no GEMMA_PIPELINE_VERTEX_MODEL named one."""
-    labels = vertex_labels(run, "", False)
-    return f'labels.pipeline="{labels["pipeline"]}" AND labels.run="{labels["run"]}"'
+    return " AND ".join(f'labels.{key}="{value}"' for key, value in {**PIPELINE_LABEL, "run": label(run)}.items())
 
 
 def model_id(value: str, project: str, location: str) -> str:
     """The model ID the provider's hooks take (they build `projects/P/locations/L/models/ID` themselves), from an ID
-    or a full resource name in this project and region."""
+    or a full resource name in this region and project (by ID, or by number, as the console prints it)."""
     match = re.fullmatch(r"(?:projects/([^/]+)/locations/([^/]+)/models/)?([A-Za-z0-9_-]+)", value.strip())
-    if not match or (match[1] and (match[1], match[2]) != (project, location)):
+    if not match or (match[1] and (match[2] != location or match[1] != project and not match[1].isdigit())):
         raise ValueError(f"{VERTEX_MODEL_ENV}: got {value!r}; expected a model ID or projects/{project}/locations/"
                          f"{location}/models/ID (the serve task's project and region)")
     return match[3]
 
 
-def registered(versions: Any, run: str) -> dict[str, dict[str, Any]]:
-    """This run's versions among a model's (`Model` messages, as ListModelVersions returns them), by candidate label:
-    what an earlier try of `serve` uploaded before it was cut off."""
+def registered(versions: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """The versions this DAG uploaded among a model's (`Model` messages, as ListModelVersions returns them), by the
+    export they serve: a retried `serve` reuses them. The export's URI names the bucket, run and candidate, so a
+    deployment sharing the model and the run name never takes another's."""
     found = {}
     for version in versions:
         labels = dict(version.labels)
-        if labels.get("pipeline") == "gemma-lora" and labels.get("run") == label(run) and "candidate" in labels:
-            found[labels["candidate"]] = {"model": version.name.partition("@")[0], "model_version_id": version.version_id,
-                                          "labels": labels}
+        if PIPELINE_LABEL.items() <= labels.items() and version.artifact_uri:
+            found[version.artifact_uri] = {"model": version.name.partition("@")[0],
+                                           "model_version_id": version.version_id, "labels": labels}
     return found
 
 
-def relabelled(found: dict[str, Any], labels: dict[str, str]) -> dict[str, Any] | None:
-    """The UpdateModel request that gives a version uploaded earlier the labels it has now (a decision changed after
-    a cleared `approve`), keeping any others; None when they stand."""
+def relabelled(found: dict[str, Any], approved: bool) -> dict[str, Any] | None:
+    """The UpdateModel request that makes an uploaded version's `approved` label say what the decision is now (it
+    changed: a cleared `approve` answered again); None when it does. The labels read back hold the model's and the
+    version's merged: all are written back, as the version's, which keeps any added in the console."""
     from google.cloud.aiplatform_v1.types import UpdateModelRequest
 
-    merged = {**found["labels"], **labels}
+    merged = {**found["labels"], "approved": str(approved).lower()}
     if merged == found["labels"]:
         return None
     request = {"model": {"name": model_version(found["model"], found["model_version_id"]), "labels": merged},
@@ -130,20 +136,27 @@ def relabelled(found: dict[str, Any], labels: dict[str, str]) -> dict[str, Any] 
     return request
 
 
-def is_deployed(endpoint: Any, model: str, version_id: str | None) -> bool:
-    """The endpoint (an `Endpoint` message) already serves this model version: a retried deploy would add a copy."""
+def deployed_model_id(model: str, version_id: str | None) -> str:
+    """The DeployedModel id of a model version on an endpoint (10 digits, as the API allows), the same on every try:
+    a deploy repeated while the first is still running is refused as a duplicate instead of adding a copy."""
+    digest = int(hashlib.sha256(model_version(model, version_id).encode()).hexdigest(), 16)
+    return str(1_000_000_000 + digest % 9_000_000_000)
+
+
+def deployed_on(endpoint: Any, model: str, version_id: str | None) -> str | None:
+    """The id under which an endpoint (an `Endpoint` message) already serves this model version, if it does."""
     for deployed in endpoint.deployed_models:
         name, _, at = deployed.model.partition("@")
         if name == model and (at or deployed.model_version_id or None) == version_id:
-            return True
-    return False
+            return deployed.id
+    return None
 
 
 def vertex_deployed_model(display_name: str, machine_type: str = "g2-standard-12", accelerator: str = "NVIDIA_L4",
-                          count: int = 1) -> dict[str, Any]:
+                          count: int = 1, deployed_id: str = "") -> dict[str, Any]:
     from google.cloud.aiplatform_v1.types import DeployedModel
 
-    deployed = {"display_name": display_name[:128], "dedicated_resources": {
+    deployed = {"display_name": display_name[:128], **({"id": deployed_id} if deployed_id else {}), "dedicated_resources": {
         "machine_spec": {"machine_type": machine_type, "accelerator_type": accelerator, "accelerator_count": count},
         "min_replica_count": 1, "max_replica_count": 1}}
     DeployedModel(deployed)
