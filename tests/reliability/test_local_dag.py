@@ -179,7 +179,8 @@ def test_a_rejected_run_converts_and_serves_nothing_and_says_so(first_run, root,
 
 @pytest.mark.slow  # a DAG run that waits out its timeout; the default itself is tested in tests/dags/test_approval.py
 def test_nobody_answering_before_the_timeout_rejects_the_run(root, tiny_gemma3):
-    """The provider's trigger applies the default (Reject) when the deployment's timeout passes unanswered."""
+    """The default (Reject) applies when the deployment's timeout passes unanswered: by the scheduler's own sweep,
+    which local_run runs beside `dags test`."""
     run = _local_run(root, _conf(tiny_gemma3, run_name="ci-timeout", approval="required", candidates=[{}]),
                      env={approval.TIMEOUT_ENV: "0.005"}, args=("--ui-port", "0"))  # 18 s, and no UI: nobody answers
     assert run.returncode == 0, run.stdout[-4000:]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +24,12 @@ def sweep_forever(every_s: float) -> None:
     from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
 
     runner = SchedulerJobRunner(job=Job())  # not started: only its sweep is used, on its own session
-    while True:
-        runner.check_awaiting_input_timeouts()
+    parent = os.getppid()
+    while os.getppid() == parent:  # a local_run killed outright leaves no sweep behind
+        try:
+            runner.check_awaiting_input_timeouts()
+        except Exception:  # e.g. SQLite busy under three processes: the next sweep tries again
+            traceback.print_exc()
         time.sleep(every_s)
 
 
