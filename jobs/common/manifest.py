@@ -164,7 +164,8 @@ class StageRun:
             reasons.append(f"the code changed ({_short(existing.get('code'))} -> {_short(self.code)})")
         if existing.get("config_sha256") != digest_json(self.config):
             old = existing.get("config") or {}
-            changed = sorted(k for k in {*old, *self.config} if old.get(k) != self.config.get(k))
+            new = json.loads(json.dumps(self.config, default=str))  # as the manifest holds it: a tuple is a list there
+            changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
             reasons.append(f"the config changed ({', '.join(changed) or 'format'})")
         if existing.get("inputs") != self.inputs:
             reasons.append("an input changed")

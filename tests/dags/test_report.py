@@ -190,6 +190,17 @@ def test_the_metrics_table_shows_every_metric_with_its_interval_and_marks_the_ch
     assert "<th>ROUGE-L ★ (champion metric, higher is better)</th>" in page
 
 
+def test_the_perplexity_difference_says_it_is_base_minus_tuned(prices):
+    """The benchmark writes perplexity's difference as base − tuned (a drop is +): the column must say so."""
+    rows = [dict(r) for r in GENERATION_CHAMPION["candidates"]]
+    rows[1]["vs_base"] = {**rows[1]["vs_base"], "perplexity": metric(160.0, 120.0, 200.0)}
+    md = report.markdown(_generation_report(prices, {**GENERATION_CHAMPION, "candidates": rows}), {})
+    section = md.split("### Against the base model")[1].split("###")[0]
+    assert "perplexity: base minus tuned, so a lower perplexity shows as +" in section
+    assert "| tuned − base | perplexity (base − tuned) | ROUGE-L ★ (champion metric, higher is better) | stop rate |" in section
+    assert "| **rank-8** (champion) | +160.000 (+120.000–+200.000) † |" in section
+
+
 def test_answers_of_every_candidate_stand_side_by_side_on_the_same_prompts(prices):
     built = _generation_report(prices)
     md = report.markdown(built, {})

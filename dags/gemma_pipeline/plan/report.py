@@ -468,7 +468,9 @@ def _difference_cell(entry: Any, name: str) -> str:
 
 def differences_table(metrics: dict[str, Any]) -> str:
     names = metrics["difference_names"]
-    lines = [_row(["tuned − base", *(metric_label(n, metrics["champion_metric"]) for n in names)]),
+    # Perplexity's difference is base − tuned (jobs/benchmark/perplexity.py), so that a drop reads as a gain: say so.
+    lines = [_row(["tuned − base", *(metric_label(n, metrics["champion_metric"]) + (" (base − tuned)" if n == "perplexity" else "")
+                                     for n in names)]),
              _row(["---"] * (len(names) + 1))]
     lines += [_row([_candidate_name(r), *(_difference_cell(r["vs_base"].get(n), n) for n in names)])
               for r in metrics["candidates"]]
@@ -506,8 +508,9 @@ def metrics_section(report: dict[str, Any]) -> list[str]:
         parts.append("Stop rate: the share of answers that ended with the model's end-of-turn within max_new_tokens"
                      f"{f' ({_fmt(limit)})' if limit is not None else ''}; the rest were cut off.\n")
     if metrics["difference_names"]:
-        parts.append("### Against the base model\n\nTuned minus base on the same eval examples, with the paired "
-                     "bootstrap's 95% interval; † marks an interval that excludes 0.\n\n" + differences_table(metrics) + "\n")
+        parts.append("### Against the base model\n\nTuned minus base on the same eval examples (perplexity: base minus "
+                     "tuned, so a lower perplexity shows as +), with the paired bootstrap's 95% interval; † marks an "
+                     "interval that excludes 0.\n\n" + differences_table(metrics) + "\n")
     if metrics["pairwise"] and metrics["champion_metric"].get("name"):
         parts.append("### The champion against the other candidates\n\n" + pairwise_table(metrics) + "\n")
     return parts

@@ -32,6 +32,15 @@ def test_manifest_records_outputs_and_rerun_is_skipped(tmp_path):
     assert not _run(out, inputs=[{"uri": "x", "sha256": "1"}]).already_done()
 
 
+def test_a_rerun_names_only_the_options_that_changed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _run(out, config={"targets": ("query", "value"), "empty": (), "approval": "a"}).finish(out, {})
+    existing = json.loads((out / artifacts.MANIFEST).read_text())
+    again = _run(out, config={"targets": ("query", "value"), "empty": (), "approval": "b"})
+    assert again.rerun_reasons(existing) == ["the config changed (approval)"]  # a tuple read back is a list
+
+
 def test_invalidate_removes_manifest(tmp_path):
     (tmp_path / artifacts.MANIFEST).write_text("{}")
     _run(tmp_path).invalidate()
