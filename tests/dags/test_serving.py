@@ -12,15 +12,8 @@ import yaml
 from gemma_pipeline.operators.serve import ServeOperator
 from gemma_pipeline.plan import serving
 
-from jobs.contract.layout import RunLayout
 from tests.conftest import ROOT
-
-RUN = "gs://bkt/runs/r1"
-RECORD = {"champion": "lora-rank-8-abc", "candidates": [
-    {"key": "default", "champion": False, "prefixes": RunLayout(RUN).stages()},
-    {"key": "lora-rank-8-abc", "champion": True, "prefixes": RunLayout(RUN).stages("lora-rank-8-abc")}]}
-EXPORT = f"{RUN}/candidates/lora-rank-8-abc/convert"
-BOTH = {**RECORD, "converted": ["default", "lora-rank-8-abc"]}
+from tests.support.serving import BOTH, EXPORT, RECORD, RUN
 
 
 def test_images_must_be_pinned():

@@ -13,13 +13,8 @@ from gemma_pipeline.plan import serving
 from google.cloud.aiplatform_v1 import EndpointServiceClient, ModelServiceClient
 
 from jobs.contract.layout import RunLayout
+from tests.support.serving import BOTH, EXPORT, RECORD, RUN
 
-RUN = "gs://bkt/runs/r1"
-RECORD = {"champion": "lora-rank-8-abc", "candidates": [
-    {"key": "default", "champion": False, "prefixes": RunLayout(RUN).stages()},
-    {"key": "lora-rank-8-abc", "champion": True, "prefixes": RunLayout(RUN).stages("lora-rank-8-abc")}]}
-EXPORT = f"{RUN}/candidates/lora-rank-8-abc/convert"
-BOTH = {**RECORD, "converted": ["default", "lora-rank-8-abc"]}
 LOCATION = "projects/p/locations/us-central1"
 NAME = re.compile(r"projects/p/locations/us-central1/models/([A-Za-z0-9_-]+)(?:@(\d+))?")
 
@@ -280,7 +275,7 @@ def test_another_deployments_versions_of_the_same_run_name_are_not_taken(vertex)
     from google.cloud.aiplatform_v1.types import Model
 
     api = vertex.state["api"]
-    elsewhere = "gs://other-bucket/runs/r1/candidates/lora-rank-8-abc/convert"
+    elsewhere = RunLayout("gs://other-bucket/runs/r1").stages("lora-rank-8-abc")["convert"]  # the same run name
     api.models["123"].append(Model(name=f"{LOCATION}/models/123", version_id="2", artifact_uri=elsewhere,
                                    labels=serving.vertex_labels("r1", "lora-rank-8-abc", True)))
     result = vertex(RECORD)

@@ -78,6 +78,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM, and SIGKILL if `process` is still there after `timeout_s`: a helper server at the end of a run."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def responds(url: str) -> bool:
     """A GET of `url` succeeds now (a server is up: the emulator, Airflow's api-server)."""
     try:
@@ -147,12 +157,7 @@ class Emulator:
         if self._process is None:
             return
         os.environ.pop(EMULATOR_ENV, None)
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop(self._process, 10)
         self._process = None
 
     def ensure_bucket(self, name: str) -> None:

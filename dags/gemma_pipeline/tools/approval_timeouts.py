@@ -18,6 +18,8 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from gemma_pipeline import local
+
 
 def sweep_forever(every_s: float) -> None:
     from airflow.jobs.job import Job
@@ -42,11 +44,7 @@ def sweeping(env: dict[str, str], log_path: Path, every_s: float = 5.0) -> Itera
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        local.stop(process, 30)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,11 +101,7 @@ def approval_ui(env: dict[str, str], root: Path, port: int, wanted: bool) -> Ite
               f"password {passwords['admin']}), or with the REST API there (docs/promotion.md)", flush=True)
         yield
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        local.stop(server, 30)
 
 
 def step(message: str) -> float:
